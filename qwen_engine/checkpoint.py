@@ -1,0 +1,173 @@
+"""A checkpoint on disk, whatever its format: config, tokenizer, chat template, generation defaults and tensors.
+
+`open_checkpoint` reads only headers and small files, so `qwen info` is instant; `tensors()` does the heavy work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .chat import ChatTemplate
+from .config import ModelConfig
+from .default_model import default_model_path
+from .engine.sampling import SamplingParams
+from .errors import QwenError
+from .tokenizer import Tokenizer
+from .weights.gguf import GGUFCheckpoint, open_gguf
+from .weights.safetensors import load_safetensors, read_json, shard_files
+
+Progress = Callable[[Iterator], Iterator]
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """What `qwen info` reports."""
+
+    source: str
+    format: str
+    config: ModelConfig
+    tensor_types: dict[str, int]
+    has_chat_template: bool
+
+
+class Checkpoint(ABC):
+    """Common surface of the checkpoint formats."""
+
+    path: Path
+    format: str
+    config: ModelConfig
+    chat_template_source: str | None
+
+    @abstractmethod
+    def tokenizer(self) -> Tokenizer:
+        ...
+
+    @abstractmethod
+    def chat_template(self, tokenizer: Tokenizer) -> ChatTemplate:
+        ...
+
+    def sampling_defaults(self) -> SamplingParams:
+        return SamplingParams()
+
+    @abstractmethod
+    def tensor_types(self) -> dict[str, int]:
+        ...
+
+    @abstractmethod
+    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
+        ...
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(str(self.path), self.format, self.config, self.tensor_types(), self.chat_template_source is not None)
+
+
+class GGUFSource(Checkpoint):
+    format = "gguf"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.gguf: GGUFCheckpoint = open_gguf(path)
+        meta = self.gguf.metadata
+        # GGUF files of tied models carry no output.weight (qwen-family.md §9.1).
+        self.config = dataclasses.replace(
+            ModelConfig.from_gguf(meta), tie_word_embeddings=not self.gguf.has_tensor("output.weight")
+        )
+        self.chat_template_source = meta.get("tokenizer.chat_template")
+
+    def tokenizer(self) -> Tokenizer:
+        meta = self.gguf.metadata
+        if "tokenizer.ggml.tokens" not in meta or "tokenizer.ggml.merges" not in meta:
+            raise QwenError(f"{self.path} carries no tokenizer (tokenizer.ggml.tokens/merges); use a GGUF converted with its tokenizer")
+        types = meta.get("tokenizer.ggml.token_type") or [1] * len(meta["tokenizer.ggml.tokens"])
+        return Tokenizer.from_gguf(meta["tokenizer.ggml.tokens"], types, meta["tokenizer.ggml.merges"])
+
+    def chat_template(self, tokenizer: Tokenizer) -> ChatTemplate:
+        def text(token_id: int | None) -> str | None:
+            return None if token_id is None else tokenizer.decode([token_id], skip_special=False)
+
+        eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else None
+        return ChatTemplate(self.chat_template_source, {"bos_token": text(self.config.bos_token_id), "eos_token": text(eos)})
+
+    def tensor_types(self) -> dict[str, int]:
+        return dict(self.gguf.tensor_types())
+
+    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
+        return self.gguf.tensors(dtype, device, progress)
+
+
+class HFSource(Checkpoint):
+    format = "hf"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tokenizer_config = self._optional_json("tokenizer_config.json")
+        self.generation_config = self._optional_json("generation_config.json")
+        config = ModelConfig.from_hf(read_json(path / "config.json"))
+        eos = self.generation_config.get("eos_token_id")
+        if eos is not None:
+            extra = tuple(eos) if isinstance(eos, list) else (eos,)
+            config = dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra)))
+        self.config = config
+        self.chat_template_source = self._chat_template_source()
+
+    def _optional_json(self, name: str) -> dict[str, Any]:
+        return read_json(self.path / name) if (self.path / name).exists() else {}
+
+    def _chat_template_source(self) -> str | None:
+        """From chat_template.jinja (newer transformers) or tokenizer_config.json (a string or named templates)."""
+        jinja_file = self.path / "chat_template.jinja"
+        if jinja_file.exists():
+            return jinja_file.read_text(encoding="utf-8")
+        template = self.tokenizer_config.get("chat_template")
+        if isinstance(template, list):
+            named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+            return named.get("default") or next(iter(named.values()), None)
+        return template
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_hf_dir(self.path)
+
+    def chat_template(self, tokenizer: Tokenizer) -> ChatTemplate:
+        def content(value: Any) -> str | None:  # written as a string or as {"content": …}
+            return value.get("content") if isinstance(value, dict) else value
+
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        return ChatTemplate(self.chat_template_source, {name: content(self.tokenizer_config.get(name)) for name in names})
+
+    def sampling_defaults(self) -> SamplingParams:
+        defaults = SamplingParams()
+        return defaults.with_generation_config(self.generation_config) if self.generation_config else defaults
+
+    def tensor_types(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for file in shard_files(self.path):
+            with safe_open(file, framework="pt") as shard:
+                for name in shard.keys():
+                    dtype = shard.get_slice(name).get_dtype()
+                    counts[dtype] = counts.get(dtype, 0) + 1
+        return counts
+
+    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
+        return load_safetensors(self.path, dtype, device, progress)
+
+
+def open_checkpoint(model: str | Path, progress: bool = False) -> Checkpoint:
+    """`model` is "default", a GGUF file or an HF checkpoint directory."""
+    if str(model) == "default":
+        return GGUFSource(default_model_path(progress=progress))
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise QwenError(f"{path} is a directory without config.json; point --model at an HF checkpoint directory or a .gguf file")
+        return HFSource(path)
+    if path.is_file():
+        return GGUFSource(path)
+    raise QwenError(f"model {str(model)!r} not found: pass 'default', a .gguf file or an HF checkpoint directory")

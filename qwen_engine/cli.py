@@ -1,0 +1,251 @@
+"""The `qwen` command: generate, chat and info.
+
+Failures print one line to stderr and exit non-zero; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn, TextIO
+
+from .engine.generate import GenerationResult
+from .engine.sampling import SamplingParams
+from .errors import QwenError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {value}")
+    return value
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", "-n", type=_positive_int, help="most tokens to generate")
+    parser.add_argument("--temperature", "-t", type=float, help="0 for greedy decoding")
+    parser.add_argument("--top-p", type=float)
+    parser.add_argument("--top-k", type=int)
+    parser.add_argument("--min-p", type=float)
+    parser.add_argument("--repetition-penalty", type=float)
+    parser.add_argument("--presence-penalty", type=float)
+    parser.add_argument("--frequency-penalty", type=float)
+    parser.add_argument("--seed", type=int, help="makes sampling reproducible")
+    parser.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="qwen", description="Run Qwen models from their official checkpoints.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    generate = commands.add_parser("generate", help="complete a raw prompt")
+    _add_model_options(generate)
+    _add_sampling_options(generate)
+    generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    generate.add_argument("prompt")
+
+    chat = commands.add_parser("chat", help="chat with the model (interactive; /reset, /exit)")
+    _add_model_options(chat)
+    _add_sampling_options(chat)
+    chat.add_argument("--system", "-s", help="system prompt")
+    chat.add_argument("--once", metavar="PROMPT", help="answer one message and exit")
+
+    info = commands.add_parser("info", help="describe a model without loading its weights")
+    info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
+    info.add_argument("--json", action="store_true")
+    return parser
+
+
+def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Options given on the command line, validated before the (slow) model load."""
+    overrides = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "presence_penalty": args.presence_penalty,
+        "frequency_penalty": args.frequency_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
+    overrides = {key: value for key, value in overrides.items() if value is not None}
+    SamplingParams().updated(**overrides)
+    return overrides
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .llm import load  # torch is imported only by commands that need it
+
+    return load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    sampling = _sampling_overrides(args)
+    model = _load(args)
+    ids = model.tokenizer.encode(args.prompt)
+    result = GenerationResult(text="", token_ids=[], finish_reason="length", prompt_tokens=len(ids))
+    for delta in model.stream_deltas(ids, result, **sampling):
+        if not args.json and delta.text:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+    if args.json:
+        timings = {"load_s": model.load_s, "ttft_s": result.timings.ttft_s, "decode_tok_s": result.timings.decode_tok_s}
+        payload = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "finish_reason": result.finish_reason,
+            "timings": timings,
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+
+
+def _read_messages(stream: TextIO, interactive: bool) -> Iterator[str]:
+    """User turns: one line each; a line ending in '\\' continues, and '\"\"\"' opens and closes a multi-line block."""
+    while True:
+        if interactive:
+            sys.stdout.write(">>> ")
+            sys.stdout.flush()
+        line = stream.readline()
+        if not line:
+            return
+        line = line.rstrip("\n")
+        lines = []
+        if line.strip() == '"""':
+            while (more := stream.readline()) and more.rstrip("\n").strip() != '"""':
+                lines.append(more.rstrip("\n"))
+        else:
+            while line.endswith("\\"):
+                lines.append(line[:-1])
+                if interactive:
+                    sys.stdout.write("... ")
+                    sys.stdout.flush()
+                line = stream.readline().rstrip("\n")
+            lines.append(line)
+        text = "\n".join(lines)
+        if text.strip():
+            yield text
+
+
+def _answer(model: Any, messages: list[dict[str, str]], sampling: dict[str, Any]) -> str:
+    reply = []
+    for piece in model.stream(model.chat_prompt(messages), **sampling):
+        reply.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return "".join(reply)
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    sampling = _sampling_overrides(args)
+    model = _load(args)
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    if args.once is not None:
+        messages.append({"role": "user", "content": args.once})
+        _answer(model, messages, sampling)
+        return
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with the model. /reset starts over, /exit quits; end a line with \\ or use \"\"\" for more lines.")
+    for text in _read_messages(sys.stdin, interactive):
+        command = text.strip()
+        if command == "/exit":
+            return
+        if command == "/reset":
+            messages = list(start)
+            if interactive:
+                print("(conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": text})
+        messages.append({"role": "assistant", "content": _answer(model, messages, sampling)})
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .checkpoint import open_checkpoint
+
+    info = open_checkpoint(args.model, progress=sys.stderr.isatty()).info()
+    config = info.config
+    facts = {
+        "source": info.source,
+        "format": info.format,
+        "architecture": config.architecture,
+        "parameters": config.parameter_count(),
+        "layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "attention_heads": config.num_heads,
+        "kv_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "context_length": config.context_length,
+        "rope_theta": config.rope_theta,
+        "tied_embeddings": config.tie_word_embeddings,
+        "tensor_types": info.tensor_types,
+        "chat_template": info.has_chat_template,
+    }
+    if args.json:
+        print(json.dumps(facts))
+        return
+    facts["parameters"] = f"{config.parameter_count():,} ({config.parameter_count() / 1e9:.2f} B)"
+    facts["tensor_types"] = ", ".join(f"{name} ×{count}" for name, count in sorted(info.tensor_types.items()))
+    facts["chat_template"] = "yes" if info.has_chat_template else "no (ChatML fallback)"
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        print(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except QwenError as err:
+        if args.debug:
+            raise
+        sys.stderr.write(f"qwen: error: {err}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as err:  # a bug, not a user error: still one line unless --debug
+        if args.debug:
+            raise
+        sys.stderr.write(f"qwen: internal error: {type(err).__name__}: {err} (rerun with --debug for the traceback)\n")
+        return EXIT_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

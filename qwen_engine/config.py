@@ -1,0 +1,146 @@
+"""One configuration for every Qwen text generation, read from an HF `config.json` or from GGUF metadata.
+
+The decoder is the same for Qwen1.5, Qwen2, Qwen2.5 and QwQ (qwen-family.md §0, §3.2); what differs between
+checkpoints is captured by the fields below, so the model code never branches on the generation's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import QwenError
+
+SUPPORTED_ARCHITECTURES = ("qwen2",)
+
+
+@dataclass(slots=True, frozen=True)
+class ModelConfig:
+    """Shapes and constants of a decoder-only Qwen model (notation of qwen-family.md: H, n_h, n_kv, d, L, F, V)."""
+
+    architecture: str
+    vocab_size: int  # V: embedding rows (padded, larger than the tokenizer's vocabulary)
+    hidden_size: int  # H
+    intermediate_size: int  # F: the real SwiGLU width
+    num_layers: int  # L
+    num_heads: int  # n_h
+    num_kv_heads: int  # n_kv
+    head_dim: int  # d
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = True
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise QwenError(
+                f"unsupported architecture {self.architecture!r}: qwen-engine runs {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        bad = [f"{name}={getattr(self, name)}" for name in sizes if not (isinstance(getattr(self, name), int) and getattr(self, name) > 0)]
+        if bad:
+            raise QwenError(f"invalid model config: {', '.join(bad)} (sizes must be positive integers); the checkpoint's config is damaged")
+        if self.num_heads % self.num_kv_heads:
+            raise QwenError(
+                f"invalid model config: num_attention_heads={self.num_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_kv_heads}; the checkpoint's config is damaged"
+            )
+        if self.head_dim % 2:
+            raise QwenError(f"invalid model config: head_dim={self.head_dim} must be even for rotary embeddings")
+        if not (self.rope_theta > 0 and self.rms_norm_eps > 0 and self.max_position_embeddings > 0):
+            raise QwenError(
+                f"invalid model config: rope_theta={self.rope_theta}, rms_norm_eps={self.rms_norm_eps}, "
+                f"max_position_embeddings={self.max_position_embeddings} must all be positive"
+            )
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a sequence may hold (prompt and completion together)."""
+        return self.max_position_embeddings
+
+    def parameter_count(self) -> int:
+        """Exact tensor-element count (qwen-family.md §4, 'Computation')."""
+        h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
+        q, kv = self.num_heads * d, self.num_kv_heads * d
+        bias = (q + 2 * kv) if self.qkv_bias else 0
+        per_layer = h * q + 2 * h * kv + bias + q * h + 3 * h * f + 2 * h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + h + embeddings
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Build from a transformers `config.json` dict; unknown keys are ignored (they vary across revisions)."""
+        model_type = raw.get("model_type", "")
+        if model_type != "qwen2":
+            raise QwenError(
+                f"unsupported model_type {model_type!r} in config.json: qwen-engine runs the qwen2 family "
+                "(Qwen1.5, Qwen2, Qwen2.5, QwQ)"
+            )
+        try:
+            hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+            eos = raw.get("eos_token_id")
+            return cls(
+                architecture="qwen2",
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+                head_dim=int(raw.get("head_dim") or hidden // heads),
+                rope_theta=float(raw.get("rope_theta", 10000.0)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                qkv_bias=bool(raw.get("attention_bias", True)),
+                bos_token_id=raw.get("bos_token_id"),
+                eos_token_ids=_as_id_tuple(eos),
+            )
+        except KeyError as missing:
+            raise QwenError(f"config.json lacks the required key {missing}; the checkpoint is incomplete") from None
+        except (TypeError, ValueError) as err:
+            raise QwenError(f"config.json has a value of the wrong type ({err}); the checkpoint's config is damaged") from None
+
+    @classmethod
+    def from_gguf(cls, metadata: dict[str, Any]) -> ModelConfig:
+        """Build from GGUF key/value metadata (qwen-family.md §9.3)."""
+        arch = metadata.get("general.architecture", "")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise QwenError(f"unsupported GGUF architecture {arch!r}: qwen-engine runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+        def key(name: str, default: Any = None) -> Any:
+            value = metadata.get(f"{arch}.{name}", default)
+            if value is None:
+                raise QwenError(f"GGUF metadata lacks {arch}.{name}; the file is incomplete or not a Qwen model")
+            return value
+
+        hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        eos = metadata.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=int(metadata.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0)),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=int(metadata.get(f"{arch}.attention.key_length") or hidden // heads),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(key("context_length")),
+            tie_word_embeddings=False,  # decided by the loader: true when the file has no output.weight
+            bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=_as_id_tuple(eos),
+        )
+
+
+def _as_id_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(int(v) for v in value)
+    return (int(value),)

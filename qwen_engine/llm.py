@@ -1,0 +1,146 @@
+"""The library API: `load()` a checkpoint and get a `Model` that tokenizes, scores, generates and chats."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from .chat import ChatTemplate, Message
+from .checkpoint import ModelInfo, open_checkpoint
+from .engine.generate import Delta, GenerationResult, Generator
+from .engine.sampling import SamplingParams
+from .errors import QwenError
+from .model.decoder import QwenDecoder
+from .tokenizer import Tokenizer
+
+# Tokens that end a turn in every Qwen chat format, whatever the checkpoint declares as eos (qwen-family.md §8.2).
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise QwenError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise QwenError("device cuda was asked for but PyTorch sees no CUDA GPU; install a CUDA build of torch or use --device cpu")
+    return chosen
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        # bfloat16 halves memory traffic on GPUs; on CPUs float32 is the exact reference path.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise QwenError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class Model:
+    """A loaded checkpoint: config, tokenizer, chat template, decoder and generation defaults."""
+
+    def __init__(
+        self,
+        decoder: QwenDecoder,
+        tokenizer: Tokenizer,
+        chat_template: ChatTemplate,
+        defaults: SamplingParams,
+        info: ModelInfo,
+        load_s: float,
+    ) -> None:
+        self.decoder = decoder
+        self.config = decoder.config
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.defaults = defaults
+        self.info = info
+        self.load_s = load_s
+        stop_ids = set(decoder.config.eos_token_ids)
+        stop_ids.update(i for i in map(tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None)
+        self.stop_token_ids = frozenset(stop_ids)
+        self._generator = Generator(decoder, tokenizer, self.stop_token_ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder.model.embed_tokens.weight.dtype
+
+    def logits(self, ids: list[int]) -> torch.Tensor:
+        """Float32 logits [len(ids), V] from one full forward pass without a cache."""
+        if not ids:
+            raise QwenError("logits() needs at least one token id")
+        with torch.inference_mode():
+            return self.decoder(torch.tensor([ids], device=self.device))[0].to(torch.float32)
+
+    def chat_prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a conversation rendered by the chat template, ready for the assistant's reply."""
+        text = self.chat_template.render(messages, self.tokenizer.defuse, tools=tools)
+        return self.tokenizer.encode_markup(text)
+
+    def stream_deltas(self, prompt: str | list[int], result: GenerationResult | None = None, **sampling: Any) -> Iterator[Delta]:
+        """Token-by-token deltas; pass a `GenerationResult` to collect ids, finish reason and timings."""
+        params = self.defaults.updated(**sampling)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if result is None:
+            result = GenerationResult(text="", token_ids=[], finish_reason="length", prompt_tokens=len(ids))
+        return self._generator.stream(ids, params, result)
+
+    def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
+        """Text pieces as they are generated."""
+        return (delta.text for delta in self.stream_deltas(prompt, **sampling) if delta.text)
+
+    def generate(self, prompt: str | list[int], **sampling: Any) -> GenerationResult:
+        """Complete a raw prompt (no chat template)."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        result = GenerationResult(text="", token_ids=[], finish_reason="length", prompt_tokens=len(ids))
+        for _ in self.stream_deltas(ids, result, **sampling):
+            pass
+        return result
+
+    def chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None, **sampling: Any) -> GenerationResult:
+        """The assistant's reply to a conversation, through the checkpoint's chat template."""
+        return self.generate(self.chat_prompt(messages, tools), **sampling)
+
+
+def load(
+    model: str | Path = "default",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> Model:
+    """Load `model`: "default", a GGUF file, or an HF checkpoint directory."""
+    started = time.perf_counter()
+    chosen_device = pick_device(device)
+    chosen_dtype = pick_dtype(dtype, chosen_device)
+    checkpoint = open_checkpoint(model, progress=progress)
+    tokenizer = checkpoint.tokenizer()
+    bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
+    tensors = checkpoint.tensors(chosen_dtype, chosen_device, bar)
+    with torch.device("meta"):
+        decoder = QwenDecoder(checkpoint.config)
+    decoder.load_weights(tensors, source=str(checkpoint.path))
+    decoder.eval()
+    return Model(
+        decoder,
+        tokenizer,
+        checkpoint.chat_template(tokenizer),
+        checkpoint.sampling_defaults(),
+        checkpoint.info(),
+        time.perf_counter() - started,
+    )

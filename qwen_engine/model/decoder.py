@@ -1,0 +1,183 @@
+"""The one decoder for every Qwen text generation (qwen-family.md §0, §3.2).
+
+Module and parameter names follow the HF qwen2 layout (`model.layers.N.self_attn.q_proj.weight`, …) so that HF
+checkpoints load without renaming; other layouts (GGUF, Qwen v1) are mapped onto these names by the weight loaders.
+Every projection is a plain `nn.Linear`, so quantization can swap them for packed modules.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import QwenError
+from .rope import RotaryEmbedding, apply_rotary
+
+
+class KVStore(Protocol):
+    """Where attention layers keep keys and values between calls (implemented by the engine's caches)."""
+
+    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store keys/values [B, n_kv, T, d] at positions start…start+T−1; return all keys/values up to start+T."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, cast back, then × weight (qwen-family.md §0)."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None, start: int
+    ) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+        mask = None
+        causal = length > 1
+        if causal and k.shape[2] != length:
+            # A chunk after earlier tokens: query i (at start+i) sees keys 0…start+i.
+            key_pos = torch.arange(k.shape[2], device=x.device)
+            query_pos = torch.arange(start, start + length, device=x.device)
+            mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        # GQA: kv head j serves query heads j·g … j·g+g−1 (qwen-family.md §3.2), which is SDPA's enable_gqa layout.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(SiLU(gate(x)) · up(x)), no biases."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None, start: int
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, layers and final norm: the HF `model.` prefix."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class QwenDecoder(nn.Module):
+    """Token ids (or precomputed embeddings) in, next-token logits out."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H]; image/audio features are written into this before `forward(inputs_embeds=…)`."""
+        return self.model.embed_tokens(token_ids)
+
+    def forward(
+        self,
+        token_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        start: int = 0,
+        cache: KVStore | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`) for tokens at positions start…start+T−1."""
+        hidden = self.embed(token_ids) if inputs_embeds is None else inputs_embeds
+        length = hidden.shape[1]
+        if start + length > self.config.context_length:
+            raise QwenError(
+                f"sequence of {start + length} tokens exceeds the model's context of {self.config.context_length}; "
+                "shorten the prompt or lower max_tokens"
+            )
+        positions = torch.arange(start, start + length, device=hidden.device)
+        cos, sin = self.rotary(positions, hidden.dtype)
+        for layer in self.model.layers:
+            hidden = layer(hidden, cos, sin, cache, start)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.lm_head(self.model.norm(hidden))
+
+    def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        """Take ownership of checkpoint tensors (HF names), checking names and shapes first.
+
+        Tied checkpoints carry no `lm_head.weight`; the head then shares the embedding matrix.
+        """
+        expected = {name: p.shape for name, p in self.named_parameters()}
+        if "lm_head.weight" not in tensors and self.config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        mismatched = [
+            f"{name} {tuple(tensors[name].shape)} (expected {tuple(shape)})"
+            for name, shape in expected.items()
+            if name in tensors and tuple(tensors[name].shape) != tuple(shape)
+        ]
+        problems = []
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if names:
+                shown = ", ".join(names[:8]) + (f" … ({len(names)} in all)" if len(names) > 8 else "")
+                problems.append(f"{label}: {shown}")
+        if problems:
+            raise QwenError(f"{source} does not match the model config — " + "; ".join(problems))
+        for name, tensor in tensors.items():
+            module_name, _, param_name = name.rpartition(".")
+            setattr(self.get_submodule(module_name), param_name, nn.Parameter(tensor, requires_grad=False))
+        if "lm_head.weight" not in tensors:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Built on the meta device, the rotary table is made again where the weights now live.
+        self.rotary = RotaryEmbedding(self.config).to(self.model.embed_tokens.weight.device)

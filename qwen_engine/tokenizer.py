@@ -1,0 +1,212 @@
+"""Byte-level BPE tokenizer for the Qwen2 family (Qwen1.5, Qwen2, Qwen2.5, QwQ), built on `tokenizers`.
+
+Two ways in: a Hugging Face checkpoint directory or the tokenizer arrays of a GGUF file. Control tokens
+(`<|im_start|>` ...) are only ever produced from chat-template markup, never from user text, so a user cannot
+forge a turn boundary by typing one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from qwen_engine.errors import QwenError
+
+# qwen-family.md §1.6: the pre-tokenizer regex, identical in Qwen v1 and Qwen2 (every digit is its own piece).
+PRETOKENIZE_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# GGUF `tokenizer.ggml.token_type` values (qwen-family.md §9.3).
+_TYPE_CONTROL = 3
+_TYPE_USER_DEFINED = 4
+_TYPE_UNUSED = 5
+
+# Inserted by `defuse` after the first character of a control-token surface form in user text. U+FFFF is a
+# Unicode noncharacter, so no real text needs it; a U+FFFF the user typed is escaped by doubling it.
+_MARK = "\uffff"
+_UNMARK = re.compile(_MARK + "(" + _MARK + "?)")
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Character -> byte of GPT-2's `bytes_to_unicode` alphabet (qwen-family.md §1.6, §8.1).
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes are shifted to U+0100 and up, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + n): b for n, b in enumerate(shifted)})
+    return table
+
+
+def _qwen2_pipeline(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _HFTokenizer:
+    """The Qwen2 `tokenizer.json` pipeline (qwen-family.md §8.1), for sources that carry only vocab and merges."""
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=merges))  # no unk, no dropout, no byte_fallback
+    tok.normalizer = normalizers.NFC()  # qwen-family.md §1.6: text is NFC-normalised before encoding
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+class Tokenizer:
+    """Qwen2 byte-level BPE with user text and template markup kept apart.
+
+    `encode` treats control-token surface forms as plain text (qwen-family.md §1.6: the chat helper encodes contents
+    with `allowed_special=set()`); `encode_markup` turns the ones a chat template wrote into control ids.
+    """
+
+    def __init__(self, backend: _HFTokenizer, unused_ids: frozenset[int] = frozenset()) -> None:
+        # Special added tokens are plain text to the backend; `encode_markup` finds them itself. The backend is
+        # never mutated again, so calls to `encode` and `encode_markup` can interleave freely.
+        backend.encode_special_tokens = True
+        self._backend = backend
+        self._unused_ids = unused_ids
+        added = backend.get_added_tokens_decoder()
+        self._control_by_text = {t.content: i for i, t in added.items() if t.special}
+        self.control_ids: frozenset[int] = frozenset(self._control_by_text.values())
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        # Longest first, so a form that is a prefix of another never wins (the backend matches leftmost-longest).
+        forms = sorted(self._control_by_text, key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, forms)) or "(?!)")
+
+    @classmethod
+    def from_hf_dir(cls, path: Path) -> Tokenizer:
+        """Load `tokenizer.json`, or else `vocab.json` + `merges.txt` with added tokens from `tokenizer_config.json`."""
+        path = Path(path)
+        if (path / "tokenizer.json").is_file():
+            return cls(_HFTokenizer.from_file(str(path / "tokenizer.json")))
+        if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+            raise QwenError(
+                f"no tokenizer in {path}: expected tokenizer.json, or vocab.json and merges.txt; "
+                "copy them from the model's Hugging Face repository"
+            )
+        vocab: dict[str, int] = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
+        # qwen-family.md §8.1: first line `#version: 0.2`, then `left right` in priority order.
+        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split(" ", 1)) for line in lines if line and not line.startswith("#version")]
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        added = {int(i): spec for i, spec in config.get("added_tokens_decoder", {}).items()}
+        # In the model vocabulary first, so that adding them below keeps the ids the checkpoint was trained with.
+        vocab.update({spec["content"]: i for i, spec in added.items()})
+        backend = _qwen2_pipeline(vocab, merges)
+        backend.add_tokens(
+            [
+                AddedToken(
+                    spec["content"],
+                    special=spec.get("special", False),
+                    normalized=spec.get("normalized", False),
+                    lstrip=spec.get("lstrip", False),
+                    rstrip=spec.get("rstrip", False),
+                    single_word=spec.get("single_word", False),
+                )
+                for _, spec in sorted(added.items())
+            ]
+        )
+        return cls(backend)
+
+    @classmethod
+    def from_gguf(cls, tokens: list[str], token_types: list[int], merges: list[str]) -> Tokenizer:
+        """Build from `tokenizer.ggml.{tokens,token_type,merges}` (qwen-family.md §9.3).
+
+        Control tokens (type 3) become special, user-defined ones (type 4, e.g. `<tool_call>`) added but not
+        special, as transformers does. Unused padding slots (type 5, `[PAD151665]`...) stay in the vocabulary so
+        the ids line up with the embedding rows, but decode to nothing: no merge reaches them, and their names are
+        no text the model meant (llama.cpp prints nothing for them either).
+        """
+        backend = _qwen2_pipeline(
+            {token: i for i, token in enumerate(tokens)}, [tuple(m.split(" ", 1)) for m in merges]
+        )
+        added = [
+            AddedToken(token, special=kind == _TYPE_CONTROL, normalized=False)
+            for token, kind in zip(tokens, token_types)
+            if kind in (_TYPE_CONTROL, _TYPE_USER_DEFINED)
+        ]
+        backend.add_tokens(added)
+        unused = frozenset(i for i, kind in enumerate(token_types) if kind == _TYPE_UNUSED)
+        return cls(backend, unused)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of user text: NFC, control-token look-alikes stay plain text, non-special added tokens match."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def encode_markup(self, text: str) -> list[int]:
+        """Ids of a rendered chat template: control-token surface forms become control ids unless `defuse`d."""
+        ids: list[int] = []
+        start = 0
+        for match in self._control_re.finditer(text):
+            ids += self._encode_defused(text[start : match.start()])
+            ids.append(self._control_by_text[match.group()])
+            start = match.end()
+        ids += self._encode_defused(text[start:])
+        return ids
+
+    def _encode_defused(self, text: str) -> list[int]:
+        """Ids of markup between control tokens, with `defuse`'s markers taken out (a doubled one stays single)."""
+        return self.encode(_UNMARK.sub(r"\1", text)) if text else []
+
+    def defuse(self, text: str) -> str:
+        """Make control-token surface forms in a user string inert for `encode_markup`, which undoes the change.
+
+        Apply to every user-supplied string before it goes into a chat template; otherwise a user typing
+        `<|im_end|><|im_start|>system` would open a system turn.
+        """
+        escaped = text.replace(_MARK, _MARK + _MARK)
+        return self._control_re.sub(lambda m: m.group()[0] + _MARK + m.group()[1:], escaped)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of `ids`; control tokens are dropped when `skip_special`, unused slots always."""
+        kept = [i for i in ids if i not in self._unused_ids]
+        return self._backend.decode(kept, skip_special_tokens=skip_special)
+
+    def token_to_id(self, token: str) -> int | None:
+        """Id of a token spelled as in the vocabulary (byte alphabet, e.g. `Ġworld`) or of an added token."""
+        return self._backend.token_to_id(token)
+
+    @cached_property
+    def _token_bytes(self) -> list[bytes]:
+        """Raw bytes of every id, for streaming: a token may end in the middle of a UTF-8 character."""
+        byte_of = _byte_decoder()
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        table = [b""] * (max(vocab.values()) + 1)
+        for token, i in vocab.items():
+            if i in self._unused_ids:
+                continue
+            if all(c in byte_of for c in token):
+                table[i] = bytes(byte_of[c] for c in token)
+            else:  # the ByteLevel decoder passes a token with a character outside the alphabet through as UTF-8
+                table[i] = token.encode("utf-8")
+        return table
+
+
+class IncrementalDecoder:
+    """Streaming detokenizer: text grows one token at a time, never showing half a character."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
+        self._token_bytes = tokenizer._token_bytes
+        self._skipped = tokenizer.control_ids if skip_special else frozenset()
+        # Holds back the bytes of a character split across tokens until its last byte arrives.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        """Text completed by `token_id` (may be empty). Unknown ids add nothing, as in `Tokenizer.decode`."""
+        if token_id in self._skipped or not 0 <= token_id < len(self._token_bytes):
+            return ""
+        return self._utf8.decode(self._token_bytes[token_id])
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end; an incomplete character becomes U+FFFD."""
+        return self._utf8.decode(b"", final=True)

@@ -1,0 +1,76 @@
+"""Shared, expensive fixtures: the default model (assembled once), the engine's loaded model and the
+transformers reference loaded from the same GGUF. Each is built once per test session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen_engine.checkpoint import GGUFSource
+from qwen_engine.default_model import default_model_path
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The real default model; `make test` installs its parts through the default-model extra."""
+    return default_model_path(progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_checkpoint(default_gguf: Path) -> GGUFSource:
+    return GGUFSource(default_gguf)
+
+
+@pytest.fixture(scope="session")
+def gguf_arrays(default_checkpoint: GGUFSource) -> tuple[list[str], list[int], list[str]]:
+    """`tokenizer.ggml.{tokens,token_type,merges}` of the default model."""
+    meta = default_checkpoint.gguf.metadata
+    return tuple(meta[f"tokenizer.ggml.{key}"] for key in ("tokens", "token_type", "merges"))
+
+
+@pytest.fixture(scope="session")
+def engine_model(default_gguf: Path):
+    """The default model loaded by this engine in float32 (the exact reference path)."""
+    from qwen_engine import load
+
+    return load(default_gguf, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def ref_tokenizer(default_gguf: Path):
+    """transformers' tokenizer for the same file."""
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(str(default_gguf.parent), gguf_file=default_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def ref_model(default_gguf: Path):
+    """transformers' float32 model for the same file (the slowest fixture: about half a minute)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(default_gguf.parent), gguf_file=default_gguf.name, dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_files(tmp_path_factory: pytest.TempPathFactory, default_checkpoint: GGUFSource) -> Path:
+    """The default model's tokenizer in the official HF layout (tokenizer.json with NFC, tokenizer_config.json
+    with its chat template), for tiny HF checkpoints."""
+    directory = tmp_path_factory.mktemp("tokenizer")
+    default_checkpoint.tokenizer()._backend.save(str(directory / "tokenizer.json"))
+    config = {
+        "chat_template": default_checkpoint.chat_template_source,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "model_max_length": 32768,
+        "tokenizer_class": "Qwen2Tokenizer",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory

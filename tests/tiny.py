@@ -1,0 +1,109 @@
+"""Tiny random checkpoints for tests: HF directories written by transformers, and GGUF files written by gguf-py.
+
+They reuse the default model's real tokenizer (and vocabulary size), so text round-trips through them as it does
+through a real checkpoint, while the weights stay a few MB.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+
+VOCAB = 151936
+
+# Qwen2-architecture configs shaped like the real generations (qwen-family.md §2, §4, §5), scaled down.
+SHAPES: dict[str, dict[str, Any]] = {
+    # Qwen1.5: MHA, untied head.
+    "qwen1.5": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=4, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    # Qwen2.5-0.5B: GQA 14/2, tied, head_dim 64.
+    "qwen2.5-0.5b": dict(hidden_size=896 // 7, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, head_dim=64, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    # QwQ-32B-Preview: GQA 40/8 scaled to 10/2, untied, eps 1e-5.
+    "qwq": dict(hidden_size=80, intermediate_size=144, num_hidden_layers=3, num_attention_heads=10,
+                num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5),
+}
+
+
+def hf_config(shape: str, **overrides: Any):
+    from transformers import Qwen2Config
+
+    fields = dict(vocab_size=VOCAB, max_position_embeddings=256, rope_theta=1e6, bos_token_id=151643,
+                  eos_token_id=151645, use_sliding_window=False)
+    fields.update(SHAPES[shape])
+    fields.update(overrides)
+    return Qwen2Config(**fields)
+
+
+def random_model(config, seed: int = 0):
+    """A transformers Qwen2ForCausalLM with random weights, biases included (zero-initialised ones are too easy)."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.normal_(0.0, 0.5 if "norm" not in name else 0.1).add_(1.0 if "norm" in name else 0.0)
+    return model
+
+
+def write_hf_checkpoint(directory: Path, model, tokenizer_files: Path, shard: bool = False) -> Path:
+    """save_pretrained plus the real tokenizer files (tokenizer.json, tokenizer_config.json)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, max_shard_size="2MB" if shard else "10GB", safe_serialization=True)
+    for file in tokenizer_files.iterdir():
+        (directory / file.name).write_bytes(file.read_bytes())
+    return directory
+
+
+def write_gguf(
+    path: Path,
+    state: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    tokenizer: dict[str, Any],
+    raw_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
+) -> Path:
+    """A qwen2 GGUF from HF-named float tensors (stored F32), plus optional raw (already quantized) tensors."""
+    from qwen_engine.weights.gguf import _QWEN2_NAMES
+
+    hf_to_gguf = {}
+    for gguf_name, hf_name in _QWEN2_NAMES.items():
+        for layer in range(config["num_hidden_layers"]):
+            hf_to_gguf[hf_name.format(layer)] = gguf_name.format(layer)
+    writer = GGUFWriter(str(path), "qwen2")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokenizer["tokens"])
+    writer.add_token_types(tokenizer["token_types"])
+    writer.add_token_merges(tokenizer["merges"])
+    writer.add_eos_token_id(151645)
+    writer.add_bos_token_id(151643)
+    if tokenizer.get("chat_template"):
+        writer.add_chat_template(tokenizer["chat_template"])
+    for name, tensor in state.items():
+        writer.add_tensor(hf_to_gguf[name], tensor.detach().to(torch.float32).numpy())
+    for name, (data, qtype) in (raw_tensors or {}).items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def hf_config_dict(config) -> dict[str, Any]:
+    return json.loads(config.to_json_string())
