@@ -41,7 +41,8 @@ def _defuse_all(value: Any, defuse: Callable[[str], str]) -> Any:
     if isinstance(value, str):
         return defuse(value)
     if isinstance(value, dict):
-        return {key: _defuse_all(item, defuse) for key, item in value.items()}
+        # Keys too: a tool's parameter names reach the prompt through `tojson`.
+        return {_defuse_all(key, defuse): _defuse_all(item, defuse) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [_defuse_all(item, defuse) for item in value]
     return value
@@ -81,5 +82,5 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,
             )
-        except (jinja2.exceptions.TemplateError, TypeError) as err:
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as err:
             raise QwenError(f"the chat template rejected the messages: {err}") from None

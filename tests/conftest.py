@@ -74,3 +74,29 @@ def tokenizer_files(tmp_path_factory: pytest.TempPathFactory, default_checkpoint
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_factory(tmp_path_factory: pytest.TempPathFactory, gguf_arrays, default_checkpoint: GGUFSource):
+    """Writes tiny random qwen2 GGUF files with the default model's real tokenizer and chat template."""
+    from tiny import hf_config, hf_config_dict, random_model, write_gguf
+
+    tokens, token_types, merges = gguf_arrays
+    tokenizer = {"tokens": tokens, "token_types": token_types, "merges": merges,
+                 "chat_template": default_checkpoint.chat_template_source}
+
+    def make(name: str, raw_tensors=None, **overrides) -> Path:
+        config = hf_config("qwen2.5-0.5b", **overrides)
+        model = random_model(config)
+        path = tmp_path_factory.mktemp("gguf") / name
+        state = {k: v for k, v in model.state_dict().items() if not (config.tie_word_embeddings and k == "lm_head.weight")}
+        write_gguf(path, state, hf_config_dict(config), tokenizer, raw_tensors)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_gguf_factory) -> Path:
+    """A valid tiny GGUF with a 64-token context."""
+    return tiny_gguf_factory("tiny.gguf", max_position_embeddings=64)

@@ -106,4 +106,7 @@ def write_gguf(
 
 
 def hf_config_dict(config) -> dict[str, Any]:
-    return json.loads(config.to_json_string())
+    """config.json as written, with θ at the top level (transformers ≥ 5 nests it in rope_parameters)."""
+    raw = json.loads(config.to_json_string())
+    raw.setdefault("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))
+    return raw

@@ -1,0 +1,178 @@
+"""The `qwen` command: outputs on the default model, and one clear line for every failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+
+from qwen_engine import cli
+
+
+@pytest.fixture
+def shared_model(monkeypatch: pytest.MonkeyPatch, engine_model):
+    """Commands that load the default model get the session's already-loaded one."""
+    monkeypatch.setattr(cli, "_load", lambda args: engine_model)
+    return engine_model
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_generate_json(shared_model, capsys) -> None:
+    code, out, err = run_cli(capsys, "generate", "--json", "--max-tokens", "12", "--temperature", "0", "def add(a, b):")
+    assert code == 0, err
+    payload = json.loads(out)
+    assert set(payload) == {"text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "timings"}
+    assert set(payload["timings"]) == {"load_s", "ttft_s", "decode_tok_s"}
+    assert payload["completion_tokens"] == len(payload["token_ids"]) == 12
+    assert payload["prompt_tokens"] == len(shared_model.tokenizer.encode("def add(a, b):"))
+    assert payload["finish_reason"] == "length"
+    assert payload["text"] == shared_model.tokenizer.decode(payload["token_ids"])
+    assert payload["timings"]["ttft_s"] > 0 and payload["timings"]["decode_tok_s"] > 0
+
+
+def test_generate_streams_text(shared_model, capsys) -> None:
+    code, out, _ = run_cli(capsys, "generate", "-n", "8", "-t", "0", "The capital of France is")
+    expected = shared_model.generate("The capital of France is", max_tokens=8, temperature=0).text
+    assert code == 0 and out == expected + "\n"
+
+
+def test_chat_once(shared_model, capsys) -> None:
+    code, out, err = run_cli(capsys, "chat", "--once", "What is 2 + 3? Reply with the number only.", "-t", "0")
+    assert code == 0, err
+    assert "5" in out
+
+
+def test_chat_from_a_pipe(shared_model, capsys, monkeypatch) -> None:
+    import io
+
+    script = 'What is 2 + 3? Reply with the number only.\n/reset\n"""\nName the colour of the clear daytime sky.\nOne word.\n"""\n/exit\nnever read\n'
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    code, out, err = run_cli(capsys, "chat", "-t", "0", "--system", "You are terse.")
+    assert code == 0, err
+    answers = out.strip().splitlines()
+    assert "5" in answers[0]
+    assert "blue" in out.lower()
+
+
+def test_info_default_model(capsys, default_gguf) -> None:
+    code, out, err = run_cli(capsys, "info", "--json", "--model", str(default_gguf))
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["architecture"] == "qwen2"
+    assert facts["layers"] == 24 and facts["attention_heads"] == 14 and facts["kv_heads"] == 2
+    assert facts["context_length"] == 32768
+    assert facts["tensor_types"] == {"Q5_0": 133, "F32": 121, "Q8_0": 13, "Q6_K": 12, "Q4_K": 12}
+    assert facts["chat_template"] is True
+    # Qwen2.5-0.5B computed total (qwen-family.md §4) plus this file's untied output matrix.
+    assert facts["parameters"] == 494_032_768 + 151936 * 896
+
+
+def test_installed_command_answers_with_the_default_model() -> None:
+    """End to end through the console script, as `make run` uses it."""
+    qwen = Path(sys.executable).with_name("qwen")
+    done = subprocess.run(
+        [str(qwen), "chat", "--once", "Reply with the word yes and nothing else.", "--temperature", "0"],
+        capture_output=True, text=True, timeout=300, env=os.environ | {"PYTHONUNBUFFERED": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "yes" in done.stdout.lower()
+
+
+# Failures: one line on stderr, a non-zero exit, no traceback.
+
+
+def test_missing_model_file(capsys, tmp_path) -> None:
+    code, _, err = run_cli(capsys, "generate", "--model", str(tmp_path / "absent.gguf"), "hi")
+    assert_one_line_error(code, err, "not found", "absent.gguf")
+
+
+def test_corrupt_gguf(capsys, tmp_path) -> None:
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(b"this is not a model file at all" * 100)
+    code, _, err = run_cli(capsys, "generate", "--model", str(bad), "hi")
+    assert_one_line_error(code, err, "not a valid GGUF", "corrupt.gguf")
+
+
+def test_truncated_gguf(capsys, tiny_gguf, tmp_path) -> None:
+    cut = tmp_path / "cut.gguf"
+    data = tiny_gguf.read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])
+    code, _, err = run_cli(capsys, "generate", "--model", str(cut), "hi")
+    assert_one_line_error(code, err, "truncated")
+
+
+def test_truncated_in_header(capsys, tiny_gguf, tmp_path) -> None:
+    cut = tmp_path / "header.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[:5000])
+    code, _, err = run_cli(capsys, "info", "--model", str(cut))
+    assert_one_line_error(code, err, "header.gguf")
+
+
+def test_unsupported_tensor_type(capsys, tiny_gguf_factory) -> None:
+    # One extra tensor stored as Q2_K (84 bytes per 256 weights), which the engine does not dequantize.
+    q2k = np.zeros((4, 84), dtype=np.uint8)
+    path = tiny_gguf_factory("q2k.gguf", raw_tensors={"blk.0.extra.weight": (q2k, GGMLQuantizationType.Q2_K)})
+    code, _, err = run_cli(capsys, "generate", "--model", str(path), "hi")
+    assert_one_line_error(code, err, "Q2_K", "blk.0.extra.weight")
+
+
+def test_prompt_longer_than_context(capsys, tiny_gguf) -> None:
+    code, _, err = run_cli(capsys, "generate", "--model", str(tiny_gguf), "word " * 100)
+    assert_one_line_error(code, err, "context", "64")
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "fragment"),
+    [
+        ("--temperature", "-1", "temperature"),
+        ("--top-p", "1.5", "top_p"),
+        ("--top-k", "-3", "top_k"),
+        ("--max-tokens", "0", "max-tokens"),
+        ("--max-tokens", "many", "max-tokens"),
+        ("--min-p", "2", "min_p"),
+        ("--dtype", "int3", "dtype"),
+    ],
+)
+def test_bad_option_values(capsys, option: str, value: str, fragment: str) -> None:
+    code, _, err = run_cli_exit(capsys, "generate", option, value, "hi")
+    assert_one_line_error(code, err, fragment)
+
+
+def test_unknown_device(capsys) -> None:
+    code, _, err = run_cli(capsys, "generate", "--device", "tpu9", "hi")
+    assert_one_line_error(code, err, "device")
+
+
+def test_debug_shows_the_traceback(capsys, tmp_path) -> None:
+    with pytest.raises(Exception, match="not found"):
+        cli.main(["--debug", "generate", "--model", str(tmp_path / "absent.gguf"), "hi"])
+
+
+def run_cli_exit(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """Like run_cli, for errors argparse reports by exiting."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
