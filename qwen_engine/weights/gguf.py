@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import re
+import struct
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import QwenError
 from .quants import dequantize
@@ -45,48 +48,124 @@ def hf_name(gguf_name: str) -> str:
     return template.format(layer.group(1)) if template else gguf_name
 
 
+# GGUF value types (qwen-family.md §9.4, file layout): id → struct format of one scalar.
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
+          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+
+
+class _Cursor:
+    """Reads little-endian GGUF header fields from a memory-mapped file."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.buffer = buffer
+        self.view = memoryview(buffer)
+        self.pos = 0
+
+    def scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.view, self.pos)
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        length = self.scalar("<Q")
+        if self.pos + length > len(self.buffer):
+            raise ValueError("string runs past the end of the file")
+        text = bytes(self.view[self.pos : self.pos + length]).decode("utf-8", errors="replace")
+        self.pos += length
+        return text
+
+    def value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            item_kind, count = self.scalar("<I"), self.scalar("<Q")
+            if item_kind in _NUMPY:  # numeric arrays in one go
+                dtype = np.dtype(_NUMPY[item_kind])
+                items = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos)
+                self.pos += count * dtype.itemsize
+                return items.tolist()
+            return [self.value(item_kind) for _ in range(count)]
+        if kind not in _SCALARS:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self.scalar(_SCALARS[kind])
+
+
+@dataclass(slots=True, frozen=True)
+class TensorEntry:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # PyTorch order: GGUF's ne order reversed (qwen-family.md §9.3)
+    offset: int  # absolute, in the file
+    nbytes: int
+
+
 @dataclass(slots=True)
 class GGUFCheckpoint:
     path: Path
-    reader: GGUFReader
     metadata: dict[str, Any]
+    entries: list[TensorEntry]
+    data: np.ndarray  # the whole file, memory-mapped read-only
 
     def tensor_types(self) -> Counter[str]:
-        return Counter(t.tensor_type.name for t in self.reader.tensors)
+        return Counter(entry.qtype.name for entry in self.entries)
 
     def has_tensor(self, gguf_name: str) -> bool:
-        return any(t.name == gguf_name for t in self.reader.tensors)
+        return any(entry.name == gguf_name for entry in self.entries)
 
     def tensors(
         self, dtype: torch.dtype, device: torch.device, progress: Callable[[Iterator], Iterator] = iter
     ) -> dict[str, torch.Tensor]:
         """Every tensor dequantized, cast to `dtype` on `device`, under its HF name."""
         loaded = {}
-        for tensor in progress(self.reader.tensors):
-            shape = tuple(int(n) for n in reversed(tensor.shape))
-            weights = dequantize(tensor.data, tensor.tensor_type, shape, name=tensor.name)
-            loaded[hf_name(tensor.name)] = weights.to(device=device, dtype=dtype)
+        for entry in progress(self.entries):
+            raw = self.data[entry.offset : entry.offset + entry.nbytes]
+            weights = dequantize(raw, entry.qtype, entry.shape, name=entry.name)
+            loaded[hf_name(entry.name)] = weights.to(device=device, dtype=dtype)
         return loaded
 
 
 def open_gguf(path: Path) -> GGUFCheckpoint:
-    """Parse the header, metadata and tensor index (the data stays memory-mapped)."""
+    """Parse the header, metadata and tensor index; the tensor data stays memory-mapped until dequantized."""
     try:
-        reader = GGUFReader(path)
+        data = np.memmap(path, dtype=np.uint8, mode="r")
     except FileNotFoundError:
         raise QwenError(f"model file not found: {path}") from None
-    except (ValueError, IndexError, KeyError, TypeError, OSError) as err:
+    except (OSError, ValueError) as err:
+        raise QwenError(f"cannot read {path} ({err})") from None
+    try:
+        cursor = _Cursor(data)
+        if bytes(cursor.view[:4]) != b"GGUF":
+            raise ValueError("the file does not start with the GGUF magic")
+        cursor.pos = 4
+        version = cursor.scalar("<I")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        tensor_count, kv_count = cursor.scalar("<Q"), cursor.scalar("<Q")
+        metadata = {}
+        for _ in range(kv_count):
+            key = cursor.string()
+            metadata[key] = cursor.value(cursor.scalar("<I"))
+        infos = []
+        for _ in range(tensor_count):
+            name = cursor.string()
+            dims = [cursor.scalar("<Q") for _ in range(cursor.scalar("<I"))]
+            infos.append((name, dims, cursor.scalar("<I"), cursor.scalar("<Q")))
+    except (struct.error, ValueError, UnicodeDecodeError) as err:
         raise QwenError(f"{path} is not a valid GGUF file ({err}); it may be truncated or corrupt — download it again") from None
-    size = path.stat().st_size
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
-            raise QwenError(f"{path} is truncated: tensor {tensor.name} ends past the end of the file — download it again")
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
+    alignment = int(metadata.get("general.alignment", 32))
+    data_start = -(-cursor.pos // alignment) * alignment
+    entries = []
+    for name, dims, type_id, offset in infos:
         try:
-            metadata[key] = field.contents()
-        except (ValueError, IndexError, UnicodeDecodeError) as err:
-            raise QwenError(f"{path} has an unreadable metadata value {key!r} ({err}); the file is corrupt") from None
-    return GGUFCheckpoint(path=path, reader=reader, metadata=metadata)
+            qtype = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise QwenError(f"tensor {name!r} in {path} has unknown GGUF type id {type_id}; the file is corrupt or too new") from None
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+        nbytes = math.prod(dims) // block_size * type_size
+        start = data_start + offset
+        if start + nbytes > len(data):
+            raise QwenError(f"{path} is truncated: tensor {name} ends past the end of the file — download it again")
+        entries.append(TensorEntry(name, qtype, tuple(int(d) for d in reversed(dims)), start, nbytes))
+    return GGUFCheckpoint(path=path, metadata=metadata, entries=entries, data=data)
