@@ -82,6 +82,12 @@ class ModelConfig:
         try:
             hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
             eos = raw.get("eos_token_id")
+            kv_heads, head_dim, rope_theta = raw.get("num_key_value_heads"), raw.get("head_dim"), raw.get("rope_theta")
+            if rope_theta is None:
+                # transformers ≥ 5 writes θ inside `rope_parameters`; the official configs have it at the top level.
+                rope_parameters = raw.get("rope_parameters")
+                rope_theta = rope_parameters.get("rope_theta") if isinstance(rope_parameters, dict) else None
+            # Absent (None) values take their defaults; present ones, even 0, are validated by __post_init__.
             return cls(
                 architecture="qwen2",
                 vocab_size=int(raw["vocab_size"]),
@@ -89,10 +95,9 @@ class ModelConfig:
                 intermediate_size=int(raw["intermediate_size"]),
                 num_layers=int(raw["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=int(raw.get("num_key_value_heads") or heads),
-                head_dim=int(raw.get("head_dim") or hidden // heads),
-                # transformers ≥ 5 writes θ inside `rope_parameters`; the official configs have it at the top level.
-                rope_theta=float(raw.get("rope_theta") or (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                num_kv_heads=int(heads if kv_heads is None else kv_heads),
+                head_dim=int(_derived_head_dim(hidden, heads) if head_dim is None else head_dim),
+                rope_theta=float(10000.0 if rope_theta is None else rope_theta),
                 rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
                 max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
@@ -129,7 +134,7 @@ class ModelConfig:
             num_layers=int(key("block_count")),
             num_heads=heads,
             num_kv_heads=int(key("attention.head_count_kv", heads)),
-            head_dim=int(metadata.get(f"{arch}.attention.key_length") or hidden // heads),
+            head_dim=int(metadata.get(f"{arch}.attention.key_length") or _derived_head_dim(hidden, heads)),
             rope_theta=float(key("rope.freq_base", 10000.0)),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=int(key("context_length")),
@@ -137,6 +142,11 @@ class ModelConfig:
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=_as_id_tuple(eos),
         )
+
+
+def _derived_head_dim(hidden: int, heads: int) -> int:
+    """H / n_h; 0 (rejected by validation with the offending sizes named) when n_h is not positive."""
+    return hidden // heads if heads > 0 else 0
 
 
 def _as_id_tuple(value: Any) -> tuple[int, ...]:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save
 import qwen_engine
 from qwen_engine.checkpoint import open_checkpoint
 from qwen_engine.errors import QwenError
+from qwen_engine.tokenizer import Tokenizer
 from tiny import SHAPES, hf_config, random_model, write_hf_checkpoint
 
 SHARDED = "qwq"  # the shape saved as several shards with an index
@@ -55,8 +56,9 @@ def engine_models(checkpoints):
 
 
 @pytest.fixture(scope="module")
-def prompt_ids(engine_models):
-    ids = [engine_models["qwen1.5"].tokenizer.encode(text) for text in PROMPTS]
+def prompt_ids(tokenizer_files):
+    tokenizer = Tokenizer.from_hf_dir(tokenizer_files)
+    ids = [tokenizer.encode(text) for text in PROMPTS]
     assert 90 <= len(ids[-1]) <= 130, len(ids[-1])
     return ids
 
