@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 import qwen_engine
@@ -196,6 +196,7 @@ def test_low_precision_checkpoint(dtype_name, tmp_path, tokenizer_files, prompt_
             ref_param.copy_(low_param)
     with safe_open(directory / "model.safetensors", framework="pt") as f:
         assert {f.get_slice(name).get_dtype() for name in f.keys()} == {stored}
+        assert open_checkpoint(directory).info().tensor_types == {stored: len(list(f.keys()))}
 
     upcast = qwen_engine.load(directory, dtype="float32", device="cpu")
     native = qwen_engine.load(directory, dtype=dtype_name, device="cpu")
@@ -272,30 +273,32 @@ def test_generation_config_without_sampling_means_greedy(checkpoints, engine_mod
 # ---------------------------------------------------------------------------------------------------------- errors
 
 
-def _load(directory: Path):
-    return qwen_engine.load(directory, dtype="float32", device="cpu")
+def _load_fails(directory: Path, pattern: str) -> str:
+    """Loading raises a one-line QwenError matching `pattern`; returns the message."""
+    with pytest.raises(QwenError, match=pattern) as caught:
+        qwen_engine.load(directory, dtype="float32", device="cpu")
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
 
 
 def test_missing_tensor(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     _edit_tensors(directory, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(QwenError, match=r"does not match the model config — missing: model\.layers\.1\.mlp\.up_proj\.weight$"):
-        _load(directory)
+    _load_fails(directory, r"does not match the model config — missing: model\.layers\.1\.mlp\.up_proj\.weight$")
 
 
 def test_unexpected_tensor(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     _edit_tensors(directory, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(8)}))
-    with pytest.raises(QwenError, match=r"unexpected: model\.layers\.0\.self_attn\.rotary_emb\.inv_freq$"):
-        _load(directory)
+    _load_fails(directory, r"unexpected: model\.layers\.0\.self_attn\.rotary_emb\.inv_freq$")
 
 
 def test_wrongly_shaped_tensor(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     _edit_tensors(directory, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(32, 48)}))
     message = "wrong shape: model.layers.0.self_attn.k_proj.weight (32, 48) (expected (32, 32))"
-    with pytest.raises(QwenError, match=re.escape(message)):
-        _load(directory)
+    _load_fails(directory, re.escape(message))
 
 
 def test_shard_named_in_index_is_absent(checkpoints, tmp_path):
@@ -303,8 +306,7 @@ def test_shard_named_in_index_is_absent(checkpoints, tmp_path):
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     gone = sorted(set(index["weight_map"].values()))[1]
     (directory / gone).unlink()
-    with pytest.raises(QwenError, match=rf"lacks the shard\(s\) {re.escape(gone)} named in model\.safetensors\.index\.json"):
-        _load(directory)
+    _load_fails(directory, rf"lacks the shard\(s\) {re.escape(gone)} named in model\.safetensors\.index\.json")
 
 
 def test_truncated_safetensors(base_dir, tmp_path):
@@ -312,8 +314,7 @@ def test_truncated_safetensors(base_dir, tmp_path):
     path = directory / "model.safetensors"
     data = path.read_bytes()
     _rewrite(path, data[: len(data) // 2])
-    with pytest.raises(QwenError, match=r"cannot read .*model\.safetensors .*truncated or corrupt"):
-        _load(directory)
+    _load_fails(directory, r"cannot read .*model\.safetensors .*truncated or corrupt")
 
 
 def test_corrupt_safetensors_header(base_dir, tmp_path):
@@ -322,11 +323,11 @@ def test_corrupt_safetensors_header(base_dir, tmp_path):
     data = bytearray(path.read_bytes())
     data[8:40] = b"\xff" * 32  # the JSON header is now garbage
     _rewrite(path, bytes(data))
-    with pytest.raises(QwenError, match=r"cannot read .*model\.safetensors .*truncated or corrupt"):
-        _load(directory)
+    _load_fails(directory, r"cannot read .*model\.safetensors .*truncated or corrupt")
 
 
-@pytest.mark.xfail(strict=True, raises=Exception, reason="HFSource.tensor_types() lets SafetensorError escape (checkpoint.py)")
+@pytest.mark.xfail(strict=True, raises=SafetensorError,
+                   reason="bug: HFSource.tensor_types() (checkpoint.py) lets SafetensorError escape instead of a QwenError")
 def test_info_on_corrupt_safetensors_is_a_qwen_error(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     path = directory / "model.safetensors"
@@ -338,48 +339,42 @@ def test_info_on_corrupt_safetensors_is_a_qwen_error(base_dir, tmp_path):
 def test_no_weights_at_all(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     (directory / "model.safetensors").unlink()
-    with pytest.raises(QwenError, match="holds neither model.safetensors nor model.safetensors.index.json"):
-        _load(directory)
+    _load_fails(directory, "holds neither model.safetensors nor model.safetensors.index.json")
 
 
 def test_directory_without_config(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     (directory / "config.json").unlink()
-    with pytest.raises(QwenError, match="is a directory without config.json"):
-        _load(directory)
+    _load_fails(directory, "is a directory without config.json")
 
 
 def test_llama_model_type_is_unsupported(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     _edit_config(directory, model_type="llama", architectures=["LlamaForCausalLM"])
-    with pytest.raises(QwenError, match=r"unsupported model_type 'llama' in config\.json"):
-        _load(directory)
+    _load_fails(directory, r"unsupported model_type 'llama' in config\.json")
 
 
 def test_heads_not_dividing(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     _edit_config(directory, num_attention_heads=5, num_key_value_heads=2)
-    with pytest.raises(QwenError, match="num_attention_heads=5 is not a multiple of num_key_value_heads=2"):
-        _load(directory)
+    _load_fails(directory, "num_attention_heads=5 is not a multiple of num_key_value_heads=2")
 
 
 @pytest.mark.parametrize(("key", "value", "shown"), [
     ("num_hidden_layers", 0, "num_layers=0"),
     ("intermediate_size", -64, "intermediate_size=-64"),
     ("vocab_size", 0, "vocab_size=0"),
+    ("num_attention_heads", 0, "num_heads=0, head_dim=0"),
+    ("num_key_value_heads", 0, "num_kv_heads=0"),
 ])
 def test_non_positive_sizes(base_dir, tmp_path, key, value, shown):
     directory = _copy(base_dir, tmp_path)
     _edit_config(directory, **{key: value})
-    with pytest.raises(QwenError, match=rf"invalid model config: {shown} \(sizes must be positive integers\)"):
-        _load(directory)
+    _load_fails(directory, rf"invalid model config: {shown} \(sizes must be positive integers\)")
 
 
 def test_error_messages_are_one_line(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     _edit_tensors(directory, lambda t: [t.pop(name) for name in list(t) if name.startswith("model.layers.1.")])
-    with pytest.raises(QwenError) as caught:
-        _load(directory)
-    message = str(caught.value)
-    assert "\n" not in message
+    message = _load_fails(directory, "missing: ")
     assert "missing: model.layers.1." in message and "(12 in all)" in message

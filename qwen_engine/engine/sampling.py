@@ -24,7 +24,7 @@ class SamplingParams:
     top_k: int = 20
     top_p: float = 0.8
     min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.05
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
