@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .chat import ChatTemplate
 from .config import ModelConfig
@@ -22,7 +21,7 @@ from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .tokenizer import Tokenizer
 from .weights.gguf import GGUFCheckpoint, open_gguf
-from .weights.safetensors import load_safetensors, read_json, shard_files
+from .weights.safetensors import load_safetensors, read_json, stored_dtypes
 
 Progress = Callable[[Iterator], Iterator]
 
@@ -147,13 +146,7 @@ class HFSource(Checkpoint):
         return defaults.with_generation_config(self.generation_config) if self.generation_config else defaults
 
     def tensor_types(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for file in shard_files(self.path):
-            with safe_open(file, framework="pt") as shard:
-                for name in shard.keys():
-                    dtype = shard.get_slice(name).get_dtype()
-                    counts[dtype] = counts.get(dtype, 0) + 1
-        return counts
+        return stored_dtypes(self.path)
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
         return load_safetensors(self.path, dtype, device, progress)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 import qwen_engine
@@ -326,8 +326,6 @@ def test_corrupt_safetensors_header(base_dir, tmp_path):
     _load_fails(directory, r"cannot read .*model\.safetensors .*truncated or corrupt")
 
 
-@pytest.mark.xfail(strict=True, raises=SafetensorError,
-                   reason="bug: HFSource.tensor_types() (checkpoint.py) lets SafetensorError escape instead of a QwenError")
 def test_info_on_corrupt_safetensors_is_a_qwen_error(base_dir, tmp_path):
     directory = _copy(base_dir, tmp_path)
     path = directory / "model.safetensors"

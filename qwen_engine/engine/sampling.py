@@ -61,9 +61,9 @@ class SamplingParams:
         return dataclasses.replace(self, **changes)
 
     def with_generation_config(self, raw: dict[str, Any]) -> SamplingParams:
-        """Apply a checkpoint's generation_config.json (a config without do_sample means greedy decoding)."""
+        """Apply a checkpoint's generation_config.json (a config without do_sample means plain greedy decoding)."""
         if not raw.get("do_sample", False):
-            return self.updated(temperature=0.0)
+            return self.updated(temperature=0.0, repetition_penalty=raw.get("repetition_penalty", 1.0))
         return self.updated(
             temperature=raw.get("temperature"),
             top_k=raw.get("top_k"),

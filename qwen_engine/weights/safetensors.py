@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,16 +42,33 @@ def shard_files(directory: Path) -> list[Path]:
     return files
 
 
+@contextmanager
+def _open_shard(file: Path) -> Iterator[Any]:
+    try:
+        with safe_open(file, framework="pt", device="cpu") as shard:
+            yield shard
+    except (SafetensorError, OSError) as err:
+        raise QwenError(f"cannot read {file} ({err}); the file is truncated or corrupt — download it again") from None
+
+
 def load_safetensors(
     directory: Path, dtype: torch.dtype, device: torch.device, progress: Callable[[Iterator], Iterator] = iter
 ) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint (memory-mapped, copied only where dtype or device change)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in progress(shard_files(directory)):
-        try:
-            with safe_open(file, framework="pt", device="cpu") as shard:
-                for name in shard.keys():
-                    tensors[name] = shard.get_tensor(name).to(device=device, dtype=dtype)
-        except (SafetensorError, OSError) as err:
-            raise QwenError(f"cannot read {file} ({err}); the file is truncated or corrupt — download it again") from None
+        with _open_shard(file) as shard:
+            for name in shard.keys():
+                tensors[name] = shard.get_tensor(name).to(device=device, dtype=dtype)
     return tensors
+
+
+def stored_dtypes(directory: Path) -> dict[str, int]:
+    """How many tensors the checkpoint stores in each dtype (headers only)."""
+    counts: dict[str, int] = {}
+    for file in shard_files(directory):
+        with _open_shard(file) as shard:
+            for name in shard.keys():
+                dtype = shard.get_slice(name).get_dtype()
+                counts[dtype] = counts.get(dtype, 0) + 1
+    return counts
