@@ -15,7 +15,7 @@ from qwen_engine.errors import QwenError
 
 CPU = torch.device("cpu")
 # Plain sampling: temperature 1 and every filter off, so probabilities are softmax(logits).
-PLAIN = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+PLAIN = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
 PROBS = [0.5, 0.3, 0.15, 0.05]  # cumulative 0.5, 0.8, 0.95, 1.0
 
 
@@ -45,7 +45,7 @@ def capturing(sampler: Sampler, picks: Iterator[int]) -> list[torch.Tensor]:
 
 def test_temperature_zero_is_argmax() -> None:
     torch.manual_seed(0)
-    sampler = Sampler(SamplingParams(temperature=0.0, top_k=0, top_p=1.0), [], 1000, CPU)
+    sampler = Sampler(SamplingParams(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0), [], 1000, CPU)
     for _ in range(50):
         logits = torch.randn(1000) * 3
         assert sampler(logits) == int(logits.argmax())
@@ -54,7 +54,7 @@ def test_temperature_zero_is_argmax() -> None:
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0, 100.0])
 def test_top_k_one_is_greedy_at_any_temperature(temperature: float) -> None:
     torch.manual_seed(1)
-    sampler = Sampler(SamplingParams(temperature=temperature, top_k=1, top_p=1.0, seed=3), [], 500, CPU)
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=1, top_p=1.0, seed=3, repetition_penalty=1.0), [], 500, CPU)
     for _ in range(100):
         logits = torch.randn(500)
         assert sampler(logits) == int(logits.argmax())
@@ -131,9 +131,9 @@ def test_presence_and_frequency_penalties_subtract_per_output_occurrence() -> No
 
 
 def test_penalties_change_the_greedy_choice() -> None:
-    sampler = Sampler(SamplingParams(temperature=0.0, presence_penalty=-1.0), [], 3, CPU)
+    sampler = Sampler(SamplingParams(temperature=0.0, presence_penalty=-1.0, repetition_penalty=1.0), [], 3, CPU)
     assert [sampler(torch.tensor([1.0, 0.5, 0.9])) for _ in range(3)] == [0, 0, 0]
-    sampler = Sampler(SamplingParams(temperature=0.0, frequency_penalty=0.3), [], 3, CPU)
+    sampler = Sampler(SamplingParams(temperature=0.0, frequency_penalty=0.3, repetition_penalty=1.0), [], 3, CPU)
     assert [sampler(torch.tensor([1.0, 0.5, 0.9])) for _ in range(3)] == [0, 2, 0]
 
 
@@ -157,9 +157,9 @@ def test_same_seed_same_samples_different_seeds_differ() -> None:
 
 
 def test_defaults_are_qwen_chat_settings() -> None:
-    """qwen-family.md §8.4: every Qwen chat model ships temperature 0.7, top_p 0.8, top_k 20."""
+    """qwen-family.md §8.4: Qwen2.5-Instruct ships temperature 0.7, top_p 0.8, top_k 20, repetition_penalty 1.05."""
     params = SamplingParams()
-    assert (params.temperature, params.top_p, params.top_k) == (0.7, 0.8, 20)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.8, 20, 1.05)
 
 
 @pytest.mark.parametrize(
