@@ -17,7 +17,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-from qwen_engine.errors import QwenError
+from .errors import QwenError
 
 # qwen-family.md §1.6: the pre-tokenizer regex, identical in Qwen v1 and Qwen2 (every digit is its own piece).
 PRETOKENIZE_REGEX = (

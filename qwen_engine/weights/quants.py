@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from qwen_engine.errors import UnsupportedTensorType
+from ..errors import UnsupportedTensorType
 
 # Weights decoded per step: bounds the temporaries (a few float32 copies of one chunk) for huge tensors such
 # as the 151936x896 embedding, while keeping the per-chunk Python overhead negligible.
@@ -147,7 +147,7 @@ SUPPORTED_TYPES: frozenset[T] = frozenset(_DECODERS)
 def _raw_bytes(data: np.ndarray) -> torch.Tensor:
     """The tensor's bytes as a flat uint8 torch tensor, sharing memory with `data` when it is contiguous."""
     flat = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
-    # GGUFReader hands out read-only memmap views; torch warns because it cannot mark tensors read-only.
+    # GGUF data arrives as read-only memmap views; torch warns because it cannot mark tensors read-only.
     # The bytes are only ever read here (decoders always write into fresh tensors), so the warning is moot.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -155,7 +155,7 @@ def _raw_bytes(data: np.ndarray) -> torch.Tensor:
 
 
 def dequantize(data: np.ndarray, qtype: T, shape: Sequence[int], *, name: str = "") -> torch.Tensor:
-    """Decode GGUF tensor data (as `GGUFReader.tensors[i].data` gives it) into a new float32 tensor of `shape`.
+    """Decode GGUF tensor data (the tensor's bytes, or an array viewing them) into a new float32 tensor of `shape`.
 
     `shape` is the PyTorch shape (GGUF's ne order reversed). The result owns its memory, so it stays valid
     and writable after the GGUF file is closed. Raises UnsupportedTensorType for types without a decoder.
