@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +21,8 @@ from .default_model import default_model_path
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .tokenizer import Tokenizer
-from .weights.gguf import GGUFCheckpoint, open_gguf
-from .weights.safetensors import load_safetensors, read_json, stored_dtypes
+from .weights.gguf import GGUFCheckpoint, hf_name, open_gguf
+from .weights.safetensors import load_safetensors, read_json, shard_files, stored_dtypes
 
 Progress = Callable[[Iterator], Iterator]
 
@@ -57,8 +58,19 @@ class Checkpoint(ABC):
         return SamplingParams()
 
     @abstractmethod
+    def stored_types(self) -> dict[str, str]:
+        """Checkpoint tensor name (HF layout) → how it is stored: a GGUF type ("Q5_0") or a dtype ("BF16")."""
+
     def tensor_types(self) -> dict[str, int]:
-        ...
+        return dict(Counter(self.stored_types().values()))
+
+    @abstractmethod
+    def files(self) -> list[Path]:
+        """The files the weights come from."""
+
+    def fingerprint(self) -> str:
+        """Changes when any source file is replaced or modified."""
+        return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self.files())
 
     @abstractmethod
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
@@ -95,8 +107,11 @@ class GGUFSource(Checkpoint):
         eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else None
         return ChatTemplate(self.chat_template_source, {"bos_token": text(self.config.bos_token_id), "eos_token": text(eos)})
 
-    def tensor_types(self) -> dict[str, int]:
-        return dict(self.gguf.tensor_types())
+    def stored_types(self) -> dict[str, str]:
+        return {hf_name(entry.name): entry.qtype.name for entry in self.gguf.entries}
+
+    def files(self) -> list[Path]:
+        return [self.path]
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
         return self.gguf.tensors(dtype, device, progress)
@@ -145,8 +160,11 @@ class HFSource(Checkpoint):
         defaults = SamplingParams()
         return defaults.with_generation_config(self.generation_config) if self.generation_config else defaults
 
-    def tensor_types(self) -> dict[str, int]:
+    def stored_types(self) -> dict[str, str]:
         return stored_dtypes(self.path)
+
+    def files(self) -> list[Path]:
+        return [self.path / "config.json", *shard_files(self.path)]
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
         return load_safetensors(self.path, dtype, device, progress)

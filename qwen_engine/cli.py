@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
@@ -15,6 +16,7 @@ from .engine.generate import GenerationResult
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 
+STARTED = time.perf_counter()  # for "start to first token" in `qwen bench`
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 
@@ -39,8 +41,11 @@ def _positive_int(text: str) -> int:
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: bfloat16)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--quant", choices=("none", "int8", "int4", "auto"),
+                        help="weight format of the projections (default: int8 on CPU, none with --dtype float32 or on GPU)")
+    parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -73,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", "-s", help="system prompt")
     chat.add_argument("--once", metavar="PROMPT", help="answer one message and exit")
 
+    bench = commands.add_parser("bench", help="measure load, time to first token, prefill and decode speed, peak memory")
+    _add_model_options(bench)
+    bench.add_argument("--prompt-tokens", type=_positive_int, default=660)
+    bench.add_argument("--gen-tokens", type=_positive_int, default=128)
+    bench.add_argument("--json", action="store_true")
+
+    perplexity = commands.add_parser("perplexity", help="perplexity of a text file (llama-perplexity's method)")
+    _add_model_options(perplexity)
+    perplexity.add_argument("--context", type=_positive_int, default=512, help="tokens per chunk (default 512)")
+    perplexity.add_argument("--json", action="store_true")
+    perplexity.add_argument("file")
+
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
     info.add_argument("--json", action="store_true")
@@ -99,9 +116,13 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .llm import load  # torch is imported only by commands that need it
+    import torch  # imported only by commands that need it
 
-    return load(args.model, dtype=args.dtype, device=args.device, progress=sys.stderr.isatty())
+    from .llm import load
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load(args.model, dtype=args.dtype, device=args.device, quant=args.quant, progress=sys.stderr.isatty())
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -225,7 +246,45 @@ def cmd_info(args: argparse.Namespace) -> None:
         print(f"{key.replace('_', ' '):<{width}}  {value}")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
+def cmd_bench(args: argparse.Namespace) -> None:
+    import torch
+
+    from .bench import run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(
+        args.model, args.prompt_tokens, args.gen_tokens, started=STARTED,
+        dtype=args.dtype, device=args.device, quant=args.quant, progress=sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return
+    print(f"model            {args.model} ({result.dtype}, quant {result.quant}, {torch.get_num_threads()} threads)")
+    print(f"load             {result.load_s:.2f} s (first token {result.start_to_first_token_s:.2f} s after start)")
+    print(f"prefill          {result.prefill_tok_s:.1f} tok/s ({result.prompt_tokens} tokens, TTFT {result.ttft_s:.2f} s)")
+    print(f"decode           {result.decode_tok_s:.1f} tok/s ({result.gen_tokens} tokens)")
+    print(f"peak RSS         {result.peak_rss_mb:.0f} MB")
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from .engine.perplexity import perplexity
+
+    try:
+        text = open(args.file, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise QwenError(f"cannot read {args.file} ({err})") from None
+    model = _load(args)
+    ids = model.tokenizer.encode(text)
+    result = perplexity(model.logits, ids, min(args.context, model.config.context_length))
+    if args.json:
+        print(json.dumps({"perplexity": result.perplexity, "tokens": len(ids), "tokens_scored": result.tokens_scored,
+                          "chunks": result.chunks, "context": args.context, "quant": model.quant}))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens ({result.chunks} chunks of {args.context})")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

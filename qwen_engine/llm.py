@@ -17,10 +17,15 @@ from .engine.generate import Delta, GenerationResult, Generator
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .model.decoder import QwenDecoder
+from .model.quantized import QUANT_CHOICES, place_quantized, quant_plan, quantize_linears
 from .tokenizer import Tokenizer
+from .weights.converted import converted_path, load_converted, save_converted
 
 # Tokens that end a turn in every Qwen chat format, whatever the checkpoint declares as eos (qwen-family.md §8.2).
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+# Chosen by measurement (benchmarks/RESULTS.md): the fastest format whose perplexity stays within 1% of float32.
+DEFAULT_CPU_QUANT = "int8"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,13 +44,24 @@ def pick_device(device: str | torch.device | None) -> torch.device:
 
 def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None:
-        # bfloat16 halves memory traffic on GPUs; on CPUs float32 is the exact reference path.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # bfloat16 halves memory traffic; float32 stays available as the exact reference path.
+        return torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise QwenError(f"unknown dtype {dtype!r}: use {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def pick_quant(quant: str | None, dtype: torch.dtype, device: torch.device) -> str:
+    if quant is None:
+        # The packed kernels are CPU kernels; float32 asks for the exact path.
+        return DEFAULT_CPU_QUANT if device.type == "cpu" and dtype != torch.float32 else "none"
+    if quant not in QUANT_CHOICES:
+        raise QwenError(f"unknown quant {quant!r}: use {', '.join(QUANT_CHOICES)}")
+    if quant != "none" and device.type != "cpu":
+        raise QwenError(f"quant {quant} runs on the CPU only for now; use --quant none on {device.type}")
+    return quant
 
 
 class Model:
@@ -58,6 +74,7 @@ class Model:
         chat_template: ChatTemplate,
         defaults: SamplingParams,
         info: ModelInfo,
+        quant: str,
         load_s: float,
     ) -> None:
         self.decoder = decoder
@@ -66,6 +83,7 @@ class Model:
         self.chat_template = chat_template
         self.defaults = defaults
         self.info = info
+        self.quant = quant  # runtime weight format of the projections
         self.load_s = load_s
         stop_ids = set(decoder.config.eos_token_ids)
         stop_ids.update(i for i in map(tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None)
@@ -122,19 +140,37 @@ def load(
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quant: str | None = None,
     progress: bool = False,
 ) -> Model:
-    """Load `model`: "default", a GGUF file, or an HF checkpoint directory."""
+    """Load `model`: "default", a GGUF file, or an HF checkpoint directory.
+
+    `quant` picks the runtime weight format of the projections: "none" (the dtype itself), "int8", "int4" or
+    "auto" (int4 where the checkpoint stores 4 bits, int8 elsewhere); the CPU default is measured in benchmarks/.
+    """
     started = time.perf_counter()
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
+    chosen_quant = pick_quant(quant, chosen_dtype, chosen_device)
     checkpoint = open_checkpoint(model, progress=progress)
     tokenizer = checkpoint.tokenizer()
-    bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
-    tensors = checkpoint.tensors(chosen_dtype, chosen_device, bar)
     with torch.device("meta"):
         decoder = QwenDecoder(checkpoint.config)
-    decoder.load_weights(tensors, source=str(checkpoint.path))
+    cache = None
+    if chosen_quant != "none" and chosen_device.type == "cpu":
+        cache = converted_path(checkpoint.fingerprint(), chosen_dtype, chosen_quant)
+    cached = load_converted(cache) if cache else None
+    if cached:
+        state, plan = cached
+        place_quantized(decoder, plan, state)
+        decoder.adopt_state(state)
+    else:
+        bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
+        decoder.load_weights(checkpoint.tensors(chosen_dtype, chosen_device, bar), source=str(checkpoint.path))
+        plan = quant_plan(decoder, chosen_quant, checkpoint.stored_types())
+        quantize_linears(decoder, plan)
+        if cache:
+            save_converted(cache, decoder.state_dict(), plan)
     decoder.eval()
     return Model(
         decoder,
@@ -142,5 +178,6 @@ def load(
         checkpoint.chat_template(tokenizer),
         checkpoint.sampling_defaults(),
         checkpoint.info(),
+        chosen_quant,
         time.perf_counter() - started,
     )

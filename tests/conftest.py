@@ -4,13 +4,22 @@ transformers reference loaded from the same GGUF. Each is built once per test se
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from qwen_engine.checkpoint import GGUFSource
-from qwen_engine.default_model import default_model_path
+from qwen_engine.default_model import CACHE_ENV, default_model_path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Assembled and converted models go to a fresh directory, never the user's cache."""
+    directory = tmp_path_factory.mktemp("qwen-cache")
+    os.environ[CACHE_ENV] = str(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -112,7 +112,7 @@ class Generator:
         sampler = Sampler(params, prompt_ids, self.model.config.vocab_size, device)
         detokenizer = IncrementalDecoder(self.tokenizer)
         stops = _StopStringFilter(params.stop)
-        stop_ids = self.stop_token_ids | frozenset(params.stop_token_ids)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
         timings = result.timings
 
         started = time.perf_counter()

@@ -30,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # keep going past the model's end-of-turn tokens (benchmarks)
 
     def __post_init__(self) -> None:
         checks = (

@@ -1,8 +1,9 @@
 """The one decoder for every Qwen text generation (qwen-family.md §0, §3.2).
 
-Module and parameter names follow the HF qwen2 layout (`model.layers.N.self_attn.q_proj.weight`, …) so that HF
-checkpoints load without renaming; other layouts (GGUF, Qwen v1) are mapped onto these names by the weight loaders.
-Every projection is a plain `nn.Linear`, so quantization can swap them for packed modules.
+Checkpoints are validated against the HF qwen2 names (`model.layers.N.self_attn.q_proj.weight`, …); other layouts
+(GGUF, Qwen v1) are mapped onto those names by the weight loaders. The decoder stores q/k/v and gate/up
+concatenated (`qkv_proj`, `gate_up_proj`): one larger matmul reads the activations once and costs one kernel
+launch instead of three. Every projection is a plain `nn.Linear`, so quantization can swap them for packed modules.
 """
 
 from __future__ import annotations
@@ -45,19 +46,18 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None, start: int
     ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
@@ -78,12 +78,12 @@ class MLP(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -144,8 +144,7 @@ class QwenDecoder(nn.Module):
                 f"sequence of {start + length} tokens exceeds the model's context of {self.config.context_length}; "
                 "shorten the prompt or lower max_tokens"
             )
-        positions = torch.arange(start, start + length, device=hidden.device)
-        cos, sin = self.rotary(positions, hidden.dtype)
+        cos, sin = self.rotary(start, length, hidden.dtype)
         for layer in self.model.layers:
             hidden = layer(hidden, cos, sin, cache, start)
         if last_only:
@@ -157,15 +156,15 @@ class QwenDecoder(nn.Module):
 
         Tied checkpoints carry no `lm_head.weight`; the head then shares the embedding matrix.
         """
-        expected = {name: p.shape for name, p in self.named_parameters()}
+        expected = checkpoint_shapes(self.config)
         if "lm_head.weight" not in tensors and self.config.tie_word_embeddings:
             expected.pop("lm_head.weight")
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [
-            f"{name} {tuple(tensors[name].shape)} (expected {tuple(shape)})"
+            f"{name} {tuple(tensors[name].shape)} (expected {shape})"
             for name, shape in expected.items()
-            if name in tensors and tuple(tensors[name].shape) != tuple(shape)
+            if name in tensors and tuple(tensors[name].shape) != shape
         ]
         problems = []
         for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
@@ -174,10 +173,58 @@ class QwenDecoder(nn.Module):
                 problems.append(f"{label}: {shown}")
         if problems:
             raise QwenError(f"{source} does not match the model config — " + "; ".join(problems))
+        tensors = dict(tensors)
+        for layer in range(self.config.num_layers):
+            prefix = f"model.layers.{layer}."
+            for packed, parts in PACKED.items():
+                for kind in ("weight", "bias"):
+                    names = [f"{prefix}{part}.{kind}" for part in parts]
+                    if names[0] in tensors:
+                        tensors[f"{prefix}{packed}.{kind}"] = torch.cat([tensors.pop(name) for name in names])
         for name, tensor in tensors.items():
             module_name, _, param_name = name.rpartition(".")
             setattr(self.get_submodule(module_name), param_name, nn.Parameter(tensor, requires_grad=False))
-        if "lm_head.weight" not in tensors:
+        self._finish_loading()
+
+    def adopt_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take a state saved from a loaded (possibly quantized) decoder of the same structure."""
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise QwenError("the converted-weights cache does not fit this model; delete it and load again")
+        self._finish_loading()
+
+    def _finish_loading(self) -> None:
+        if isinstance(self.lm_head, nn.Linear) and self.lm_head.weight.is_meta:  # tied checkpoints store no head
             self.lm_head.weight = self.model.embed_tokens.weight
         # Built on the meta device, the rotary table is made again where the weights now live.
         self.rotary = RotaryEmbedding(self.config).to(self.model.embed_tokens.weight.device)
+
+
+# Checkpoint projections the decoder stores concatenated, in order (see the module docstring).
+PACKED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a qwen2-layout checkpoint holds, with its PyTorch shape (qwen-family.md §3.2)."""
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(config.num_layers):
+        layer = {
+            "input_layernorm.weight": (h,),
+            "post_attention_layernorm.weight": (h,),
+            "self_attn.q_proj.weight": (q, h),
+            "self_attn.k_proj.weight": (kv, h),
+            "self_attn.v_proj.weight": (kv, h),
+            "self_attn.o_proj.weight": (h, q),
+            "mlp.gate_proj.weight": (f, h),
+            "mlp.up_proj.weight": (f, h),
+            "mlp.down_proj.weight": (h, f),
+        }
+        if config.qkv_bias:
+            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    return shapes

@@ -14,17 +14,24 @@ def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Turns positions into the cos/sin tables every attention layer applies to q and k."""
+    """cos/sin tables for positions 0…n, grown on demand, so each step only slices them."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [T, d], computed in float32 and cast to the activation dtype."""
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [length, d] for positions start…start+length−1: computed in float32, cast to `dtype`."""
+        end = start + length
+        if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype:
+            size = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
+            positions = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = positions[:, None] * self.inv_freq[None, :]
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        return self._cos[start:end], self._sin[start:end]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import re
 import struct
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,9 +106,6 @@ class GGUFCheckpoint:
     metadata: dict[str, Any]
     entries: list[TensorEntry]
     data: np.ndarray  # the whole file, memory-mapped read-only
-
-    def tensor_types(self) -> Counter[str]:
-        return Counter(entry.qtype.name for entry in self.entries)
 
     def has_tensor(self, gguf_name: str) -> bool:
         return any(entry.name == gguf_name for entry in self.entries)

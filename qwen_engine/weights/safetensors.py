@@ -63,12 +63,11 @@ def load_safetensors(
     return tensors
 
 
-def stored_dtypes(directory: Path) -> dict[str, int]:
-    """How many tensors the checkpoint stores in each dtype (headers only)."""
-    counts: dict[str, int] = {}
+def stored_dtypes(directory: Path) -> dict[str, str]:
+    """The stored dtype of every tensor (read from the headers only)."""
+    dtypes: dict[str, str] = {}
     for file in shard_files(directory):
         with _open_shard(file) as shard:
             for name in shard.keys():
-                dtype = shard.get_slice(name).get_dtype()
-                counts[dtype] = counts.get(dtype, 0) + 1
-    return counts
+                dtypes[name] = shard.get_slice(name).get_dtype()
+    return dtypes

@@ -1,0 +1,258 @@
+"""Side-by-side benchmark: qwen-engine, transformers (bfloat16) and llama.cpp (llama-cpp-python) on the default GGUF.
+
+Every measurement runs in a fresh process (so load time and peak RSS are each engine's own), the engines
+alternate over several rounds (so drift on a noisy machine hits all of them alike), and RESULTS.md reports medians
+and ratios. The workload is the same for all: a random-token prompt (seeded) for prefill, greedy decoding that
+ignores end-of-sequence, and perplexity on benchmarks/data/corpus.md with llama-perplexity's method.
+
+    pip install -e ".[bench]"   (llama-cpp-python builds from source: CMAKE_ARGS=-DGGML_NATIVE=ON)
+    python benchmarks/run.py --rounds 3
+"""
+
+from __future__ import annotations
+
+import time
+
+STARTED = time.perf_counter()  # before any heavy import: "start to first token" counts imports too
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "data" / "corpus.md"
+ENGINES = ("qwen-engine", "transformers-bf16", "llama.cpp")
+METRICS = ("start_to_first_token_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_qwen(args: argparse.Namespace) -> dict:
+    from qwen_engine.bench import run_bench
+
+    result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, started=STARTED, quant=args.quant)
+    return result.as_dict()
+
+
+def worker_transformers(args: argparse.Namespace) -> dict:
+    import torch
+    import transformers
+
+    from qwen_engine.bench import bench_prompt
+
+    path = Path(args.model)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16)
+    model.eval()
+    load_s = time.perf_counter() - STARTED
+    with torch.inference_mode():
+        model(torch.tensor([bench_prompt(model.config.vocab_size, 8, seed=1)]))
+        first = time.perf_counter() - STARTED
+        prompt = torch.tensor([bench_prompt(model.config.vocab_size, args.prompt_tokens)])
+        t0 = time.perf_counter()
+        model(prompt)
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False)
+        total_s = time.perf_counter() - t0
+    generated = out.shape[1] - prompt.shape[1]
+    # generate() includes its own prefill: subtract the one measured above.
+    return {"load_s": load_s, "start_to_first_token_s": first, "prefill_tok_s": args.prompt_tokens / prefill_s,
+            "decode_tok_s": (generated - 1) / max(total_s - prefill_s, 1e-9), "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_llama(args: argparse.Namespace) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    from qwen_engine.bench import bench_prompt
+
+    llm = llama_cpp.Llama(model_path=args.model, n_ctx=2048, n_threads=args.threads, n_batch=512, verbose=False)
+    load_s = time.perf_counter() - STARTED
+    vocab = llm.n_vocab()
+    llm.eval(bench_prompt(vocab, 8, seed=1))
+    first = time.perf_counter() - STARTED
+    llm.reset()
+    prompt = bench_prompt(vocab, args.prompt_tokens)
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - t0
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(args.gen_tokens - 1):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    decode_s = time.perf_counter() - t0
+    return {"load_s": load_s, "start_to_first_token_s": first, "prefill_tok_s": args.prompt_tokens / prefill_s,
+            "decode_tok_s": (args.gen_tokens - 1) / decode_s, "peak_rss_mb": peak_rss_mb()}
+
+
+def perplexity_qwen(args: argparse.Namespace) -> dict:
+    from qwen_engine import load
+    from qwen_engine.engine.perplexity import perplexity
+
+    model = load(args.model, quant=args.quant, dtype=args.dtype)
+    ids = model.tokenizer.encode(CORPUS.read_text(encoding="utf-8"))
+    result = perplexity(model.logits, ids, args.context)
+    return {"perplexity": result.perplexity, "tokens_scored": result.tokens_scored, "quant": model.quant}
+
+
+def perplexity_llama(args: argparse.Namespace) -> dict:
+    import llama_cpp
+    import torch
+
+    from qwen_engine import load
+    from qwen_engine.engine.perplexity import perplexity
+
+    # The same token ids for both engines: this engine's tokenizer (identical ids to transformers', tested).
+    ids = load(args.model, quant="none").tokenizer.encode(CORPUS.read_text(encoding="utf-8"))
+    llm = llama_cpp.Llama(model_path=args.model, n_ctx=args.context, n_threads=args.threads, n_batch=args.context,
+                          logits_all=True, verbose=False)
+
+    def logits_of(chunk: list[int]) -> torch.Tensor:
+        llm.reset()
+        llm.eval(chunk)
+        return torch.from_numpy(llm.scores[: len(chunk)].copy())
+
+    result = perplexity(logits_of, ids, args.context)
+    return {"perplexity": result.perplexity, "tokens_scored": result.tokens_scored}
+
+
+WORKERS = {
+    "qwen-engine": worker_qwen, "transformers-bf16": worker_transformers, "llama.cpp": worker_llama,
+    "ppl:qwen-engine": perplexity_qwen, "ppl:llama.cpp": perplexity_llama,
+}
+
+
+def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
+    command = [sys.executable, __file__, "--worker", job, "--model", args.model, "--prompt-tokens", str(args.prompt_tokens),
+               "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--context", str(args.context)]
+    for key, value in extra.items():
+        command += [f"--{key}", value]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f" {f}" in flags]
+    return f"{model}; {len(__import__('os').sched_getaffinity(0))} cores usable; {', '.join(features)}; Python {platform.python_version()}"
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    names = ("qwen-engine", "torch", "transformers", "llama_cpp_python")
+    return ", ".join(f"{name} {version(name)}" for name in names)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt-tokens", type=int, default=660)
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=len(__import__("os").sched_getaffinity(0)))
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--quant", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--skip-perplexity", action="store_true")
+    parser.add_argument("--worker", choices=WORKERS)
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    if args.model is None:
+        from qwen_engine.default_model import default_model_path
+
+        args.model = str(default_model_path(progress=False))
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps(WORKERS[args.worker](args)))
+        return
+
+    # Warm the converted-weights cache once, as a user's second start would find it.
+    spawn(args, "qwen-engine")
+    runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    for round_ in range(args.rounds):
+        for engine in ENGINES:
+            runs[engine].append(spawn(args, engine))
+            print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
+    medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
+    quality = {}
+    if not args.skip_perplexity:
+        quality["qwen-engine"] = spawn(args, "ppl:qwen-engine")
+        quality["qwen-engine float32"] = spawn(args, "ppl:qwen-engine", quant="none", dtype="float32")
+        quality["llama.cpp"] = spawn(args, "ppl:llama.cpp")
+    args.output.write_text(report(args, medians, runs, quality), encoding="utf-8")
+    print(args.output.read_text(encoding="utf-8"))
+
+
+def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -> str:
+    ours, tf, llama = medians["qwen-engine"], medians["transformers-bf16"], medians["llama.cpp"]
+    quant = runs["qwen-engine"][0].get("quant", "?")
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `python benchmarks/run.py --rounds {args.rounds}` on {time.strftime('%Y-%m-%d')}.",
+        "",
+        f"- Machine: {machine()}",
+        f"- Software: {versions()}",
+        f"- Workload: the default GGUF (Qwen2.5-Coder-0.5B-Instruct, Q5_0/Q8_0/Q4_K/Q6_K); {args.threads} threads; "
+        f"prefill of a {args.prompt_tokens}-token random prompt; greedy decoding of {args.gen_tokens} tokens; "
+        f"medians of {args.rounds} rounds, engines alternating, each run a fresh process. qwen-engine runs its default "
+        f"CPU format (bfloat16 activations, `quant={quant}`) from a warm converted-weights cache.",
+        "",
+        "| engine | start → first token (s) | prefill (tok/s) | decode (tok/s) | peak RSS (MB) |",
+        "|---|---|---|---|---|",
+    ]
+    for engine in ENGINES:
+        m = medians[engine]
+        lines.append(f"| {engine} | {m['start_to_first_token_s']:.2f} | {m['prefill_tok_s']:.0f} | {m['decode_tok_s']:.1f} | {m['peak_rss_mb']:.0f} |")
+    lines += [
+        "",
+        "## Ratios (qwen-engine ÷ peer; targets of issue 6)",
+        "",
+        "| measure | vs llama.cpp | vs transformers bf16 | target | met |",
+        "|---|---|---|---|---|",
+    ]
+    checks = [
+        ("decode tok/s", ours["decode_tok_s"] / llama["decode_tok_s"], ours["decode_tok_s"] / tf["decode_tok_s"],
+         "≥ 1.2 × llama.cpp", ours["decode_tok_s"] >= 1.2 * llama["decode_tok_s"]),
+        ("prefill tok/s", ours["prefill_tok_s"] / llama["prefill_tok_s"], ours["prefill_tok_s"] / tf["prefill_tok_s"],
+         "≥ 2.5 × llama.cpp and ≥ 1.3 × transformers",
+         ours["prefill_tok_s"] >= 2.5 * llama["prefill_tok_s"] and ours["prefill_tok_s"] >= 1.3 * tf["prefill_tok_s"]),
+        ("start → first token", ours["start_to_first_token_s"] / llama["start_to_first_token_s"],
+         ours["start_to_first_token_s"] / tf["start_to_first_token_s"], "≤ 2 × llama.cpp",
+         ours["start_to_first_token_s"] <= 2 * llama["start_to_first_token_s"]),
+        ("peak RSS", ours["peak_rss_mb"] / llama["peak_rss_mb"], ours["peak_rss_mb"] / tf["peak_rss_mb"],
+         "≤ 1 × llama.cpp", ours["peak_rss_mb"] <= llama["peak_rss_mb"]),
+    ]
+    for name, vs_llama, vs_tf, target, met in checks:
+        lines.append(f"| {name} | {vs_llama:.2f}× | {vs_tf:.2f}× | {target} | {'yes' if met else 'no'} |")
+    if quality:
+        lines += ["", f"## Perplexity ({CORPUS.name}, {args.context}-token chunks, second halves scored)", "",
+                  "| engine | perplexity | tokens scored |", "|---|---|---|"]
+        for engine, q in quality.items():
+            lines.append(f"| {engine} | {q['perplexity']:.4f} | {q['tokens_scored']} |")
+        ours_ppl = quality["qwen-engine"]["perplexity"]
+        vs_llama = ours_ppl / quality["llama.cpp"]["perplexity"] - 1
+        vs_f32 = ours_ppl / quality["qwen-engine float32"]["perplexity"] - 1
+        lines += ["", f"qwen-engine's default format: {vs_llama:+.2%} against llama.cpp, {vs_f32:+.2%} against its own "
+                  f"float32 path (target: within ±1% of both: {'met' if abs(vs_llama) <= 0.01 and abs(vs_f32) <= 0.01 else 'not met'})."]
+    lines += ["", "## Every run", "", "```", json.dumps(runs, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""A cache of converted weights (dequantized, requantized, packed), so a second start maps them from disk
+instead of redoing the conversion. The key changes whenever the source file, the format or the engine does."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+from pathlib import Path
+
+import torch
+
+from ..default_model import cache_dir
+
+# Bump when the layout of converted tensors changes.
+FORMAT_VERSION = 1
+
+
+def converted_path(fingerprint: str, dtype: torch.dtype, quant: str) -> Path:
+    key = f"{FORMAT_VERSION}|{fingerprint}|{dtype}|{quant}|torch {torch.__version__}"
+    return cache_dir() / "converted" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+
+def save_converted(path: Path, state: dict[str, torch.Tensor], plan: dict[str, str]) -> None:
+    """Write to a temporary name, check it reads back, then rename: a half-written cache never looks valid."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    try:
+        # torch.save keeps shared storage shared, so a tied head is stored once.
+        torch.save({"plan": plan, "state": state}, partial)
+        if load_converted(partial) is None:
+            return
+        os.replace(partial, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs the next start its conversion time
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_converted(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The cached state (memory-mapped: pages load as they are used) and its plan, or None without a usable cache."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        return saved["state"], saved["plan"]
+    except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):
+        return None
