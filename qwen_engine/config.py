@@ -11,7 +11,59 @@ from typing import Any
 
 from .errors import QwenError
 
-SUPPORTED_ARCHITECTURES = ("qwen2",)
+SUPPORTED_ARCHITECTURES = ("qwen2", "qwen")  # "qwen" is the first generation (v1, qwen-family.md §1)
+
+
+@dataclass(slots=True, frozen=True)
+class RopeScaling:
+    """YaRN context extension (qwen-family.md §3.3): s from `factor`, L0 from `original_max_position_embeddings`."""
+
+    factor: float  # s
+    original_max_position_embeddings: int  # L0
+    only_long: bool = False  # apply only to sequences whose prefill is longer than L0 (static otherwise, as deployed)
+    attention_factor: float | None = None  # m; default 0.1·ln(s) + 1
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (self.factor >= 1 and self.original_max_position_embeddings > 0):
+            raise QwenError(
+                f"invalid rope scaling: factor={self.factor} must be ≥ 1 and original_max_position_embeddings="
+                f"{self.original_max_position_embeddings} positive"
+            )
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any] | None, max_position_embeddings: int) -> RopeScaling | None:
+        """From config.json's `rope_scaling`; None when absent or not YaRN (other kinds are refused)."""
+        if not raw:
+            return None
+        kind = raw.get("rope_type", raw.get("type"))
+        if kind in (None, "default"):
+            return None
+        if kind != "yarn":
+            raise QwenError(f"unsupported rope_scaling type {kind!r}: qwen-engine implements yarn for the qwen2 family")
+        return cls(
+            factor=float(raw.get("factor", 1.0)),
+            # The key the Qwen configs use; older files lack it, and L0 is then the trained context.
+            original_max_position_embeddings=int(raw.get("original_max_position_embeddings") or max_position_embeddings),
+            attention_factor=raw.get("attention_factor"),
+            beta_fast=float(raw.get("beta_fast", 32.0)),
+            beta_slow=float(raw.get("beta_slow", 1.0)),
+        )
+
+    @classmethod
+    def parse(cls, spec: str, default_original: int) -> RopeScaling:
+        """A command-line override: `yarn:FACTOR[:ORIGINAL][:long]`, e.g. `yarn:4` turns 32K into 128K."""
+        parts = spec.split(":")
+        try:
+            if parts[0] != "yarn" or not 2 <= len(parts) <= 4:
+                raise ValueError
+            only_long = parts[-1] == "long"
+            numbers = parts[1 : len(parts) - only_long]
+            original = int(numbers[1]) if len(numbers) > 1 else default_original
+            return cls(factor=float(numbers[0]), original_max_position_embeddings=original, only_long=only_long)
+        except (ValueError, IndexError):
+            raise QwenError(f"invalid rope scaling {spec!r}: use yarn:FACTOR[:ORIGINAL_CONTEXT][:long], e.g. yarn:4") from None
 
 
 @dataclass(slots=True, frozen=True)
@@ -33,6 +85,15 @@ class ModelConfig:
     qkv_bias: bool = True
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_scaling: RopeScaling | None = None
+    # Qwen v1 long context (qwen-family.md §1.4, §1.5): both keyed to the training length S = seq_length.
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
+    seq_length: int | None = None
+    # Sliding-window attention (qwen-family.md §3.2): layers with index ≥ max_window_layers see the last
+    # `sliding_window` keys only; None switches it off for every layer (all released configs).
+    sliding_window: int | None = None
+    max_window_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -58,7 +119,10 @@ class ModelConfig:
 
     @property
     def context_length(self) -> int:
-        """Tokens a sequence may hold (prompt and completion together)."""
+        """Tokens a sequence may hold (prompt and completion together): YaRN extends L0 by its factor."""
+        if self.rope_scaling is not None:
+            scaled = int(self.rope_scaling.factor * self.rope_scaling.original_max_position_embeddings)
+            return max(scaled, self.max_position_embeddings)
         return self.max_position_embeddings
 
     def parameter_count(self) -> int:
@@ -74,9 +138,11 @@ class ModelConfig:
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from a transformers `config.json` dict; unknown keys are ignored (they vary across revisions)."""
         model_type = raw.get("model_type", "")
+        if model_type == "qwen":
+            return cls._from_hf_v1(raw)
         if model_type != "qwen2":
             raise QwenError(
-                f"unsupported model_type {model_type!r} in config.json: qwen-engine runs the qwen2 family "
+                f"unsupported model_type {model_type!r} in config.json: qwen-engine runs Qwen (v1) and the qwen2 family "
                 "(Qwen1.5, Qwen2, Qwen2.5, QwQ)"
             )
         try:
@@ -104,6 +170,46 @@ class ModelConfig:
                 qkv_bias=bool(raw.get("attention_bias", True)),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(eos),
+                rope_scaling=RopeScaling.from_hf(raw.get("rope_scaling"), int(raw.get("max_position_embeddings", 32768))),
+                # qwen-family.md §3.2: the window exists only when use_sliding_window is true.
+                sliding_window=int(raw["sliding_window"]) if raw.get("use_sliding_window") and raw.get("sliding_window") else None,
+                max_window_layers=int(raw.get("max_window_layers") or 0),
+            )
+        except KeyError as missing:
+            raise QwenError(f"config.json lacks the required key {missing}; the checkpoint is incomplete") from None
+        except (TypeError, ValueError) as err:
+            raise QwenError(f"config.json has a value of the wrong type ({err}); the checkpoint's config is damaged") from None
+
+    @classmethod
+    def _from_hf_v1(cls, raw: dict[str, Any]) -> ModelConfig:
+        """Qwen v1 keys (qwen-family.md §1.1): kv_channels is d, intermediate_size is twice the real MLP width."""
+        if "n_embd" in raw and "hidden_size" not in raw:
+            raise QwenError("this is a first-release Qwen-7B config (n_embd, n_head, …); use the v1.1 checkpoint (Sep 2023)")
+        try:
+            if float(raw.get("rotary_pct", 1.0)) != 1.0:
+                raise QwenError(f"rotary_pct={raw['rotary_pct']} is not supported: every released Qwen rotates all head dims")
+            hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
+            head_dim = raw.get("kv_channels")
+            theta = raw.get("rope_theta", raw.get("rotary_emb_base", 10000.0))
+            return cls(
+                architecture="qwen",
+                vocab_size=int(raw.get("padded_vocab_size") or raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]) // 2,
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=int(_derived_head_dim(hidden, heads) if head_dim is None else head_dim),
+                rope_theta=float(theta),
+                rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-6)),
+                max_position_embeddings=int(raw.get("max_position_embeddings") or raw.get("seq_length") or 8192),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                qkv_bias=True,  # c_attn always has a bias; no_bias concerns c_proj (qwen-family.md §1.2)
+                bos_token_id=None,
+                eos_token_ids=(151643,),  # <|endoftext|>, the v1 eod token (qwen-family.md §1.6)
+                use_dynamic_ntk=bool(raw.get("use_dynamic_ntk", False)),
+                use_logn_attn=bool(raw.get("use_logn_attn", False)),
+                seq_length=int(raw.get("seq_length") or 2048),
             )
         except KeyError as missing:
             raise QwenError(f"config.json lacks the required key {missing}; the checkpoint is incomplete") from None
@@ -126,11 +232,20 @@ class ModelConfig:
         hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
         tokens = metadata.get("tokenizer.ggml.tokens")
         eos = metadata.get("tokenizer.ggml.eos_token_id")
+        feed_forward = int(key("feed_forward_length"))
+        scaling = None
+        if metadata.get(f"{arch}.rope.scaling.type") == "yarn":
+            scaling = RopeScaling(
+                factor=float(metadata.get(f"{arch}.rope.scaling.factor", 1.0)),
+                original_max_position_embeddings=int(metadata.get(f"{arch}.rope.scaling.original_context_length")
+                                                     or key("context_length")),
+            )
         return cls(
             architecture=arch,
             vocab_size=int(metadata.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0)),
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
+            # qwen-family.md §9.1: for arch qwen (v1) the converter writes config's doubled intermediate_size.
+            intermediate_size=feed_forward // 2 if arch == "qwen" else feed_forward,
             num_layers=int(key("block_count")),
             num_heads=heads,
             num_kv_heads=int(key("attention.head_count_kv", heads)),
@@ -141,6 +256,7 @@ class ModelConfig:
             tie_word_embeddings=False,  # decided by the loader: true when the file has no output.weight
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=_as_id_tuple(eos),
+            rope_scaling=scaling,
         )
 
 
