@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import Counter
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from .chat import ChatTemplate
-from .config import ModelConfig
+from .config import ModelConfig, RopeScaling
 from .default_model import default_model_path
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .tokenizer import Tokenizer
 from .weights.gguf import GGUFCheckpoint, hf_name, open_gguf
 from .weights.safetensors import load_safetensors, read_json, shard_files, stored_dtypes
+from .weights.v1 import split_fused_qkv, v1_name
 
 Progress = Callable[[Iterator], Iterator]
 
@@ -114,7 +115,7 @@ class GGUFSource(Checkpoint):
         return [self.path]
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
-        return self.gguf.tensors(dtype, device, progress)
+        return split_fused_qkv(self.gguf.tensors(dtype, device, progress))
 
 
 class HFSource(Checkpoint):
@@ -160,18 +161,33 @@ class HFSource(Checkpoint):
         defaults = SamplingParams()
         return defaults.with_generation_config(self.generation_config) if self.generation_config else defaults
 
+    def _checkpoint_name(self, name: str) -> str:
+        """qwen2-layout name of a stored tensor (v1 checkpoints use their own names, qwen-family.md §1.2)."""
+        return v1_name(name) if self.config.architecture == "qwen" else name
+
     def stored_types(self) -> dict[str, str]:
-        return stored_dtypes(self.path)
+        return {self._checkpoint_name(name): dtype for name, dtype in stored_dtypes(self.path).items()}
 
     def files(self) -> list[Path]:
         return [self.path / "config.json", *shard_files(self.path)]
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
-        return load_safetensors(self.path, dtype, device, progress)
+        loaded = load_safetensors(self.path, dtype, device, progress)
+        return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()})
 
 
-def open_checkpoint(model: str | Path, progress: bool = False) -> Checkpoint:
-    """`model` is "default", a GGUF file or an HF checkpoint directory."""
+def open_checkpoint(model: str | Path, progress: bool = False, rope_scaling: str | None = None) -> Checkpoint:
+    """`model` is "default", a GGUF file or an HF checkpoint directory; `rope_scaling` overrides the config's."""
+    checkpoint = _open(model, progress)
+    if rope_scaling is not None:
+        if checkpoint.config.architecture != "qwen2":
+            raise QwenError("--rope-scaling applies to the qwen2 family; Qwen v1 extends its context with dynamic NTK")
+        scaling = RopeScaling.parse(rope_scaling, checkpoint.config.max_position_embeddings)
+        checkpoint.config = dataclasses.replace(checkpoint.config, rope_scaling=scaling)
+    return checkpoint
+
+
+def _open(model: str | Path, progress: bool) -> Checkpoint:
     if str(model) == "default":
         return GGUFSource(default_model_path(progress=progress))
     path = Path(model).expanduser()

@@ -46,6 +46,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quant", choices=("none", "int8", "int4", "auto"),
                         help="weight format of the projections (default: int8 on CPU, none with --dtype float32 or on GPU)")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
+    _add_rope_scaling(parser)
+
+
+def _add_rope_scaling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rope-scaling", metavar="yarn:FACTOR[:ORIGINAL][:long]",
+                        help="extend the context with YaRN, e.g. yarn:4 for 128K on Qwen2/2.5 7B+ (':long' applies it "
+                             "only to prompts longer than the original context)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
+    _add_rope_scaling(info)
     info.add_argument("--json", action="store_true")
     return parser
 
@@ -122,7 +130,8 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device, quant=args.quant, progress=sys.stderr.isatty())
+    return load(args.model, dtype=args.dtype, device=args.device, quant=args.quant, rope_scaling=args.rope_scaling,
+                progress=sys.stderr.isatty())
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -215,7 +224,7 @@ def cmd_chat(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import open_checkpoint
 
-    info = open_checkpoint(args.model, progress=sys.stderr.isatty()).info()
+    info = open_checkpoint(args.model, progress=sys.stderr.isatty(), rope_scaling=args.rope_scaling).info()
     config = info.config
     facts = {
         "source": info.source,
@@ -230,6 +239,9 @@ def cmd_info(args: argparse.Namespace) -> None:
         "intermediate_size": config.intermediate_size,
         "vocab_size": config.vocab_size,
         "context_length": config.context_length,
+        "rope_scaling": None if config.rope_scaling is None else f"yarn ×{config.rope_scaling.factor:g} from "
+                        f"{config.rope_scaling.original_max_position_embeddings}",
+        "long_context": "dynamic NTK + logN" if config.use_dynamic_ntk else None,
         "rope_theta": config.rope_theta,
         "tied_embeddings": config.tie_word_embeddings,
         "tensor_types": info.tensor_types,
@@ -255,7 +267,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     result = run_bench(
         args.model, args.prompt_tokens, args.gen_tokens, started=STARTED,
-        dtype=args.dtype, device=args.device, quant=args.quant, progress=sys.stderr.isatty(),
+        dtype=args.dtype, device=args.device, quant=args.quant, rope_scaling=args.rope_scaling,
+        progress=sys.stderr.isatty(),
     )
     if args.json:
         print(json.dumps(result.as_dict()))

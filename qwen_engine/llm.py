@@ -21,8 +21,9 @@ from .model.quantized import QUANT_CHOICES, place_quantized, quant_plan, quantiz
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
 
-# Tokens that end a turn in every Qwen chat format, whatever the checkpoint declares as eos (qwen-family.md §8.2).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# Tokens that end a turn in every Qwen chat format, whatever the checkpoint declares as eos (qwen-family.md §1.7,
+# §8.2): v1's chat stop words are <|im_end|> and <|im_start|>.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 # Chosen by measurement (benchmarks/RESULTS.md): the fastest format whose perplexity stays within 1% of float32.
 DEFAULT_CPU_QUANT = "int8"
@@ -141,18 +142,20 @@ def load(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     quant: str | None = None,
+    rope_scaling: str | None = None,
     progress: bool = False,
 ) -> Model:
     """Load `model`: "default", a GGUF file, or an HF checkpoint directory.
 
     `quant` picks the runtime weight format of the projections: "none" (the dtype itself), "int8", "int4" or
     "auto" (int4 where the checkpoint stores 4 bits, int8 elsewhere); the CPU default is measured in benchmarks/.
+    `rope_scaling` ("yarn:4", …) extends the context of a qwen2-family checkpoint whose config lacks it.
     """
     started = time.perf_counter()
     chosen_device = pick_device(device)
     chosen_dtype = pick_dtype(dtype, chosen_device)
     chosen_quant = pick_quant(quant, chosen_dtype, chosen_device)
-    checkpoint = open_checkpoint(model, progress=progress)
+    checkpoint = open_checkpoint(model, progress=progress, rope_scaling=rope_scaling)
     tokenizer = checkpoint.tokenizer()
     with torch.device("meta"):
         decoder = QwenDecoder(checkpoint.config)

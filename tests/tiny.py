@@ -68,19 +68,29 @@ def write_gguf(
     config: dict[str, Any],
     tokenizer: dict[str, Any],
     raw_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
+    arch: str = "qwen2",
 ) -> Path:
-    """A qwen2 GGUF from HF-named float tensors (stored F32), plus optional raw (already quantized) tensors."""
+    """A GGUF from HF-named (qwen2 layout) float tensors, stored F32, plus optional raw (already quantized) tensors.
+
+    arch "qwen" writes a v1 file (qwen-family.md §9.1): fused attn_qkv and the doubled feed_forward_length.
+    """
     from qwen_engine.weights.gguf import _QWEN2_NAMES
 
     hf_to_gguf = {}
     for gguf_name, hf_name in _QWEN2_NAMES.items():
         for layer in range(config["num_hidden_layers"]):
             hf_to_gguf[hf_name.format(layer)] = gguf_name.format(layer)
-    writer = GGUFWriter(str(path), "qwen2")
+    if arch == "qwen":
+        state = dict(state)
+        for layer in range(config["num_hidden_layers"]):
+            for kind in ("weight", "bias"):
+                parts = [state.pop(f"model.layers.{layer}.self_attn.{p}_proj.{kind}") for p in "qkv"]
+                state[f"model.layers.{layer}.self_attn.c_attn.{kind}"] = torch.cat(parts)
+    writer = GGUFWriter(str(path), arch)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_feed_forward_length(config["intermediate_size"] * (2 if arch == "qwen" else 1))
     writer.add_head_count(config["num_attention_heads"])
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_rope_freq_base(config["rope_theta"])
@@ -110,3 +120,55 @@ def hf_config_dict(config) -> dict[str, Any]:
     raw = json.loads(config.to_json_string())
     raw.setdefault("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0))
     return raw
+
+
+def to_v1_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A Qwen2-layout (MHA) state dict in Qwen v1 names (qwen-family.md §1.2): fused c_attn, w2 = gate, w1 = up."""
+    v1 = {
+        "transformer.wte.weight": state["model.embed_tokens.weight"],
+        "transformer.ln_f.weight": state["model.norm.weight"],
+        "lm_head.weight": state["lm_head.weight"],
+    }
+    layers = {int(name.split(".")[2]) for name in state if name.startswith("model.layers.")}
+    for i in layers:
+        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
+        attn = [state[f"{src}self_attn.{p}_proj.weight"] for p in "qkv"]
+        bias = [state[f"{src}self_attn.{p}_proj.bias"] for p in "qkv"]
+        v1.update({
+            f"{dst}ln_1.weight": state[f"{src}input_layernorm.weight"],
+            f"{dst}attn.c_attn.weight": torch.cat(attn),
+            f"{dst}attn.c_attn.bias": torch.cat(bias),
+            f"{dst}attn.c_proj.weight": state[f"{src}self_attn.o_proj.weight"],
+            f"{dst}ln_2.weight": state[f"{src}post_attention_layernorm.weight"],
+            f"{dst}mlp.w1.weight": state[f"{src}mlp.up_proj.weight"],
+            f"{dst}mlp.w2.weight": state[f"{src}mlp.gate_proj.weight"],
+            f"{dst}mlp.c_proj.weight": state[f"{src}mlp.down_proj.weight"],
+        })
+    return {name: tensor.detach().clone().contiguous() for name, tensor in v1.items()}
+
+
+def v1_config(config, **overrides: Any) -> dict[str, Any]:
+    """config.json of a Qwen v1 checkpoint with the shapes of a (MHA) Qwen2 config (qwen-family.md §1.1)."""
+    raw = {
+        "model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads, "kv_channels": config.hidden_size // config.num_attention_heads,
+        "intermediate_size": 2 * config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "vocab_size": config.vocab_size, "rotary_emb_base": hf_config_dict(config)["rope_theta"],
+        "layer_norm_epsilon": config.rms_norm_eps, "seq_length": 64, "max_position_embeddings": config.max_position_embeddings,
+        "rotary_pct": 1.0, "use_dynamic_ntk": False, "use_logn_attn": False, "no_bias": True,
+        "tie_word_embeddings": False, "scale_attn_weights": True,
+    }
+    raw.update(overrides)
+    return raw
+
+
+def write_qwen_tiktoken(path: Path, tokens: list[str]) -> Path:
+    """qwen.tiktoken (base64 bytes, space, rank) for the first 151,643 tokens of a byte-level vocabulary."""
+    import base64
+
+    from qwen_engine.tokenizer import _byte_decoder
+
+    byte_of = _byte_decoder()
+    lines = [f"{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {rank}" for rank, token in enumerate(tokens[:151643])]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

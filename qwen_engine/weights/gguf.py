@@ -16,9 +16,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import QwenError
 from .quants import dequantize
+from .v1 import FUSED_QKV
 
-# qwen-family.md §9.1 (arch qwen2): GGUF name → HF name; `{}` is the layer index.
+# qwen-family.md §9.1: GGUF name → HF (qwen2) name; `{}` is the layer index. Arch qwen (v1) uses the same names
+# except its fused attn_qkv, mapped to the name that split_fused_qkv divides into q/k/v.
 _QWEN2_NAMES = {
+    "blk.{}.attn_qkv.weight": FUSED_QKV + ".weight",
+    "blk.{}.attn_qkv.bias": FUSED_QKV + ".bias",
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",

@@ -1,0 +1,54 @@
+"""Qwen (v1) checkpoints in the qwen2 layout the decoder validates: names mapped and the fused QKV split.
+
+The math is the same as Qwen2's (qwen-family.md §0, §1.3); only names differ, and v1 stores q, k and v as one
+`c_attn` matrix whose output rows are Q, then K, then V (§1.2). The SiLU-gated branch is `w2`, the plain one `w1`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+# The intermediate name both v1 formats map their fused projection to, before `split_fused_qkv`.
+FUSED_QKV = "model.layers.{}.self_attn.c_attn"
+
+# qwen-family.md §1.2: HF v1 name → qwen2 name; `{}` is the layer index.
+_V1_NAMES = {
+    "transformer.wte.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+    "transformer.h.{}.ln_1.weight": "model.layers.{}.input_layernorm.weight",
+    "transformer.h.{}.attn.c_attn.weight": FUSED_QKV + ".weight",
+    "transformer.h.{}.attn.c_attn.bias": FUSED_QKV + ".bias",
+    "transformer.h.{}.attn.c_proj.weight": "model.layers.{}.self_attn.o_proj.weight",
+    "transformer.h.{}.ln_2.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "transformer.h.{}.mlp.w1.weight": "model.layers.{}.mlp.up_proj.weight",
+    "transformer.h.{}.mlp.w2.weight": "model.layers.{}.mlp.gate_proj.weight",
+    "transformer.h.{}.mlp.c_proj.weight": "model.layers.{}.mlp.down_proj.weight",
+}
+_LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
+_FUSED = re.compile(r"^model\.layers\.(\d+)\.self_attn\.c_attn\.(weight|bias)$")
+
+
+def v1_name(name: str) -> str:
+    """The qwen2 name of an HF v1 tensor; unknown names pass through (and are reported as unexpected)."""
+    layer = _LAYER.match(name)
+    if layer is None:
+        return _V1_NAMES.get(name, name)
+    template = _V1_NAMES.get(_LAYER.sub("transformer.h.{}.", name))
+    return template.format(layer.group(1)) if template else name
+
+
+def split_fused_qkv(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace every fused c_attn weight/bias by q/k/v thirds (v1 is multi-head: three equal parts)."""
+    result = {}
+    for name, tensor in tensors.items():
+        fused = _FUSED.match(name)
+        if fused is None:
+            result[name] = tensor
+            continue
+        layer, kind = fused.groups()
+        for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+            result[f"model.layers.{layer}.self_attn.{part}.{kind}"] = piece
+    return result
