@@ -1,12 +1,15 @@
-"""Chat prompts rendered by the checkpoint's own jinja template (qwen-family.md §8.3), in a sandbox.
+"""Chat prompts: a conversation becomes prompt ids through the checkpoint's chat format.
 
-Every string that comes from the caller (message contents, names, tool definitions) is defused by the tokenizer
-before rendering, so only the template's own markup can become control tokens.
+Two formats share one interface (`ChatFormat.prompt_ids`): the checkpoint's own jinja template (qwen-family.md
+§8.3), rendered in a sandbox, and Qwen v1's `make_context` (§1.7), assembled from ids because v1 ships no template.
+Either way no string from the caller (message contents, names, tool definitions) can become a control token: the
+template path defuses them before rendering, the v1 path encodes them as plain text.
 """
 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -16,6 +19,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import QwenError
+from .tokenizer import Tokenizer
 
 # Used when a checkpoint ships no template: the ChatML layout every Qwen chat model is trained on.
 CHATML_TEMPLATE = (
@@ -26,6 +30,7 @@ CHATML_TEMPLATE = (
 )
 
 Message = dict[str, Any]
+Tool = dict[str, Any]
 
 
 def _raise_exception(message: str) -> None:
@@ -48,7 +53,22 @@ def _defuse_all(value: Any, defuse: Callable[[str], str]) -> Any:
     return value
 
 
-class ChatTemplate:
+def _check_roles(messages: list[Message]) -> None:
+    """Both formats index messages by role; a malformed one gets a clear error instead of a KeyError deep inside."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise QwenError(f"message {i} must be an object with a string 'role' (got {message!r:.80})")
+
+
+class ChatFormat(ABC):
+    """How a checkpoint turns a conversation into the prompt for the assistant's reply."""
+
+    @abstractmethod
+    def prompt_ids(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> list[int]:
+        """Prompt ids ending where the assistant's reply begins; caller strings never become control ids."""
+
+
+class ChatTemplate(ChatFormat):
     """A compiled chat template plus the special-token strings it may refer to."""
 
     def __init__(self, source: str | None, special_tokens: dict[str, str | None] | None = None) -> None:
@@ -64,17 +84,19 @@ class ChatTemplate:
         except jinja2.exceptions.TemplateSyntaxError as err:
             raise QwenError(f"the model's chat template does not compile ({err}); fix tokenizer_config.json or the GGUF's chat template") from None
 
+    def prompt_ids(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> list[int]:
+        """Rendered with every caller string defused, so only the template's own markup becomes control ids."""
+        return tokenizer.encode_markup(self.render(messages, tokenizer.defuse, tools=tools))
+
     def render(
         self,
         messages: list[Message],
         defuse: Callable[[str], str],
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[Tool] | None = None,
         add_generation_prompt: bool = True,
     ) -> str:
         """The prompt text; caller-supplied strings pass through `defuse` first."""
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise QwenError(f"message {i} must be an object with a string 'role' (got {message!r:.80})")
+        _check_roles(messages)
         try:
             return self._template.render(
                 messages=_defuse_all(messages, defuse),
@@ -84,3 +106,51 @@ class ChatTemplate:
             )
         except (jinja2.exceptions.TemplateError, TypeError, ValueError, ArithmeticError, LookupError) as err:
             raise QwenError(f"the chat template rejected the messages: {err}") from None
+
+
+class QwenV1ChatFormat(ChatFormat):
+    """Qwen v1's `make_context` (qwen-family.md §1.7): ChatML built from ids, with v1's default system prompt.
+
+    Role names and contents are encoded one by one and joined with "\n" and control ids, as v1 was trained. Encoding
+    the same layout as one text would differ wherever a content starts with a line break: it would merge with the
+    "\n" after the role name into a token the model never saw there.
+    """
+
+    DEFAULT_SYSTEM = "You are a helpful assistant."
+
+    def prompt_ids(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> list[int]:
+        if tools:
+            raise QwenError("Qwen (v1) chat models have no tool calling; call them without tools")
+        if not messages:
+            raise QwenError("the conversation is empty; give at least one user message")
+        _check_roles(messages)
+        im_start, im_end = (_control_id(tokenizer, name) for name in ("<|im_start|>", "<|im_end|>"))
+        newline = tokenizer.encode("\n")
+
+        def turn(role: str, content: str) -> list[int]:
+            return [im_start, *tokenizer.encode(role), *newline, *tokenizer.encode(content), im_end]
+
+        has_system = messages[0]["role"] == "system"
+        ids = turn("system", _content(messages, 0) if has_system else self.DEFAULT_SYSTEM)
+        for i in range(1 if has_system else 0, len(messages)):
+            role = messages[i]["role"]
+            if role == "system":
+                raise QwenError(f"message {i} is a system message: Qwen (v1) chat takes one, as the first message")
+            if role not in ("user", "assistant"):
+                raise QwenError(f"message {i} has role {role!r}: Qwen (v1) chat knows only system, user and assistant")
+            ids += [*newline, *turn(role, _content(messages, i))]
+        return [*ids, *newline, im_start, *tokenizer.encode("assistant"), *newline]
+
+
+def _content(messages: list[Message], i: int) -> str:
+    content = messages[i].get("content")
+    if not isinstance(content, str):
+        raise QwenError(f"message {i} needs a string 'content' (got {content!r:.80})")
+    return content
+
+
+def _control_id(tokenizer: Tokenizer, name: str) -> int:
+    token_id = tokenizer.token_to_id(name)
+    if token_id is None or token_id not in tokenizer.control_ids:
+        raise QwenError(f"the tokenizer has no control token {name}, which Qwen (v1) chat needs")
+    return token_id

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .chat import ChatTemplate
+from .chat import ChatFormat, ChatTemplate, QwenV1ChatFormat
 from .config import ModelConfig, RopeScaling
 from .default_model import default_model_path
 from .engine.sampling import SamplingParams
@@ -51,9 +51,15 @@ class Checkpoint(ABC):
     def tokenizer(self) -> Tokenizer:
         ...
 
+    def chat_template(self, tokenizer: Tokenizer) -> ChatFormat:
+        """The checkpoint's jinja template; Qwen v1 ships none and has its own layout (qwen-family.md §1.7)."""
+        if self.chat_template_source is None and self.config.architecture == "qwen":
+            return QwenV1ChatFormat()
+        return ChatTemplate(self.chat_template_source, self.template_tokens(tokenizer))
+
     @abstractmethod
-    def chat_template(self, tokenizer: Tokenizer) -> ChatTemplate:
-        ...
+    def template_tokens(self, tokenizer: Tokenizer) -> dict[str, str | None]:
+        """The special-token strings a template may refer to (`bos_token`, `eos_token`, …)."""
 
     def sampling_defaults(self) -> SamplingParams:
         return SamplingParams()
@@ -101,12 +107,12 @@ class GGUFSource(Checkpoint):
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(meta["tokenizer.ggml.tokens"])
         return Tokenizer.from_gguf(meta["tokenizer.ggml.tokens"], types, meta["tokenizer.ggml.merges"])
 
-    def chat_template(self, tokenizer: Tokenizer) -> ChatTemplate:
+    def template_tokens(self, tokenizer: Tokenizer) -> dict[str, str | None]:
         def text(token_id: int | None) -> str | None:
             return None if token_id is None else tokenizer.decode([token_id], skip_special=False)
 
         eos = self.config.eos_token_ids[0] if self.config.eos_token_ids else None
-        return ChatTemplate(self.chat_template_source, {"bos_token": text(self.config.bos_token_id), "eos_token": text(eos)})
+        return {"bos_token": text(self.config.bos_token_id), "eos_token": text(eos)}
 
     def stored_types(self) -> dict[str, str]:
         return {hf_name(entry.name): entry.qtype.name for entry in self.gguf.entries}
@@ -150,12 +156,12 @@ class HFSource(Checkpoint):
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_hf_dir(self.path)
 
-    def chat_template(self, tokenizer: Tokenizer) -> ChatTemplate:
+    def template_tokens(self, tokenizer: Tokenizer) -> dict[str, str | None]:
         def content(value: Any) -> str | None:  # written as a string or as {"content": …}
             return value.get("content") if isinstance(value, dict) else value
 
         names = ("bos_token", "eos_token", "pad_token", "unk_token")
-        return ChatTemplate(self.chat_template_source, {name: content(self.tokenizer_config.get(name)) for name in names})
+        return {name: content(self.tokenizer_config.get(name)) for name in names}
 
     def sampling_defaults(self) -> SamplingParams:
         defaults = SamplingParams()

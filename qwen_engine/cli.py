@@ -241,7 +241,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "context_length": config.context_length,
         "rope_scaling": None if config.rope_scaling is None else f"yarn ×{config.rope_scaling.factor:g} from "
                         f"{config.rope_scaling.original_max_position_embeddings}",
-        "long_context": "dynamic NTK + logN" if config.use_dynamic_ntk else None,
+        "long_context": " + ".join(name for name, on in (("dynamic NTK", config.use_dynamic_ntk), ("logN", config.use_logn_attn),
+                                   (f"sliding window {config.sliding_window}", config.sliding_window)) if on) or None,
         "rope_theta": config.rope_theta,
         "tied_embeddings": config.tie_word_embeddings,
         "tensor_types": info.tensor_types,
@@ -252,10 +253,11 @@ def cmd_info(args: argparse.Namespace) -> None:
         return
     facts["parameters"] = f"{config.parameter_count():,} ({config.parameter_count() / 1e9:.2f} B)"
     facts["tensor_types"] = ", ".join(f"{name} ×{count}" for name, count in sorted(info.tensor_types.items()))
-    facts["chat_template"] = "yes" if info.has_chat_template else "no (ChatML fallback)"
+    facts["chat_template"] = "yes" if info.has_chat_template else (
+        "Qwen v1 layout (make_context)" if config.architecture == "qwen" else "no (ChatML fallback)")
     width = max(map(len, facts))
     for key, value in facts.items():
-        print(f"{key.replace('_', ' '):<{width}}  {value}")
+        print(f"{key.replace('_', ' '):<{width}}  {'—' if value is None else value}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:

@@ -170,7 +170,9 @@ class ModelConfig:
                 qkv_bias=bool(raw.get("attention_bias", True)),
                 bos_token_id=raw.get("bos_token_id"),
                 eos_token_ids=_as_id_tuple(eos),
-                rope_scaling=RopeScaling.from_hf(raw.get("rope_scaling"), int(raw.get("max_position_embeddings", 32768))),
+                # transformers ≥ 5 writes the YaRN block as rope_parameters; the released configs as rope_scaling.
+                rope_scaling=RopeScaling.from_hf(raw.get("rope_scaling") or raw.get("rope_parameters"),
+                                                 int(raw.get("max_position_embeddings", 32768))),
                 # qwen-family.md §3.2: the window exists only when use_sliding_window is true.
                 sliding_window=int(raw["sliding_window"]) if raw.get("use_sliding_window") and raw.get("sliding_window") else None,
                 max_window_layers=int(raw.get("max_window_layers") or 0),

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from .chat import ChatTemplate, Message
+from .chat import ChatFormat, Message
 from .checkpoint import ModelInfo, open_checkpoint
 from .engine.generate import Delta, GenerationResult, Generator
 from .engine.sampling import SamplingParams
@@ -56,8 +56,8 @@ def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.d
 
 def pick_quant(quant: str | None, dtype: torch.dtype, device: torch.device) -> str:
     if quant is None:
-        # The packed kernels are CPU kernels; float32 asks for the exact path.
-        return DEFAULT_CPU_QUANT if device.type == "cpu" and dtype != torch.float32 else "none"
+        # The packed kernels are CPU kernels computing in bfloat16; an explicit float32/float16 asks for that dtype.
+        return DEFAULT_CPU_QUANT if device.type == "cpu" and dtype == torch.bfloat16 else "none"
     if quant not in QUANT_CHOICES:
         raise QwenError(f"unknown quant {quant!r}: use {', '.join(QUANT_CHOICES)}")
     if quant != "none" and device.type != "cpu":
@@ -72,7 +72,7 @@ class Model:
         self,
         decoder: QwenDecoder,
         tokenizer: Tokenizer,
-        chat_template: ChatTemplate,
+        chat_template: ChatFormat,
         defaults: SamplingParams,
         info: ModelInfo,
         quant: str,
@@ -107,9 +107,8 @@ class Model:
             return self.decoder(torch.tensor([ids], device=self.device))[0].to(torch.float32)
 
     def chat_prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of a conversation rendered by the chat template, ready for the assistant's reply."""
-        text = self.chat_template.render(messages, self.tokenizer.defuse, tools=tools)
-        return self.tokenizer.encode_markup(text)
+        """Token ids of a conversation in the checkpoint's chat format, ready for the assistant's reply."""
+        return self.chat_template.prompt_ids(messages, self.tokenizer, tools)
 
     def stream_deltas(self, prompt: str | list[int], result: GenerationResult | None = None, **sampling: Any) -> Iterator[Delta]:
         """Token-by-token deltas; pass a `GenerationResult` to collect ids, finish reason and timings."""

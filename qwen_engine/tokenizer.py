@@ -1,12 +1,13 @@
-"""Byte-level BPE tokenizer for the Qwen2 family (Qwen1.5, Qwen2, Qwen2.5, QwQ), built on `tokenizers`.
+"""Byte-level BPE tokenizer for every Qwen generation, built on `tokenizers`.
 
-Two ways in: a Hugging Face checkpoint directory or the tokenizer arrays of a GGUF file. Control tokens
-(`<|im_start|>` ...) are only ever produced from chat-template markup, never from user text, so a user cannot
-forge a turn boundary by typing one.
+Three ways in: a Hugging Face checkpoint directory (Qwen2's files), Qwen v1's `qwen.tiktoken`, or the tokenizer
+arrays of a GGUF file. Control tokens (`<|im_start|>` ...) never come from user text: `encode` keeps their surface
+forms plain text, so a user cannot forge a turn boundary by typing one.
 """
 
 from __future__ import annotations
 
+import base64
 import codecs
 import json
 import re
@@ -34,6 +35,10 @@ _TYPE_UNUSED = 5
 _MARK = "\uffff"
 _UNMARK = re.compile(_MARK + "(" + _MARK + "?)")
 
+# qwen-family.md §1.6: Qwen v1 numbers its control tokens after the 151,643 BPE ranks, from 151643 up.
+V1_BPE_RANKS = 151643
+V1_CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{n}|>" for n in range(205)))
+
 
 def _byte_decoder() -> dict[str, int]:
     """Character -> byte of GPT-2's `bytes_to_unicode` alphabet (qwen-family.md §1.6, §8.1).
@@ -45,6 +50,57 @@ def _byte_decoder() -> dict[str, int]:
     table = {chr(b): b for b in printable}
     table.update({chr(256 + n): b for n, b in enumerate(shifted)})
     return table
+
+
+def _read_tiktoken(path: Path) -> dict[str, int]:
+    """Token -> rank from a `qwen.tiktoken` file (qwen-family.md §1.6: `base64(bytes) rank` per line).
+
+    Tokens are spelled in GPT-2's byte alphabet, one character per byte, as in Qwen2's vocab.json.
+    """
+    as_text = {byte: char for char, byte in _byte_decoder().items()}  # for str.translate of latin-1 text
+    ranks: dict[str, int] = {}
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True).decode("latin-1").translate(as_text)] = int(rank)
+        except ValueError:  # also binascii.Error
+            raise QwenError(f"{path}:{number}: expected `base64-token rank`, got {line[:60]!r}") from None
+    complete = len(ranks) == V1_BPE_RANKS and set(ranks.values()) == set(range(V1_BPE_RANKS))
+    if not complete or any(char not in ranks for char in as_text.values()):
+        raise QwenError(f"{path} is not Qwen v1's qwen.tiktoken: it must rank all 256 bytes and hold the ranks 0…{V1_BPE_RANKS - 1} once each")
+    return ranks
+
+
+def _merges_from_ranks(ranks: dict[str, int]) -> list[tuple[str, str]]:
+    """BPE merges, in priority order, equivalent to tiktoken's rank-based BPE (tokens spelled in the byte alphabet).
+
+    For each token, tiktoken's BPE is replayed on its bytes with only lower ranks allowed; the last two parts are the
+    merge that creates it. That yields one merge per token, exactly Qwen2's merges.txt for the same vocabulary
+    (checked in tests). The "every split into two known tokens" recipe gives twice as many merges, a third of them
+    with parts that outrank the token they form.
+    """
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        parts = list(token)
+        if len(parts) == 1:
+            continue
+        # Rank of each adjacent pair's concatenation (`rank` itself stands for "not allowed"), updated per merge.
+        pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+        while len(parts) > 2:
+            best = min(pair_ranks)
+            if best >= rank:
+                raise QwenError(f"token {token!r} (rank {rank}) cannot be built by BPE from lower ranks; the tiktoken file is damaged")
+            i = pair_ranks.index(best)
+            parts[i : i + 2] = [parts[i] + parts[i + 1]]
+            del pair_ranks[i]
+            if i > 0:
+                pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], rank)
+            if i < len(pair_ranks):
+                pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], rank)
+        merges.append((parts[0], parts[1]))
+    return merges
 
 
 def _qwen2_pipeline(vocab: dict[str, int], merges: list[tuple[str, str]]) -> _HFTokenizer:
@@ -84,13 +140,16 @@ class Tokenizer:
 
     @classmethod
     def from_hf_dir(cls, path: Path) -> Tokenizer:
-        """Load `tokenizer.json`, or else `vocab.json` + `merges.txt` with added tokens from `tokenizer_config.json`."""
+        """Load `tokenizer.json`, or else `vocab.json` + `merges.txt` with added tokens from `tokenizer_config.json`,
+        or else Qwen v1's `qwen.tiktoken`."""
         path = Path(path)
         if (path / "tokenizer.json").is_file():
             return cls(_HFTokenizer.from_file(str(path / "tokenizer.json")))
         if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
+            if (path / "qwen.tiktoken").is_file():
+                return cls.from_tiktoken(path / "qwen.tiktoken")
             raise QwenError(
-                f"no tokenizer in {path}: expected tokenizer.json, or vocab.json and merges.txt; "
+                f"no tokenizer in {path}: expected tokenizer.json, vocab.json and merges.txt, or qwen.tiktoken; "
                 "copy them from the model's Hugging Face repository"
             )
         vocab: dict[str, int] = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
@@ -138,6 +197,18 @@ class Tokenizer:
         backend.add_tokens(added)
         unused = frozenset(i for i, kind in enumerate(token_types) if kind == _TYPE_UNUSED)
         return cls(backend, unused)
+
+    @classmethod
+    def from_tiktoken(cls, path: Path) -> Tokenizer:
+        """Build from Qwen v1's `qwen.tiktoken` (qwen-family.md §1.6).
+
+        v1 and Qwen2 share vocabulary, regex and NFC, so this is the Qwen2 pipeline with merges derived from the
+        ranks (rank = id), plus v1's 208 control tokens as special tokens with ids 151643…151850.
+        """
+        vocab = _read_tiktoken(Path(path))
+        backend = _qwen2_pipeline(vocab, _merges_from_ranks(vocab))
+        backend.add_tokens([AddedToken(token, special=True, normalized=False) for token in V1_CONTROL_TOKENS])
+        return cls(backend)
 
     def encode(self, text: str) -> list[int]:
         """Ids of user text: NFC, control-token look-alikes stay plain text, non-special added tokens match."""

@@ -258,7 +258,7 @@ def test_generation_config_sets_sampling_defaults_and_stop_ids(base_dir, tmp_pat
     defaults = model.defaults
     assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == (0.7, 0.8, 20, 1.05)
     assert model.config.eos_token_ids == (151645, 151643)
-    assert model.stop_token_ids == {151645, 151643}
+    assert model.stop_token_ids == {151645, 151643, 151644}  # plus <|im_start|>, a turn boundary in every Qwen chat format
     # Explicit arguments still override the checkpoint's defaults.
     assert model.generate("Hi", max_tokens=2, temperature=0.0).completion_tokens <= 2
 

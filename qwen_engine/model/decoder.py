@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import QwenError
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding, RotaryTables, apply_rotary
 
 
 class KVStore(Protocol):
@@ -49,28 +49,53 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        # qwen-family.md §3.2: layers from max_window_layers on see the last `sliding_window` keys only.
+        windowed = config.sliding_window is not None and layer >= config.max_window_layers
+        self.window: int | None = config.sliding_window if windowed else None
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None, start: int
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Queries rotate with their own tables, which carry the LogN factor when it is on (see rope.py).
+        q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
-        mask = None
-        causal = length > 1
-        if causal and k.shape[2] != length:
-            # A chunk after earlier tokens: query i (at start+i) sees keys 0…start+i.
-            key_pos = torch.arange(k.shape[2], device=x.device)
-            query_pos = torch.arange(start, start + length, device=x.device)
-            mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        if self.window is not None:
+            k, v, mask, causal = self._windowed(k, v, start, length)
+        else:
+            mask = None
+            causal = length > 1
+            if causal and k.shape[2] != length:
+                # A chunk after earlier tokens: query i (at start+i) sees keys 0…start+i.
+                key_pos = torch.arange(k.shape[2], device=x.device)
+                query_pos = torch.arange(start, start + length, device=x.device)
+                mask, causal = key_pos[None, :] <= query_pos[:, None], False
         # GQA: kv head j serves query heads j·g … j·g+g−1 (qwen-family.md §3.2), which is SDPA's enable_gqa layout.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _windowed(
+        self, k: torch.Tensor, v: torch.Tensor, start: int, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+        """Keys, values, mask and causal flag for sliding-window attention: the query at position i sees the keys at
+        positions j with i − w < j ≤ i. Keys no query of this call can see are sliced off first, so a decode step
+        needs no mask at all."""
+        window, end = self.window, start + length
+        offset = end - k.shape[2]  # position of the first key held (0 with a cache, `start` without)
+        first = max(start - window + 1, offset)
+        if first > offset:
+            k, v = k[:, :, first - offset :], v[:, :, first - offset :]
+        if length == 1:
+            return k, v, None, False
+        if k.shape[2] == length and length <= window:
+            return k, v, None, True  # nothing falls out of the window: plain causal attention
+        key_pos = torch.arange(first, end, device=k.device)
+        query_pos = torch.arange(start, end, device=k.device)
+        distance = query_pos[:, None] - key_pos[None, :]
+        return k, v, (distance >= 0) & (distance < window), False
 
 
 class MLP(nn.Module):
@@ -96,10 +121,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVStore | None, start: int
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+    def forward(self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -144,9 +167,9 @@ class QwenDecoder(nn.Module):
                 f"sequence of {start + length} tokens exceeds the model's context of {self.config.context_length}; "
                 "shorten the prompt or lower max_tokens"
             )
-        cos, sin = self.rotary(start, length, hidden.dtype)
+        rope = self.rotary(start, length, hidden.dtype)
         for layer in self.model.layers:
-            hidden = layer(hidden, cos, sin, cache, start)
+            hidden = layer(hidden, rope, cache, start)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(self.model.norm(hidden))

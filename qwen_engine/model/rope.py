@@ -1,37 +1,157 @@
-"""Rotary position embeddings, rotate-half ("NeoX") layout over the full head_dim (qwen-family.md §0, §3.2)."""
+"""Rotary position embeddings, rotate-half ("NeoX") layout over the full head_dim (qwen-family.md §0, §3.2), and the
+long-context variants that act through the rotary tables:
+
+* YaRN (qwen-family.md §3.3): blended inverse frequencies and the attention factor m on cos and sin;
+* dynamic NTK (Qwen v1, §1.4): base' = base·α^(d/(d−2)) with α chosen from the prefill length;
+* LogN attention scaling (Qwen v1, §1.5): the query at position p is multiplied by ln(p+1)/ln(S) once p+1 > S, which,
+  RoPE being linear, is the same as rotating queries with cos and sin multiplied by that factor.
+
+Everything is folded into precomputed tables, so a forward only slices them: with none of these enabled the tables
+are the plain ones and a step costs exactly what it did before.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 
 
-def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
-    """ω_i = θ^(−2i/d), i = 0 … d/2−1, in float32 (qwen-family.md §3.2)."""
+def inverse_frequencies(config: ModelConfig, base: float | None = None) -> torch.Tensor:
+    """ω_i = base^(−2i/d), i = 0 … d/2−1, in float32 (qwen-family.md §3.2); base defaults to θ."""
     exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).to(torch.float32) / config.head_dim
-    return 1.0 / (config.rope_theta**exponents)
+    return 1.0 / ((config.rope_theta if base is None else base) ** exponents)
+
+
+def yarn_attention_factor(scaling: RopeScaling) -> float:
+    """m = 0.1·ln(s) + 1 for s > 1, else 1, unless the config gives `attention_factor` (qwen-family.md §3.3, step 6)."""
+    if scaling.attention_factor is not None:
+        return float(scaling.attention_factor)
+    return 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+
+
+def yarn_correction_range(head_dim: int, base: float, scaling: RopeScaling) -> tuple[float, float]:
+    """(low, high) of the ramp: D(r) = d·ln(L0/(2πr)) / (2 ln θ), floored/ceiled and clamped (§3.3, steps 2–3)."""
+
+    def dimension(rotations: float) -> float:
+        return head_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(dimension(scaling.beta_fast)), 0)
+    high = min(math.ceil(dimension(scaling.beta_slow)), head_dim - 1)
+    return low, (high + 0.001 if low == high else high)
+
+
+def yarn_frequencies(config: ModelConfig, scaling: RopeScaling, base: float | None = None) -> tuple[torch.Tensor, float]:
+    """YaRN inverse frequencies ω'_i = ω_i·((1 − ρ_i) + ρ_i/s) and the attention factor m (qwen-family.md §3.3).
+
+    Computed in the same float32 order as transformers' `_compute_yarn_parameters`, so both give the same bits.
+    """
+    d, base = config.head_dim, config.rope_theta if base is None else base
+    low, high = yarn_correction_range(d, base, scaling)
+    powers = base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d)
+    extrapolation, interpolation = 1.0 / powers, 1.0 / (scaling.factor * powers)
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # ρ_i
+    return interpolation * ramp + extrapolation * (1 - ramp), yarn_attention_factor(scaling)
+
+
+def ntk_alpha(length: int, seq_length: int) -> int:
+    """Qwen v1 dynamic NTK: α = max(2^ceil(log2(L/S) + 1) − 1, 1) (qwen-family.md §1.4)."""
+    return max(2 ** math.ceil(math.log2(length / seq_length) + 1) - 1, 1)
+
+
+def ntk_base(base: float, alpha: float, head_dim: int) -> float:
+    """base' = base·α^(d/(d−2)) (qwen-family.md §1.4)."""
+    return base * alpha ** (head_dim / (head_dim - 2))
+
+
+def logn_factors(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Qwen v1 LogN scale of the query at 0-based position p: ln(p+1)/ln(S) if p+1 > S else 1 (§1.5), as float32
+    from float64 values like the original's table of Python floats."""
+    count = positions.to(torch.float64) + 1
+    return torch.where(count > seq_length, count.log() / math.log(seq_length), torch.ones_like(count)).to(torch.float32)
+
+
+class RotaryTables(NamedTuple):
+    """Slices for one forward: keys rotate with (cos, sin), queries with (q_cos, q_sin) — the same tensors unless
+    LogN scaling is on."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_cos: torch.Tensor
+    q_sin: torch.Tensor
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin tables for positions 0…n, grown on demand, so each step only slices them."""
+    """cos/sin tables for positions 0…n, grown on demand, so each step only slices them.
+
+    Length-dependent variants (dynamic NTK, YaRN with `only_long`) choose their frequencies at a prefill — a call
+    with start == 0, from its length — and keep that choice for the calls that continue the sequence (start > 0);
+    the tables are rebuilt when the choice changes. (A prefill split into chunks is judged by its first chunk.)
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.config = config
         self.register_buffer("inv_freq", inverse_frequencies(config), persistent=False)
+        scaling = config.rope_scaling
+        self._yarn_always = scaling is not None and not scaling.only_long
+        self._yarn_long = scaling.original_max_position_embeddings if scaling is not None and scaling.only_long else None
+        self._ntk_length = (config.seq_length or config.max_position_embeddings) if config.use_dynamic_ntk else None
+        self._logn_length = (config.seq_length or config.max_position_embeddings) if config.use_logn_attn else None
+        self._adaptive = self._yarn_long is not None or self._ntk_length is not None
+        # The frequencies in force for the current sequence: (NTK α, YaRN on?); the tables were built for _built.
+        self.choice: tuple[int, bool] = (1, self._yarn_always)
+        self._built: tuple[int, bool] | None = None
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
+        self._q_cos: torch.Tensor | None = None
+        self._q_sin: torch.Tensor | None = None
 
-    def forward(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [length, d] for positions start…start+length−1: computed in float32, cast to `dtype`."""
+    def choose(self, length: int) -> tuple[int, bool]:
+        """(α, YaRN on?) for a sequence whose prefill holds `length` tokens."""
+        alpha = ntk_alpha(length, self._ntk_length) if self._ntk_length is not None else 1
+        yarn = self._yarn_always or (self._yarn_long is not None and length > self._yarn_long)
+        return alpha, yarn
+
+    def frequencies(self, choice: tuple[int, bool]) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies (on the buffer's device) and the cos/sin factor for a choice."""
+        alpha, yarn = choice
+        base = ntk_base(self.config.rope_theta, alpha, self.config.head_dim) if alpha != 1 else self.config.rope_theta
+        if yarn:
+            inv_freq, factor = yarn_frequencies(self.config, self.config.rope_scaling, base)
+            return inv_freq.to(self.inv_freq.device), factor
+        if alpha != 1:
+            return inverse_frequencies(self.config, base).to(self.inv_freq.device), 1.0
+        return self.inv_freq, 1.0
+
+    def forward(self, start: int, length: int, dtype: torch.dtype) -> RotaryTables:
+        """Tables [length, d] for positions start…start+length−1: computed in float32, cast to `dtype`."""
+        if self._adaptive and start == 0:
+            self.choice = self.choose(length)
         end = start + length
-        if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype:
-            size = max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 256)
-            positions = torch.arange(size, device=self.inv_freq.device, dtype=torch.float32)
-            freqs = positions[:, None] * self.inv_freq[None, :]
-            angles = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = angles.cos().to(dtype), angles.sin().to(dtype)
-        return self._cos[start:end], self._sin[start:end]
+        if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype or self._built != self.choice:
+            self._build(max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 256), dtype)
+        cos, sin = self._cos[start:end], self._sin[start:end]
+        if self._q_cos is None:
+            return RotaryTables(cos, sin, cos, sin)
+        return RotaryTables(cos, sin, self._q_cos[start:end], self._q_sin[start:end])
+
+    def _build(self, size: int, dtype: torch.dtype) -> None:
+        inv_freq, factor = self.frequencies(self.choice)
+        positions = torch.arange(size, device=inv_freq.device, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        if factor != 1.0:  # YaRN: both tables carry m, so q·k logits carry m² (qwen-family.md §3.3, step 6)
+            cos, sin = cos * factor, sin * factor
+        self._cos, self._sin = cos.to(dtype), sin.to(dtype)
+        if self._logn_length is not None:
+            scale = logn_factors(torch.arange(size), self._logn_length).to(inv_freq.device)[:, None]
+            self._q_cos, self._q_sin = (cos * scale).to(dtype), (sin * scale).to(dtype)
+        self._built = self.choice
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
