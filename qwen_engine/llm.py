@@ -17,7 +17,7 @@ from .engine.generate import Delta, GenerationResult, Generator
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .model.decoder import QwenDecoder
-from .model.quantized import QUANT_CHOICES, place_quantized, quant_plan, quantize_linears
+from .model.quantized import CONVERTER_ID, QUANT_CHOICES, place_quantized, quant_plan, quantize_linears
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
 
@@ -160,7 +160,7 @@ def load(
         decoder = QwenDecoder(checkpoint.config)
     cache = None
     if chosen_quant != "none" and chosen_device.type == "cpu":
-        cache = converted_path(checkpoint.fingerprint(), chosen_dtype, chosen_quant)
+        cache = converted_path(checkpoint.fingerprint(), chosen_dtype, chosen_quant, CONVERTER_ID)
     cached = load_converted(cache) if cache else None
     if cached:
         state, plan = cached

@@ -8,6 +8,9 @@ and runs a regular matmul instead.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +20,8 @@ from .decoder import PACKED
 # Rows of activations above which dequantize-then-matmul beats the packed kernels (measured on a 2-core AVX-512
 # machine for the 0.5B model's shapes: the packed kernels are ~10x slower than bf16 matmul at 660 rows).
 PACKED_MAX_ROWS = 8
+# Identifies this converter: caches of converted weights are keyed by it.
+CONVERTER_ID = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 INT4_GROUP = 32
 
 

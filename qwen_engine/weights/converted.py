@@ -12,12 +12,13 @@ import torch
 
 from ..default_model import cache_dir
 
-# Bump when the layout of converted tensors changes.
+# Bump when the layout of the cache file itself changes.
 FORMAT_VERSION = 1
 
 
-def converted_path(fingerprint: str, dtype: torch.dtype, quant: str) -> Path:
-    key = f"{FORMAT_VERSION}|{fingerprint}|{dtype}|{quant}|torch {torch.__version__}"
+def converted_path(fingerprint: str, dtype: torch.dtype, quant: str, converter: str) -> Path:
+    """`converter` identifies the code that converts (so a changed quantizer never serves stale weights)."""
+    key = f"{FORMAT_VERSION}|{fingerprint}|{dtype}|{quant}|{converter}|torch {torch.__version__}"
     return cache_dir() / "converted" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
 
 
