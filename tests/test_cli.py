@@ -176,3 +176,25 @@ def run_cli_exit(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, s
         code = exit_.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def test_rope_scaling_override_extends_the_context(capsys, default_gguf) -> None:
+    # qwen-family.md §3.3: YaRN ×4 from L0 = 32768 gives 131,072 tokens.
+    code, out, err = run_cli(capsys, "info", "--json", "--model", str(default_gguf), "--rope-scaling", "yarn:4")
+    assert code == 0, err
+    facts = json.loads(out)
+    assert facts["context_length"] == 131072 and facts["rope_scaling"] == "yarn ×4 from 32768"
+
+
+@pytest.mark.parametrize("spec", ["yarn", "yarn:x", "linear:2", "yarn:0.5", "yarn:4:abc"])
+def test_bad_rope_scaling_is_one_clear_error(capsys, default_gguf, spec: str) -> None:
+    code, _, err = run_cli(capsys, "info", "--model", str(default_gguf), "--rope-scaling", spec)
+    assert_one_line_error(code, err, "rope scaling")
+
+
+def test_rope_scaling_spec_forms() -> None:
+    from qwen_engine.config import RopeScaling
+
+    assert RopeScaling.parse("yarn:4", 32768) == RopeScaling(4.0, 32768)
+    assert RopeScaling.parse("yarn:4:long", 32768) == RopeScaling(4.0, 32768, only_long=True)
+    assert RopeScaling.parse("yarn:2:16384:long", 32768) == RopeScaling(2.0, 16384, only_long=True)
