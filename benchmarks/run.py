@@ -5,7 +5,7 @@ alternate over several rounds (so drift on a noisy machine hits all of them alik
 and ratios. The workload is the same for all: a random-token prompt (seeded) for prefill, greedy decoding that
 ignores end-of-sequence, and perplexity on benchmarks/data/corpus.md with llama-perplexity's method.
 
-    pip install -e ".[bench]"   (llama-cpp-python builds from source: CMAKE_ARGS=-DGGML_NATIVE=ON)
+    pip install -e ".[bench]"   (llama-cpp-python builds from source; see the README for the CMAKE_ARGS used here)
     python benchmarks/run.py --rounds 3
 """
 
