@@ -6,6 +6,8 @@ checkpoints is captured by the fields below, so the model code never branches on
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +147,7 @@ class ModelConfig:
                 f"unsupported model_type {model_type!r} in config.json: qwen-engine runs Qwen (v1) and the qwen2 family "
                 "(Qwen1.5, Qwen2, Qwen2.5, QwQ)"
             )
-        try:
+        with _reading_config():
             hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
             eos = raw.get("eos_token_id")
             kv_heads, head_dim, rope_theta = raw.get("num_key_value_heads"), raw.get("head_dim"), raw.get("rope_theta")
@@ -177,17 +179,13 @@ class ModelConfig:
                 sliding_window=int(raw["sliding_window"]) if raw.get("use_sliding_window") and raw.get("sliding_window") else None,
                 max_window_layers=int(raw.get("max_window_layers") or 0),
             )
-        except KeyError as missing:
-            raise QwenError(f"config.json lacks the required key {missing}; the checkpoint is incomplete") from None
-        except (TypeError, ValueError) as err:
-            raise QwenError(f"config.json has a value of the wrong type ({err}); the checkpoint's config is damaged") from None
 
     @classmethod
     def _from_hf_v1(cls, raw: dict[str, Any]) -> ModelConfig:
         """Qwen v1 keys (qwen-family.md §1.1): kv_channels is d, intermediate_size is twice the real MLP width."""
         if "n_embd" in raw and "hidden_size" not in raw:
             raise QwenError("this is a first-release Qwen-7B config (n_embd, n_head, …); use the v1.1 checkpoint (Sep 2023)")
-        try:
+        with _reading_config():
             if float(raw.get("rotary_pct", 1.0)) != 1.0:
                 raise QwenError(f"rotary_pct={raw['rotary_pct']} is not supported: every released Qwen rotates all head dims")
             hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
@@ -213,10 +211,6 @@ class ModelConfig:
                 use_logn_attn=bool(raw.get("use_logn_attn", False)),
                 seq_length=int(raw.get("seq_length") or 2048),
             )
-        except KeyError as missing:
-            raise QwenError(f"config.json lacks the required key {missing}; the checkpoint is incomplete") from None
-        except (TypeError, ValueError) as err:
-            raise QwenError(f"config.json has a value of the wrong type ({err}); the checkpoint's config is damaged") from None
 
     @classmethod
     def from_gguf(cls, metadata: dict[str, Any]) -> ModelConfig:
@@ -260,6 +254,17 @@ class ModelConfig:
             eos_token_ids=_as_id_tuple(eos),
             rope_scaling=scaling,
         )
+
+
+@contextmanager
+def _reading_config() -> Iterator[None]:
+    """Missing keys and wrongly typed values in config.json become one clear error."""
+    try:
+        yield
+    except KeyError as missing:
+        raise QwenError(f"config.json lacks the required key {missing}; the checkpoint is incomplete") from None
+    except (TypeError, ValueError) as err:
+        raise QwenError(f"config.json has a value of the wrong type ({err}); the checkpoint's config is damaged") from None
 
 
 def _derived_head_dim(hidden: int, heads: int) -> int:

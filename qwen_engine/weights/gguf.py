@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import QwenError
+from .names import LayerNameMap
 from .quants import dequantize
 from .v1 import FUSED_QKV
 
@@ -39,16 +39,8 @@ _QWEN2_NAMES = {
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
 }
-_LAYER = re.compile(r"^blk\.(\d+)\.")
-
-
-def hf_name(gguf_name: str) -> str:
-    """The HF name of a GGUF tensor; names without a mapping pass through (and are reported as unexpected)."""
-    layer = _LAYER.match(gguf_name)
-    if layer is None:
-        return _QWEN2_NAMES.get(gguf_name, gguf_name)
-    template = _QWEN2_NAMES.get(_LAYER.sub("blk.{}.", gguf_name))
-    return template.format(layer.group(1)) if template else gguf_name
+# The HF name of a GGUF tensor.
+hf_name = LayerNameMap(_QWEN2_NAMES, "blk.")
 
 
 # GGUF value types (qwen-family.md §9.4, file layout): id → struct format of one scalar.

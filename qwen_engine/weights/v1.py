@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from .names import LayerNameMap
+
 # The intermediate name both v1 formats map their fused projection to, before `split_fused_qkv`.
 FUSED_QKV = "model.layers.{}.self_attn.c_attn"
 
@@ -27,17 +29,11 @@ _V1_NAMES = {
     "transformer.h.{}.mlp.w2.weight": "model.layers.{}.mlp.gate_proj.weight",
     "transformer.h.{}.mlp.c_proj.weight": "model.layers.{}.mlp.down_proj.weight",
 }
-_LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
 _FUSED = re.compile(r"^model\.layers\.(\d+)\.self_attn\.c_attn\.(weight|bias)$")
 
 
-def v1_name(name: str) -> str:
-    """The qwen2 name of an HF v1 tensor; unknown names pass through (and are reported as unexpected)."""
-    layer = _LAYER.match(name)
-    if layer is None:
-        return _V1_NAMES.get(name, name)
-    template = _V1_NAMES.get(_LAYER.sub("transformer.h.{}.", name))
-    return template.format(layer.group(1)) if template else name
+# The qwen2 name of an HF v1 tensor.
+v1_name = LayerNameMap(_V1_NAMES, "transformer.h.")
 
 
 def split_fused_qkv(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
