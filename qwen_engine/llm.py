@@ -160,7 +160,7 @@ def load(
         decoder = QwenDecoder(checkpoint.config)
     cache = None
     if chosen_quant != "none" and chosen_device.type == "cpu":
-        cache = converted_path(checkpoint.fingerprint(), chosen_dtype, chosen_quant, CONVERTER_ID)
+        cache = converted_path(checkpoint.path, checkpoint.fingerprint(), chosen_dtype, chosen_quant, CONVERTER_ID)
     cached = load_converted(cache) if cache else None
     if cached:
         state, plan = cached

@@ -97,11 +97,12 @@ def test_converted_cache_is_used_and_keyed_by_the_source(tiny_gguf, tiny_int8, i
     ids = list(range(200, 230))
     torch.testing.assert_close(warm.logits(ids), tiny_int8.logits(ids), rtol=0, atol=0)
     monkeypatch.undo()
-    # A modified source file is a different key: converted again, never served stale.
+    # A modified source file is a different key: converted again, never served stale, and the old file is replaced.
     stat = tiny_gguf.stat()
     os.utime(tiny_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     qwen_engine.load(tiny_gguf, quant="int8")
-    assert len(list((isolated_cache / "converted").glob("*.pt"))) == len(cached) + 1
+    now = set((isolated_cache / "converted").glob("*.pt"))
+    assert len(now) == len(cached) and now != set(cached)
 
 
 def test_corrupt_cache_is_rebuilt(tiny_gguf, isolated_cache) -> None:

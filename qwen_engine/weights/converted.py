@@ -16,10 +16,17 @@ from ..default_model import cache_dir
 FORMAT_VERSION = 1
 
 
-def converted_path(fingerprint: str, dtype: torch.dtype, quant: str, converter: str) -> Path:
-    """`converter` identifies the code that converts (so a changed quantizer never serves stale weights)."""
-    key = f"{FORMAT_VERSION}|{fingerprint}|{dtype}|{quant}|{converter}|torch {torch.__version__}"
-    return cache_dir() / "converted" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def converted_path(source: Path, fingerprint: str, dtype: torch.dtype, quant: str, converter: str) -> Path:
+    """`<slot>-<version>.pt`: the slot names the source path and format, the version everything that makes the
+    content (file sizes and times, the converter's code, torch), so an outdated file is never served and is
+    replaced rather than left behind. `converter` identifies the code that converts."""
+    slot = _digest(f"{source.resolve()}|{dtype}|{quant}")
+    version = _digest(f"{FORMAT_VERSION}|{fingerprint}|{converter}|torch {torch.__version__}")
+    return cache_dir() / "converted" / f"{slot}-{version}.pt"
 
 
 def save_converted(path: Path, state: dict[str, torch.Tensor], plan: dict[str, str]) -> None:
@@ -32,6 +39,10 @@ def save_converted(path: Path, state: dict[str, torch.Tensor], plan: dict[str, s
         if load_converted(partial) is None:
             return
         os.replace(partial, path)
+        slot = path.name.split("-")[0]
+        for outdated in path.parent.glob(f"{slot}-*.pt"):
+            if outdated != path:
+                outdated.unlink(missing_ok=True)
     except OSError:
         pass  # a cache that cannot be written only costs the next start its conversion time
     finally:
