@@ -198,3 +198,26 @@ def test_rope_scaling_spec_forms() -> None:
     assert RopeScaling.parse("yarn:4", 32768) == RopeScaling(4.0, 32768)
     assert RopeScaling.parse("yarn:4:long", 32768) == RopeScaling(4.0, 32768, only_long=True)
     assert RopeScaling.parse("yarn:2:16384:long", 32768) == RopeScaling(2.0, 16384, only_long=True)
+
+
+def test_bench_json(capsys, tiny_gguf) -> None:
+    code, out, err = run_cli(capsys, "bench", "--json", "--model", str(tiny_gguf), "--prompt-tokens", "16", "--gen-tokens", "8")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["prompt_tokens"] == 16 and result["gen_tokens"] == 8  # generation ignores end-of-turn tokens
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0 and result["peak_rss_mb"] > 0
+    assert 0 < result["load_s"] <= result["start_to_first_token_s"]
+    assert (result["quant"], result["dtype"]) == ("int8", "bfloat16")
+
+
+def test_perplexity_command(capsys, tiny_gguf, tmp_path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20, encoding="utf-8")
+    code, out, err = run_cli(capsys, "perplexity", str(text), "--model", str(tiny_gguf), "--context", "32", "--json",
+                             "--dtype", "float32")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["perplexity"] > 1 and result["chunks"] == result["tokens"] // 32
+    assert result["tokens_scored"] == result["chunks"] * 15
+    code, _, err = run_cli(capsys, "perplexity", str(tmp_path / "missing.txt"), "--model", str(tiny_gguf))
+    assert_one_line_error(code, err, "cannot read")
