@@ -123,23 +123,27 @@ def _sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The load() options of every command that loads weights; applies --threads on the way."""
     import torch  # imported only by commands that need it
-
-    from .llm import load
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load(args.model, dtype=args.dtype, device=args.device, quant=args.quant, rope_scaling=args.rope_scaling,
-                progress=sys.stderr.isatty())
+    return {"dtype": args.dtype, "device": args.device, "quant": args.quant, "rope_scaling": args.rope_scaling,
+            "progress": sys.stderr.isatty()}
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .llm import load
+
+    return load(args.model, **_load_options(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     sampling = _sampling_overrides(args)
     model = _load(args)
-    ids = model.tokenizer.encode(args.prompt)
-    result = GenerationResult(text="", token_ids=[], finish_reason="length", prompt_tokens=len(ids))
-    for delta in model.stream_deltas(ids, result, **sampling):
+    result = GenerationResult()
+    for delta in model.stream_deltas(args.prompt, result, **sampling):
         if not args.json and delta.text:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
@@ -265,13 +269,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     from .bench import run_bench
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = run_bench(
-        args.model, args.prompt_tokens, args.gen_tokens, started=STARTED,
-        dtype=args.dtype, device=args.device, quant=args.quant, rope_scaling=args.rope_scaling,
-        progress=sys.stderr.isatty(),
-    )
+    result = run_bench(args.model, args.prompt_tokens, args.gen_tokens, started=STARTED, **_load_options(args))
     if args.json:
         print(json.dumps(result.as_dict()))
         return

@@ -43,7 +43,7 @@ def pick_device(device: str | torch.device | None) -> torch.device:
     return chosen
 
 
-def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def pick_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         # bfloat16 halves memory traffic; float32 stays available as the exact reference path.
         return torch.bfloat16
@@ -111,11 +111,11 @@ class Model:
         return self.chat_template.prompt_ids(messages, self.tokenizer, tools)
 
     def stream_deltas(self, prompt: str | list[int], result: GenerationResult | None = None, **sampling: Any) -> Iterator[Delta]:
-        """Token-by-token deltas; pass a `GenerationResult` to collect ids, finish reason and timings."""
+        """Token-by-token deltas; pass a `GenerationResult` to collect ids, counts, finish reason and timings."""
         params = self.defaults.updated(**sampling)
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if result is None:
-            result = GenerationResult(text="", token_ids=[], finish_reason="length", prompt_tokens=len(ids))
+        result = GenerationResult() if result is None else result
+        result.prompt_tokens = len(ids)
         return self._generator.stream(ids, params, result)
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
@@ -124,9 +124,8 @@ class Model:
 
     def generate(self, prompt: str | list[int], **sampling: Any) -> GenerationResult:
         """Complete a raw prompt (no chat template)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        result = GenerationResult(text="", token_ids=[], finish_reason="length", prompt_tokens=len(ids))
-        for _ in self.stream_deltas(ids, result, **sampling):
+        result = GenerationResult()
+        for _ in self.stream_deltas(prompt, result, **sampling):
             pass
         return result
 
@@ -152,14 +151,14 @@ def load(
     """
     started = time.perf_counter()
     chosen_device = pick_device(device)
-    chosen_dtype = pick_dtype(dtype, chosen_device)
+    chosen_dtype = pick_dtype(dtype)
     chosen_quant = pick_quant(quant, chosen_dtype, chosen_device)
     checkpoint = open_checkpoint(model, progress=progress, rope_scaling=rope_scaling)
     tokenizer = checkpoint.tokenizer()
     with torch.device("meta"):
         decoder = QwenDecoder(checkpoint.config)
-    cache = None
-    if chosen_quant != "none" and chosen_device.type == "cpu":
+    cache = None  # converted weights are cached for the CPU formats (pick_quant allows them there only)
+    if chosen_quant != "none":
         cache = converted_path(checkpoint.path, checkpoint.fingerprint(), chosen_dtype, chosen_quant, CONVERTER_ID)
     cached = load_converted(cache) if cache else None
     if cached:

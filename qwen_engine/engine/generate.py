@@ -40,10 +40,10 @@ class Delta:
 
 @dataclass(slots=True)
 class GenerationResult:
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (stop token or string) or "length"
-    prompt_tokens: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"  # "stop" (stop token or string) or "length"
+    prompt_tokens: int = 0
     timings: Timings = field(default_factory=Timings)
 
     @property

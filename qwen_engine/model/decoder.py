@@ -63,39 +63,34 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
-        if self.window is not None:
-            k, v, mask, causal = self._windowed(k, v, start, length)
-        else:
-            mask = None
-            causal = length > 1
-            if causal and k.shape[2] != length:
-                # A chunk after earlier tokens: query i (at start+i) sees keys 0…start+i.
-                key_pos = torch.arange(k.shape[2], device=x.device)
-                query_pos = torch.arange(start, start + length, device=x.device)
-                mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        k, v, mask, causal = self._visible(k, v, start, length)
         # GQA: kv head j serves query heads j·g … j·g+g−1 (qwen-family.md §3.2), which is SDPA's enable_gqa layout.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
-    def _windowed(
+    def _visible(
         self, k: torch.Tensor, v: torch.Tensor, start: int, length: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
-        """Keys, values, mask and causal flag for sliding-window attention: the query at position i sees the keys at
-        positions j with i − w < j ≤ i. Keys no query of this call can see are sliced off first, so a decode step
-        needs no mask at all."""
-        window, end = self.window, start + length
+        """Keys, values, mask and causal flag for queries at positions start…start+length−1: the query at position i
+        sees the keys at positions j ≤ i, and with a sliding window only those with i − w < j. Keys no query of this
+        call can see are sliced off first, so a decode step needs no mask at all; a prefill that starts at 0 and
+        stays within the window is plain causal attention."""
+        end = start + length
         offset = end - k.shape[2]  # position of the first key held (0 with a cache, `start` without)
-        first = max(start - window + 1, offset)
+        first = offset if self.window is None else max(start - self.window + 1, offset)
         if first > offset:
             k, v = k[:, :, first - offset :], v[:, :, first - offset :]
         if length == 1:
             return k, v, None, False
-        if k.shape[2] == length and length <= window:
-            return k, v, None, True  # nothing falls out of the window: plain causal attention
+        if k.shape[2] == length and (self.window is None or length <= self.window):
+            return k, v, None, True
         key_pos = torch.arange(first, end, device=k.device)
         query_pos = torch.arange(start, end, device=k.device)
         distance = query_pos[:, None] - key_pos[None, :]
-        return k, v, (distance >= 0) & (distance < window), False
+        mask = distance >= 0
+        if self.window is not None:
+            mask &= distance < self.window
+        return k, v, mask, False
 
 
 class MLP(nn.Module):

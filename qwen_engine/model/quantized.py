@@ -9,6 +9,7 @@ and runs a regular matmul instead.
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -23,9 +24,33 @@ PACKED_MAX_ROWS = 8
 # Identifies this converter: caches of converted weights are keyed by it.
 CONVERTER_ID = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 INT4_GROUP = 32
+_ROWS_PER_STEP = 4096  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
 
 
-class Int8Linear(nn.Module):
+class _QuantizedLinear(nn.Module, ABC):
+    """What the formats share: bfloat16 activations, a packed kernel for a few rows, a dense matmul for more."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    @abstractmethod
+    def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """Few rows (decoding): PyTorch's packed low-bit kernel."""
+
+    @abstractmethod
+    def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        """Many rows (prefill): a bfloat16 matmul on the dequantized weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = self._packed_matmul(rows) if rows.shape[0] <= PACKED_MAX_ROWS else self._dense_matmul(rows)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Linear(_QuantizedLinear):
     """Per-output-channel symmetric int8: w ≈ q · scale[row]."""
 
     BUFFERS = ("qweight", "scale", "bias")
@@ -47,18 +72,15 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return self.qweight.to(torch.bfloat16) * self.scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= PACKED_MAX_ROWS:
-            out = torch._weight_int8pack_mm(rows, self.qweight, self.scale)
-        else:  # x·(q·s)ᵀ = (x·qᵀ)·s: scaling the output spares a pass over the weight matrix
-            out = F.linear(rows, self.qweight.to(torch.bfloat16)) * self.scale
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.qweight, self.scale)
+
+    def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        # x·(q·s)ᵀ = (x·qᵀ)·s: scaling the output spares a pass over the weight matrix
+        return F.linear(rows, self.qweight.to(torch.bfloat16)) * self.scale
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantizedLinear):
     """Asymmetric int4 in groups of 32 along the input: w ≈ (q − 8) · scale[g] + zero[g], q ∈ 0…15."""
 
     BUFFERS = ("packed", "scales_zeros", "nibbles", "bias")
@@ -93,18 +115,11 @@ class Int4Linear(nn.Module):
         w = (q.to(torch.bfloat16) - 8) * scale[..., None] + zero[..., None]
         return w.view(self.out_features, self.in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= PACKED_MAX_ROWS:
-            out = torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_zeros)
-        else:
-            out = F.linear(rows, self.dequantized())
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+    def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_zeros)
 
-
-_ROWS_PER_STEP = 4096  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
+    def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        return F.linear(rows, self.dequantized())
 
 
 def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
