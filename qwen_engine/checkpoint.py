@@ -21,7 +21,8 @@ from .default_model import default_model_path
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .tokenizer import Tokenizer
-from .weights.gguf import GGUFCheckpoint, hf_name, open_gguf
+from .weights.gguf import GGUFCheckpoint, StoredRows, TensorEntry, hf_name, open_gguf
+from .weights.quants import BlockCodes, block_codes
 from .weights.safetensors import load_safetensors, read_json, shard_files, stored_dtypes
 from .weights.v1 import split_fused_qkv, v1_name
 
@@ -67,6 +68,14 @@ class Checkpoint(ABC):
     @abstractmethod
     def stored_types(self) -> dict[str, str]:
         """Checkpoint tensor name (HF layout) → how it is stored: a GGUF type ("Q5_0") or a dtype ("BF16")."""
+
+    def stored_blocks(self, name: str) -> BlockCodes | None:
+        """The tensor's Q8_0/Q5_0 blocks as stored (HF name), for formats that keep them bit for bit; else None."""
+        return None
+
+    def stored_rows(self, name: str) -> StoredRows | None:
+        """A matrix whose rows can be read from the file on demand (HF name); None where the format has no reader."""
+        return None
 
     def tensor_types(self) -> dict[str, int]:
         return dict(Counter(self.stored_types().values()))
@@ -116,6 +125,19 @@ class GGUFSource(Checkpoint):
 
     def stored_types(self) -> dict[str, str]:
         return {hf_name(entry.name): entry.qtype.name for entry in self.gguf.entries}
+
+    def _entry(self, name: str) -> TensorEntry | None:
+        return next((entry for entry in self.gguf.entries if hf_name(entry.name) == name), None)
+
+    def stored_blocks(self, name: str) -> BlockCodes | None:
+        entry = self._entry(name)
+        if entry is None:
+            return None
+        return block_codes(self.gguf.data[entry.offset : entry.offset + entry.nbytes], entry.qtype, entry.shape)
+
+    def stored_rows(self, name: str) -> StoredRows | None:
+        entry = self._entry(name)
+        return None if entry is None or len(entry.shape) != 2 else StoredRows(self.path, entry)
 
     def files(self) -> list[Path]:
         return [self.path]

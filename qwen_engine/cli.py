@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TextIO
 from .engine.generate import GenerationResult
 from .engine.sampling import SamplingParams
 from .errors import QwenError
+from .model.quantized import QUANT_CHOICES
 
 STARTED = time.perf_counter()  # for "start to first token" in `qwen bench`
 EXIT_ERROR = 1
@@ -43,8 +44,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="compute dtype (default: bfloat16)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    parser.add_argument("--quant", choices=("none", "int8", "int4", "auto"),
-                        help="weight format of the projections (default: int8 on CPU, none with --dtype float32 or on GPU)")
+    parser.add_argument("--quant", choices=QUANT_CHOICES,
+                        help="weight format (default: auto on CPU — GGUF's Q5_0/Q8_0 blocks as stored, 8-bit blocks "
+                             "elsewhere; none with --dtype float32 or on GPU)")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
     _add_rope_scaling(parser)
 

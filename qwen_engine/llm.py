@@ -17,7 +17,16 @@ from .engine.generate import Delta, GenerationResult, Generator
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .model.decoder import QwenDecoder
-from .model.quantized import CONVERTER_ID, QUANT_CHOICES, place_quantized, quant_plan, quantize_linears
+from .model.fused import FusedDecodeStep
+from .kernels import block_kernels
+from .model.quantized import (
+    CONVERTER_ID,
+    QUANT_CHOICES,
+    StoredEmbedding,
+    place_quantized,
+    quant_plan,
+    quantize_modules,
+)
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
 
@@ -26,7 +35,7 @@ from .weights.converted import converted_path, load_converted, save_converted
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 # Chosen by measurement (benchmarks/RESULTS.md): the fastest format whose perplexity stays within 1% of float32.
-DEFAULT_CPU_QUANT = "int8"
+DEFAULT_CPU_QUANT = "auto"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,11 +102,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.decoder.model.embed_tokens.weight.device
+        return self.decoder.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.decoder.model.embed_tokens.weight.dtype
+        return self.decoder.dtype
 
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Float32 logits [len(ids), V] from one full forward pass without a cache."""
@@ -145,8 +154,9 @@ def load(
 ) -> Model:
     """Load `model`: "default", a GGUF file, or an HF checkpoint directory.
 
-    `quant` picks the runtime weight format of the projections: "none" (the dtype itself), "int8", "int4" or
-    "auto" (int4 where the checkpoint stores 4 bits, int8 elsewhere); the CPU default is measured in benchmarks/.
+    `quant` picks the runtime weight format: "none" (the dtype itself), "int8", "int4", "q8_0" or "auto" (GGUF's
+    Q5_0/Q8_0 blocks kept as stored, 8-bit blocks elsewhere; see `quant_plan`); the CPU default is measured in
+    benchmarks/.
     `rope_scaling` ("yarn:4", …) extends the context of a qwen2-family checkpoint whose config lacks it.
     """
     started = time.perf_counter()
@@ -159,20 +169,32 @@ def load(
         decoder = QwenDecoder(checkpoint.config)
     cache = None  # converted weights are cached for the CPU formats (pick_quant allows them there only)
     if chosen_quant != "none":
-        cache = converted_path(checkpoint.path, checkpoint.fingerprint(), chosen_dtype, chosen_quant, CONVERTER_ID)
+        # "auto" resolves differently where the block kernel cannot run, so that is part of the key.
+        fmt = chosen_quant if block_kernels() else f"{chosen_quant}-no-kernel"
+        cache = converted_path(checkpoint.path, checkpoint.fingerprint(), chosen_dtype, fmt, CONVERTER_ID)
+    # An untied embedding table can stay in the file (CPU formats): lookups read their rows from it.
+    rows = None
+    if chosen_quant != "none" and not checkpoint.config.tie_word_embeddings:
+        rows = checkpoint.stored_rows("model.embed_tokens.weight")
     cached = load_converted(cache) if cache else None
     if cached:
         state, plan = cached
         place_quantized(decoder, plan, state)
+        if rows is not None:
+            decoder.model.embed_tokens = StoredEmbedding(rows, chosen_dtype)
         decoder.adopt_state(state)
     else:
         bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
         decoder.load_weights(checkpoint.tensors(chosen_dtype, chosen_device, bar), source=str(checkpoint.path))
         plan = quant_plan(decoder, chosen_quant, checkpoint.stored_types())
-        quantize_linears(decoder, plan)
+        if rows is not None:
+            plan.pop("model.embed_tokens", None)
+            decoder.model.embed_tokens = StoredEmbedding(rows, chosen_dtype)
+        quantize_modules(decoder, plan, checkpoint.stored_blocks)
         if cache:
             save_converted(cache, decoder.state_dict(), plan)
     decoder.eval()
+    decoder.fused_decode = FusedDecodeStep.build(decoder)
     return Model(
         decoder,
         tokenizer,

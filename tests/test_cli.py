@@ -207,7 +207,7 @@ def test_bench_json(capsys, tiny_gguf) -> None:
     assert result["prompt_tokens"] == 16 and result["gen_tokens"] == 8  # generation ignores end-of-turn tokens
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0 and result["peak_rss_mb"] > 0
     assert 0 < result["load_s"] <= result["start_to_first_token_s"]
-    assert (result["quant"], result["dtype"]) == ("int8", "bfloat16")
+    assert (result["quant"], result["dtype"]) == ("auto", "bfloat16")
 
 
 def test_perplexity_command(capsys, tiny_gguf, tmp_path) -> None:

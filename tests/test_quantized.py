@@ -59,19 +59,6 @@ def test_int4_is_exact_on_4_bit_grids() -> None:
     assert relative_error(layer.dequantized(), weight) <= 2**-6  # bfloat16 scales and zeros
 
 
-def test_auto_plan_follows_the_stored_types(default_checkpoint, engine_model) -> None:
-    plan = quant_plan(engine_model.decoder, "auto", default_checkpoint.stored_types())
-    types = default_checkpoint.stored_types()
-    assert plan["lm_head"] == "int8"  # Q8_0
-    for layer in range(engine_model.config.num_layers):
-        prefix = f"model.layers.{layer}.mlp."
-        down = types[f"{prefix}down_proj.weight"]
-        assert plan[f"{prefix}down_proj"] == ("int4" if down == "Q4_K" else "int8")
-    assert set(plan.values()) <= {"int4", "int8"} and "int4" in plan.values()
-    assert quant_plan(engine_model.decoder, "none", types) == {}
-    assert set(quant_plan(engine_model.decoder, "int4", types).values()) == {"int4"}
-
-
 @pytest.fixture(scope="module")
 def tiny_int8(tiny_gguf):
     return qwen_engine.load(tiny_gguf, quant="int8")

@@ -70,7 +70,8 @@ def write_gguf(
     raw_tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]] | None = None,
     arch: str = "qwen2",
 ) -> Path:
-    """A GGUF from HF-named (qwen2 layout) float tensors, stored F32, plus optional raw (already quantized) tensors.
+    """A GGUF from HF-named (qwen2 layout) float tensors, stored F32, plus optional raw (already quantized) tensors
+    under GGUF names, which replace the float tensor of the same name.
 
     arch "qwen" writes a v1 file (qwen-family.md §9.1): fused attn_qkv and the doubled feed_forward_length.
     """
@@ -105,7 +106,8 @@ def write_gguf(
     if tokenizer.get("chat_template"):
         writer.add_chat_template(tokenizer["chat_template"])
     for name, tensor in state.items():
-        writer.add_tensor(hf_to_gguf[name], tensor.detach().to(torch.float32).numpy())
+        if hf_to_gguf[name] not in (raw_tensors or {}):
+            writer.add_tensor(hf_to_gguf[name], tensor.detach().to(torch.float32).numpy())
     for name, (data, qtype) in (raw_tensors or {}).items():
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()

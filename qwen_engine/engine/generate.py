@@ -91,8 +91,7 @@ class Generator:
 
     def _cache_for(self, length: int) -> StaticKVCache:
         if self.cache is None or self.cache.max_len < length:
-            weight = self.model.model.embed_tokens.weight
-            self.cache = StaticKVCache(self.model.config, length, weight.dtype, weight.device)
+            self.cache = StaticKVCache(self.model.config, length, self.model.dtype, self.model.device)
         return self.cache
 
     def stream(self, prompt_ids: list[int], params: SamplingParams, result: GenerationResult) -> Iterator[Delta]:
@@ -107,7 +106,7 @@ class Generator:
         if max(prompt_ids) >= self.model.config.vocab_size or min(prompt_ids) < 0:
             raise QwenError(f"prompt token ids must lie in [0, {self.model.config.vocab_size})")
         budget = min(params.max_tokens, context - len(prompt_ids))
-        device = self.model.model.embed_tokens.weight.device
+        device = self.model.device
         cache = self._cache_for(len(prompt_ids) + budget)
         sampler = Sampler(params, prompt_ids, self.model.config.vocab_size, device)
         detokenizer = IncrementalDecoder(self.tokenizer)

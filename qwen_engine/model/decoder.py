@@ -8,6 +8,7 @@ launch instead of three. Every projection is a plain `nn.Linear`, so quantizatio
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -140,10 +141,21 @@ class QwenDecoder(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        # Optional native path for one-token steps (model/fused.py): hidden after all layers, or None to decline.
+        self.fused_decode: Callable[[torch.Tensor, RotaryTables, KVStore, int], torch.Tensor | None] | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (the norms keep it whatever format the projections and the embedding are stored in)."""
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, H]; image/audio features are written into this before `forward(inputs_embeds=…)`."""
-        return self.model.embed_tokens(token_ids)
+        return self.model.embed_tokens(token_ids).to(self.dtype)
 
     def forward(
         self,
@@ -163,8 +175,14 @@ class QwenDecoder(nn.Module):
                 "shorten the prompt or lower max_tokens"
             )
         rope = self.rotary(start, length, hidden.dtype)
-        for layer in self.model.layers:
-            hidden = layer(hidden, rope, cache, start)
+        fused = None
+        if self.fused_decode is not None and length == 1 and cache is not None:
+            fused = self.fused_decode(hidden, rope, cache, start)
+        if fused is not None:
+            hidden = fused
+        else:
+            for layer in self.model.layers:
+                hidden = layer(hidden, rope, cache, start)
         if last_only:
             hidden = hidden[:, -1:]
         return self.lm_head(self.model.norm(hidden))
@@ -215,7 +233,7 @@ class QwenDecoder(nn.Module):
         if isinstance(self.lm_head, nn.Linear) and self.lm_head.weight.is_meta:  # tied checkpoints store no head
             self.lm_head.weight = self.model.embed_tokens.weight
         # Built on the meta device, the rotary table is made again where the weights now live.
-        self.rotary = RotaryEmbedding(self.config).to(self.model.embed_tokens.weight.device)
+        self.rotary = RotaryEmbedding(self.config).to(self.device)
 
 
 # Checkpoint projections the decoder stores concatenated, in order (see the module docstring).

@@ -1,28 +1,36 @@
-"""Weight-only quantized linear layers that replace `nn.Linear` in a loaded decoder (gpt-fast style).
+"""Weight-only quantized layers that replace `nn.Linear` and `nn.Embedding` in a loaded decoder (gpt-fast style).
 
-Decoding one token streams every weight once, so fewer bytes per weight means more tokens per second; the
-packed kernels PyTorch ships (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) read 8- and 4-bit weights
-directly. Those kernels are slow for many rows at once, so prefill dequantizes each layer to bfloat16 on the fly
-and runs a regular matmul instead.
+Decoding one token streams every weight once, so fewer bytes per weight means more tokens per second. Two families:
+- block formats (`q8_0`, `q5_0`): GGUF's own Q8_0/Q5_0 blocks, kept bit for bit from a GGUF checkpoint, read by
+  the engine's AVX-512 VNNI kernel (qwen_engine/kernels);
+- `int8` per channel and `int4` in groups, read by the packed kernels PyTorch ships (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`).
+Packed kernels are slow for many rows at once, so prefill dequantizes each layer to bfloat16 on the fly and runs a
+regular matmul instead.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import MAX_ROWS, block_kernels
+from ..weights.quants import BlockCodes
 from .decoder import PACKED
 
 # Rows of activations above which dequantize-then-matmul beats the packed kernels (measured on a 2-core AVX-512
 # machine for the 0.5B model's shapes: the packed kernels are ~10x slower than bf16 matmul at 660 rows).
-PACKED_MAX_ROWS = 8
-# Identifies this converter: caches of converted weights are keyed by it.
-CONVERTER_ID = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+PACKED_MAX_ROWS = MAX_ROWS
+# Identifies the converter (this module and the GGUF block reader): caches of converted weights are keyed by it.
+CONVERTER_ID = hashlib.sha256(
+    Path(__file__).read_bytes() + (Path(__file__).parents[1] / "weights" / "quants.py").read_bytes()
+).hexdigest()[:16]
 INT4_GROUP = 32
 _ROWS_PER_STEP = 4096  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
 
@@ -135,21 +143,181 @@ def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return q.view(rows, columns), scale, low + 8.0 * scale
 
 
-FORMATS: dict[str, type[Int8Linear] | type[Int4Linear]] = {"int8": Int8Linear, "int4": Int4Linear}
+def pack_blocks(blocks: BlockCodes) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes in the kernel's layout (kernels/block_quant.c): 8-bit as they are; 5-bit as nibbles plus a 64-bit mask
+    of fifth bits for every 64 weights."""
+    if blocks.bits == 8:
+        return blocks.codes.contiguous(), None
+    rows, columns = blocks.codes.shape
+    chunks = blocks.codes.view(rows, columns // 64, 64)
+    low = chunks & 15
+    nibbles = (low[..., :32] | (low[..., 32:] << 4)).reshape(rows, columns // 2)
+    fifth = ((chunks >> 4) & 1).view(rows, columns // 64, 8, 8) << torch.arange(8, dtype=torch.uint8)
+    return nibbles, fifth.sum(-1, dtype=torch.uint8).reshape(rows, columns // 8)
 
 
-def quantize_linears(model: nn.Module, plan: dict[str, str]) -> None:
-    """Replace the `nn.Linear` modules named in `plan` by the format it names."""
+def unpack_blocks(codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> BlockCodes:
+    """The inverse of `pack_blocks`."""
+    if high_bits is None:
+        return BlockCodes(codes, scales, 8)
+    rows, columns = codes.shape[0], codes.shape[1] * 2
+    nibbles = codes.view(rows, columns // 64, 32)
+    low = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)
+    fifth = (high_bits.view(rows, columns // 64, 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return BlockCodes((low | (fifth.view(rows, columns // 64, 64) << 4)).view(rows, columns), scales, 5)
+
+
+def quantize_blocks(weight: torch.Tensor, bits: int = 8) -> BlockCodes:
+    """Blocks of any float matrix exactly as llama.cpp's reference quantizer makes Q8_0 (d = max|w| / 127, q = w / d
+    rounded half away from zero) or Q5_0 (d = −m / 16 for the weight m of largest magnitude, q = trunc(w / d + 16.5))."""
+    rows, columns = weight.shape
+    codes = torch.empty(rows, columns, dtype=torch.uint8)
+    scales = torch.empty(rows, columns // 32, dtype=torch.float16)
+    for start in range(0, rows, _ROWS_PER_STEP):
+        groups = weight[start : start + _ROWS_PER_STEP].to(torch.float32).view(-1, columns // 32, 32)
+        if bits == 8:
+            d = groups.abs().amax(-1) / 127
+        else:
+            d = groups.gather(-1, groups.abs().argmax(-1, keepdim=True))[..., 0] / -16
+        scaled = groups * torch.where(d == 0, 0.0, 1 / d)[..., None]
+        if bits == 8:
+            magnitude = scaled.abs()
+            q = torch.sign(scaled) * (magnitude.floor() + (2 * (magnitude - magnitude.floor())).floor()) + BlockCodes.OFFSETS[8]
+        else:
+            q = torch.trunc(scaled + 16.5).clamp(0, 31)
+        codes[start : start + _ROWS_PER_STEP], scales[start : start + _ROWS_PER_STEP] = q.view(-1, columns), d
+    return BlockCodes(codes, scales, bits)
+
+
+def _block_dequantize(codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    kernels = block_kernels()
+    if kernels is not None:
+        return kernels.dequantize(codes, high_bits, scales, out)
+    return unpack_blocks(codes, high_bits, scales).dequantized().to(torch.bfloat16)
+
+
+class _Workspace:
+    """One bfloat16 buffer that prefill dequantizes every layer's weights into, in turn: each is dead once its
+    matmul returns, and reusing the memory spares the page faults of a fresh ~17 MB allocation per layer."""
+
+    buffer = torch.empty(0, dtype=torch.bfloat16)
+
+    @classmethod
+    def get(cls, numel: int) -> torch.Tensor:
+        if cls.buffer.numel() < numel:
+            cls.buffer = torch.empty(numel, dtype=torch.bfloat16)
+        return cls.buffer
+
+
+class BlockLinear(_QuantizedLinear):
+    """GGUF-style blocks of 32 weights with an fp16 scale: 8 bits (Q8_0) or 5 bits (Q5_0), in the kernel's layout."""
+
+    BUFFERS = ("codes", "high_bits", "scales", "bias")
+
+    def __init__(self, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.out_features, self.in_features = scales.shape[0], scales.shape[1] * 32
+        self.register_buffer("codes", codes)
+        self.register_buffer("high_bits", high_bits)  # 5-bit layout only
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_blocks(cls, blocks: BlockCodes, bias: torch.Tensor | None) -> BlockLinear:
+        return cls(*pack_blocks(blocks), blocks.scales.contiguous(), None if bias is None else bias.to(torch.bfloat16))
+
+    def dequantized(self) -> torch.Tensor:
+        return _block_dequantize(self.codes, self.high_bits, self.scales)
+
+    def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        kernels = block_kernels()
+        if kernels is None or self.in_features % 64:
+            return self._dense_matmul(rows)
+        return kernels.matmul(rows.contiguous(), self.codes, self.high_bits, self.scales)
+
+    def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+        workspace = _Workspace.get(self.out_features * self.in_features)
+        return F.linear(rows, _block_dequantize(self.codes, self.high_bits, self.scales, workspace))
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table in blocks: a lookup dequantizes only the rows it reads, and a memory-mapped table
+    (the converted-weights cache) keeps the rest of it on disk."""
+
+    BUFFERS = ("codes", "high_bits", "scales")
+
+    def __init__(self, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("high_bits", high_bits)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_blocks(cls, blocks: BlockCodes, bias: None = None) -> BlockEmbedding:
+        return cls(*pack_blocks(blocks), blocks.scales.contiguous())
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        flat = token_ids.reshape(-1)
+        high_bits = None if self.high_bits is None else self.high_bits[flat]
+        rows = _block_dequantize(self.codes[flat], high_bits, self.scales[flat])
+        return rows.view(*token_ids.shape, -1)
+
+
+class StoredEmbedding(nn.Module):
+    """An embedding table left in the checkpoint file: a lookup reads and dequantizes the rows it needs (as
+    llama.cpp's memory-mapped get_rows does), so an untied table costs no resident memory."""
+
+    def __init__(self, rows: Callable[[list[int]], torch.Tensor], dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rows = rows
+        self.dtype = dtype
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(token_ids.reshape(-1).tolist()).to(self.dtype)
+        return rows.view(*token_ids.shape, -1)
+
+
+FORMATS: dict[str, type[_QuantizedLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "q8_0": BlockLinear, "q5_0": BlockLinear}
+BLOCK_FORMATS = {"q8_0": 8, "q5_0": 5}
+
+
+StoredBlocks = Callable[[str], BlockCodes | None]
+
+
+def quantize_modules(model: nn.Module, plan: dict[str, str], stored_blocks: StoredBlocks = lambda name: None) -> None:
+    """Replace the modules named in `plan` by the format it names. Block formats take the checkpoint's own blocks
+    where `stored_blocks` has them (bit for bit) and quantize the float weights otherwise; a tied head shares the
+    embedding's blocks."""
+    shared: dict[int, tuple[torch.Tensor, BlockCodes]] = {}
     for name, fmt in plan.items():
-        linear = model.get_submodule(name)
-        quantized = FORMATS[fmt].quantize(linear.weight.data, None if linear.bias is None else linear.bias.data)
-        _replace(model, name, quantized)
+        module = model.get_submodule(name)
+        weight, bias = module.weight.data, getattr(module, "bias", None)
+        bias = None if bias is None else bias.data
+        if fmt not in BLOCK_FORMATS:
+            _replace(model, name, FORMATS[fmt].quantize(weight, bias))
+            continue
+        if id(weight) in shared and shared[id(weight)][0] is weight:
+            blocks = shared[id(weight)][1]
+        else:
+            blocks = _blocks_of(name, weight, BLOCK_FORMATS[fmt], stored_blocks)
+            shared[id(weight)] = weight, blocks
+        module_class = BlockEmbedding if isinstance(module, nn.Embedding) else BlockLinear
+        _replace(model, name, module_class.from_blocks(blocks, bias))
+
+
+def _blocks_of(name: str, weight: torch.Tensor, bits: int, stored_blocks: StoredBlocks) -> BlockCodes:
+    parts = [stored_blocks(part) for part in _stored_as(name)]
+    if all(part is not None for part in parts) and (bits == 8 or all(part.bits == 5 for part in parts)):
+        parts = [part if bits == 5 else part.widened() for part in parts]
+        return BlockCodes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), bits)
+    return quantize_blocks(weight, bits)
 
 
 def place_quantized(model: nn.Module, plan: dict[str, str], state: dict[str, torch.Tensor]) -> None:
     """Put quantized modules built from saved buffers (a converted-weights cache) where `plan` says."""
     for name, fmt in plan.items():
-        cls = FORMATS[fmt]
+        cls = BlockEmbedding if isinstance(model.get_submodule(name), nn.Embedding) else FORMATS[fmt]
         _replace(model, name, cls(*(state.get(f"{name}.{buffer}") for buffer in cls.BUFFERS)))
 
 
@@ -158,12 +326,12 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-QUANT_CHOICES = ("none", "int8", "int4", "auto")
+QUANT_CHOICES = ("none", "int8", "int4", "q8_0", "auto")
 FOUR_BIT_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 
 
 def _stored_as(name: str) -> list[str]:
-    """Checkpoint weight names behind a decoder projection (packed ones have several)."""
+    """Checkpoint weight names behind a decoder module (packed projections have several)."""
     for packed, parts in PACKED.items():
         if name.endswith("." + packed):
             layer = name[: -len(packed)]
@@ -172,16 +340,35 @@ def _stored_as(name: str) -> list[str]:
 
 
 def quant_plan(model: nn.Module, quant: str, source_types: dict[str, str]) -> dict[str, str]:
-    """The format of every projection: one format for all, or with "auto" int4 where the checkpoint already stores
-    4 bits (requantizing those loses almost nothing) and int8 elsewhere.
+    """The format of every projection (and, for block formats, of the embedding table).
+
+    - "int8", "int4": that format for every projection;
+    - "q8_0": 8-bit blocks everywhere (int8 where a row's length is not a multiple of 64, which the kernel needs);
+    - "auto": with the block kernel, 5-bit blocks where the checkpoint stores Q5_0 (kept bit for bit) and 8-bit
+      blocks elsewhere (Q8_0 bit for bit, other types requantized); without it, int4 where the checkpoint already
+      stores 4 bits (requantizing those loses almost nothing) and int8 elsewhere.
 
     `source_types` maps checkpoint tensor names (`model.layers.0.self_attn.q_proj.weight`) to their stored type
     (GGUF types such as "Q5_0", or dtypes such as "BF16"); a tied head is stored as the embedding.
     """
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     if quant == "none":
         return {}
-    if quant in FORMATS:
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if quant in ("int8", "int4"):
         return dict.fromkeys(linears, quant)
     types = {"lm_head.weight": source_types.get("model.embed_tokens.weight", "")} | source_types
-    return {name: "int4" if all(types.get(n) in FOUR_BIT_SOURCES for n in _stored_as(name)) else "int8" for name in linears}
+
+    def stored_in(name: str, kinds: frozenset[str]) -> bool:
+        return all(types.get(part) in kinds for part in _stored_as(name))
+
+    if quant == "auto" and block_kernels() is None:
+        return {name: "int4" if stored_in(name, FOUR_BIT_SOURCES) else "int8" for name in linears}
+    plan = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            columns = module.weight.shape[1]
+            if columns % 64:
+                plan[name] = "int8" if isinstance(module, nn.Linear) else None
+            else:
+                plan[name] = "q5_0" if quant == "auto" and stored_in(name, frozenset({"Q5_0"})) else "q8_0"
+    return {name: fmt for name, fmt in plan.items() if fmt is not None}

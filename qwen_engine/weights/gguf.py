@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -116,6 +117,28 @@ class GGUFCheckpoint:
             weights = dequantize(raw, entry.qtype, entry.shape, name=entry.name)
             loaded[hf_name(entry.name)] = weights.to(device=device, dtype=dtype)
         return loaded
+
+
+@dataclass(slots=True, frozen=True)
+class StoredRows:
+    """Rows of one GGUF matrix read from the file when asked for (os.pread), so a lookup table such as the token
+    embedding costs no resident memory: only the page cache, shared and reclaimable, holds it."""
+
+    path: Path
+    entry: TensorEntry
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    def __call__(self, ids: list[int]) -> torch.Tensor:
+        """float32 [len(ids), columns]."""
+        columns = self.entry.shape[-1]
+        block_size, type_size = GGML_QUANT_SIZES[self.entry.qtype]
+        row_bytes = columns // block_size * type_size
+        with open(self.path, "rb") as file:
+            raw = b"".join(os.pread(file.fileno(), row_bytes, self.entry.offset + i * row_bytes) for i in ids)
+        return dequantize(np.frombuffer(raw, dtype=np.uint8), self.entry.qtype, (len(ids), columns))
 
 
 def open_gguf(path: Path) -> GGUFCheckpoint:

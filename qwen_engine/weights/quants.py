@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from math import prod
 
 import numpy as np
@@ -181,3 +182,40 @@ def dequantize(data: np.ndarray, qtype: T, shape: Sequence[int], *, name: str = 
     for start in range(0, blocks.shape[0], step):
         out[start : start + step] = decode(blocks[start : start + step])
     return out.view(tuple(shape))
+
+
+@dataclass(slots=True)
+class BlockCodes:
+    """Weights [N, K] as d · (code − offset) in blocks of 32 along each row: the shape GGUF's Q8_0 (8 bits, offset
+    128) and Q5_0 (5 bits, offset 16) share once unpacked (qwen-family.md §9.4). codes: uint8 [N, K]; scales:
+    float16 [N, K/32]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+
+    OFFSETS = {8: 128, 5: 16}
+
+    def widened(self) -> BlockCodes:
+        """The same weights in the 8-bit layout (exact: 5-bit values fit in 8 bits with the same scales)."""
+        if self.bits == 8:
+            return self
+        return BlockCodes(self.codes + (self.OFFSETS[8] - self.OFFSETS[5]), self.scales, 8)
+
+    def dequantized(self) -> torch.Tensor:
+        rows, columns = self.codes.shape
+        q = self.codes.to(torch.float32) - self.OFFSETS[self.bits]
+        return (q.view(rows, -1, 32) * self.scales.to(torch.float32)[..., None]).view(rows, columns)
+
+
+def block_codes(data: np.ndarray, qtype: T, shape: Sequence[int]) -> BlockCodes | None:
+    """A Q8_0 or Q5_0 matrix's blocks, unpacked bit for bit; None for other types."""
+    if qtype not in (T.Q8_0, T.Q5_0) or len(shape) != 2:
+        return None
+    rows, columns = shape
+    blocks = _raw_bytes(data).view(-1, GGML_QUANT_SIZES[qtype][1])
+    scales = blocks[:, :2].contiguous().view(torch.float16).view(rows, columns // 32)
+    if qtype == T.Q8_0:
+        codes = blocks[:, 2:].view(torch.int8).to(torch.int16) + BlockCodes.OFFSETS[8]
+        return BlockCodes(codes.to(torch.uint8).view(rows, columns), scales, 8)
+    return BlockCodes(_legacy_5bit(blocks, 2).view(rows, columns), scales, 5)

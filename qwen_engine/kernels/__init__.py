@@ -1,0 +1,149 @@
+"""Native CPU kernels: C sources compiled once per machine into the cache directory and loaded with ctypes.
+
+A plain C shared library (no Python or PyTorch headers) builds in about a second with the system compiler. It uses
+OpenMP from the same libgomp PyTorch has loaded, so its threads are PyTorch's pool and follow
+`torch.set_num_threads`. Where the CPU lacks the instructions or no compiler is found, `block_kernels()` is None
+and callers use their PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from ..default_model import cache_dir
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "block_quant.c", HERE / "decode_layer.c")
+HEADERS = (HERE / "block_quant.h",)
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+          "-mavx512vl", "-mavx512vnni")
+DISABLE_ENV = "QWEN_ENGINE_NO_KERNELS"  # set to 1 to run the PyTorch paths only (comparisons, debugging)
+MAX_ROWS = 8  # qe_block_matmul's limit; the kernel is for decoding, prefill dequantizes
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+class BlockMatrix(ctypes.Structure):
+    """block_quant.h's BlockMatrix: pointers into a quantized layer's buffers."""
+
+    _fields_ = [("codes", ctypes.c_void_p), ("high_bits", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+                ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64), ("columns", ctypes.c_int64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """decode_layer.c's DecodeLayer: one decoder layer's projections, norm weights and sliding window."""
+
+    _fields_ = [("qkv", BlockMatrix), ("o", BlockMatrix), ("gate_up", BlockMatrix), ("down", BlockMatrix),
+                ("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("window", ctypes.c_int64)]
+
+
+class DecodeShape(ctypes.Structure):
+    _fields_ = [("hidden", ctypes.c_int64), ("heads", ctypes.c_int64), ("kv_heads", ctypes.c_int64),
+                ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float)]
+
+
+class BlockKernels:
+    """ctypes bindings of block_quant.c and decode_layer.c (see their headers for the layouts)."""
+
+    def __init__(self, path: Path) -> None:
+        lib = ctypes.CDLL(str(path))
+        pointer, size = ctypes.c_void_p, ctypes.c_int64
+        lib.qe_block_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
+        lib.qe_block_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
+        lib.qe_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeShape), pointer,
+                                         pointer, pointer, size, size, size, pointer, pointer, pointer, pointer]
+        self._lib = lib
+
+    def matmul(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
+        """x [M ≤ 8, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16."""
+        rows, columns = x.shape
+        out = torch.empty(rows, scales.shape[0], dtype=torch.bfloat16)
+        status = self._lib.qe_block_matmul(
+            x.data_ptr(), rows, columns, codes.data_ptr(), _address(high_bits), scales.data_ptr(), scales.shape[0], out.data_ptr()
+        )
+        if status:
+            raise ValueError(f"block matmul cannot take x of shape {tuple(x.shape)}")
+        return out
+
+    def dequantize(self, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights as bfloat16 [N, K], into `out` (contiguous, that many elements at least) when given."""
+        rows, columns = scales.shape[0], scales.shape[1] * 32
+        if out is None:
+            out = torch.empty(rows, columns, dtype=torch.bfloat16)
+        out = out.view(-1)[: rows * columns].view(rows, columns)
+        if self._lib.qe_block_dequantize(codes.data_ptr(), _address(high_bits), scales.data_ptr(), rows, columns, out.data_ptr()):
+            raise ValueError(f"block dequantize cannot take {columns} columns")
+        return out
+
+
+    def decode_layers(self, layers: ctypes.Array, shape: DecodeShape, hidden: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, position: int, rope: tuple[torch.Tensor, ...]) -> None:
+        """Run one token through every layer: hidden [H] bfloat16 in place; keys/values [L, kv_heads, max_len, d]
+        (the cache, written at `position`); rope: the (cos, sin, q_cos, q_sin) rows of `position`."""
+        status = self._lib.qe_decode_layers(
+            layers, len(layers), ctypes.byref(shape), hidden.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            keys[0].numel(), keys.shape[2], position, *(table.data_ptr() for table in rope),
+        )
+        if status:
+            raise ValueError(f"the fused decode step cannot run at position {position}")
+
+
+def matrix(codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor, bias: torch.Tensor | None) -> BlockMatrix:
+    return BlockMatrix(codes.data_ptr(), _address(high_bits), scales.data_ptr(), _address(bias), scales.shape[0], scales.shape[1] * 32)
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+
+
+def _build(compiler: str) -> Path:
+    """Compile into the cache under a name that changes with the source, flags and compiler; temp file → rename."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+    texts = [path.read_text() for path in SOURCES + HEADERS]
+    key = hashlib.sha256("\n".join([*texts, " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"qwen_kernels-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        try:
+            command = [compiler, *CFLAGS, "-o", str(partial), *map(str, SOURCES), "-lm"]
+            subprocess.run(command, capture_output=True, check=True, timeout=120)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+@functools.cache
+def block_kernels() -> BlockKernels | None:
+    """The compiled block kernels, or None where they cannot run here."""
+    if os.environ.get(DISABLE_ENV) == "1" or not set(CPU_FLAGS) <= cpu_flags():
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        return None
+    try:
+        return BlockKernels(_build(compiler))
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,159 @@
+/* Matrix kernels for weights stored in blocks of 32 along the input, one fp16 scale per block, as GGUF's Q8_0 and
+ * Q5_0 store them (qwen-family.md §9.2), repacked so that one 512-bit step covers 64 weights of a row:
+ *
+ *   8-bit: codes[n][k] = q + 128            (uint8), w = d · (code − 128)
+ *   5-bit: nibbles[n][k/2]: byte j of a 64-weight chunk holds weight j (low nibble) and weight 32 + j (high);
+ *          high_bits[n][k/8]: bit i of a chunk's 64-bit word is the fifth bit of weight i;  w = d · (code − 16)
+ *
+ * Decoding (a few rows of activations) quantizes the activations the way llama.cpp does for these formats (int8
+ * in blocks of 32 with a float scale) and takes integer dot products with AVX-512 VNNI; prefill dequantizes to
+ * bfloat16 for a regular matmul. Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's,
+ * which is PyTorch's own pool (same libgomp), sized by torch.set_num_threads.
+ */
+#include "block_quant.h"
+
+#define PREFETCH_BYTES 4096  /* how far ahead of the rows being read to ask for memory (measured: 2–8 KiB best) */
+
+/* One row of activations quantized for the dot products: int8 values, each 4-value lane's block scale, and
+ * −offset · (sum of the lane's 4 values), which starts each dot product so that codes need no unpacking of the
+ * offset: Σ (code − offset)·x = offset-free VNNI dot + that start value. */
+typedef struct {
+    int8_t *q;
+    float *lane_scale;
+    int32_t *lane_start;
+} Activations;
+
+static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int64_t k = 0; k < K; k += 32) {
+        __m512 lo = load_bf16x16(x + k), hi = load_bf16x16(x + k + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+        float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
+        __m512 scale = _mm512_set1_ps(inv);
+        _mm_storeu_si128((__m128i *)(a.q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale))));
+        _mm_storeu_si128((__m128i *)(a.q + k + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))));
+        _mm256_storeu_ps(a.lane_scale + k / 4, _mm256_set1_ps(d));
+    }
+    for (int64_t k = 0; k < K; k += 64) {
+        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(a.q + k));
+        _mm512_storeu_si512(a.lane_start + k / 4, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-offset)));
+    }
+}
+
+static inline __m512i codes8(const uint8_t *codes, int64_t k) {
+    return _mm512_loadu_si512(codes + k);
+}
+
+static inline __m512i codes5(const uint8_t *nibbles, const uint8_t *high_bits, int64_t k) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f);
+    __m256i packed = _mm256_loadu_si256((const __m256i *)(nibbles + k / 2));
+    __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
+    __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    uint64_t fifth;
+    memcpy(&fifth, high_bits + k / 8, 8);
+    return _mm512_mask_add_epi8(c, (__mmask64)fifth, c, _mm512_set1_epi8(16));
+}
+
+/* Dot products of one weight row with M activation rows. Scales are read 16 blocks (512 weights) at a time and
+ * spread over the lanes of each 64-weight step with a permute: lanes 0–7 belong to the step's first block. Two
+ * accumulators a row hide the latency of the multiply-adds. */
+static const int32_t PAIR_LANES[8][16] __attribute__((aligned(64))) = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
+    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
+    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
+    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13}, {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
+};
+
+static inline __attribute__((always_inline)) void row_dots(
+    const Activations *acts, int M, int64_t K, const uint8_t *codes, const uint8_t *high_bits,
+    const uint16_t *scales, int five_bit, float *out) {
+    __m512 acc[2][MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 512) {
+        int blocks = (K - k0) / 32 < 16 ? (int)((K - k0) / 32) : 16;
+        __m512 block_scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << blocks) - 1), scales + k0 / 32));
+        for (int pair = 0; pair < blocks / 2; pair++) {
+            int64_t k = k0 + 64 * pair;
+            if (five_bit) {
+                _mm_prefetch((const char *)(codes + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)(high_bits + k / 8) + PREFETCH_BYTES / 4, _MM_HINT_T0);
+            } else {
+                _mm_prefetch((const char *)(codes + k) + PREFETCH_BYTES, _MM_HINT_T0);
+            }
+            __m512i c = five_bit ? codes5(codes, high_bits, k) : codes8(codes, k);
+            __m512 w_scale = _mm512_permutexvar_ps(_mm512_load_si512(PAIR_LANES[pair]), block_scale);
+            for (int m = 0; m < M; m++) {
+                __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(acts[m].lane_start + k / 4), c,
+                                                  _mm512_loadu_si512(acts[m].q + k));
+                __m512 scale = _mm512_mul_ps(w_scale, _mm512_loadu_ps(acts[m].lane_scale + k / 4));
+                acc[pair & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[pair & 1][m]);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
+}
+
+int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out) {
+    int64_t K = w->columns, N = w->rows;
+    if (M < 1 || M > MAX_ROWS || K % 64 != 0) return -1;
+    int five_bit = w->high_bits != NULL;
+    int8_t *q = aligned_alloc(64, (size_t)(M * K));
+    float *lane_scale = aligned_alloc(64, (size_t)(M * K));      /* K/4 floats a row */
+    int32_t *lane_start = aligned_alloc(64, (size_t)(M * K));    /* K/4 int32 a row */
+    if (!q || !lane_scale || !lane_start) {
+        free(q), free(lane_scale), free(lane_start);
+        return -1;
+    }
+    Activations acts[MAX_ROWS];
+    for (int m = 0; m < M; m++) {
+        acts[m] = (Activations){q + m * K, lane_scale + m * K / 4, lane_start + m * K / 4};
+        quantize_row(x + m * K, K, five_bit ? 16 : 128, acts[m]);
+    }
+    int64_t row_bytes = five_bit ? K / 2 : K;
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        float dots[MAX_ROWS];
+        if (five_bit)
+            row_dots(acts, (int)M, K, w->codes + n * row_bytes, w->high_bits + n * (K / 8), w->scales + n * (K / 32), 1, dots);
+        else
+            row_dots(acts, (int)M, K, w->codes + n * row_bytes, NULL, w->scales + n * (K / 32), 0, dots);
+        for (int m = 0; m < M; m++) {
+            uint16_t product = f32_to_bf16(dots[m]);
+            out[m * N + n] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
+        }
+    }
+    free(q), free(lane_scale), free(lane_start);
+    return 0;
+}
+
+/* out[M][N] (bfloat16) = x[M][K] (bfloat16) · Wᵀ, for the Python side (no bias). */
+int qe_block_matmul(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *high_bits,
+                    const uint16_t *scales, int64_t N, uint16_t *out) {
+    BlockMatrix w = {codes, high_bits, scales, NULL, N, K};
+    return qe_matrix_times(&w, x, M, out);
+}
+
+/* W as bfloat16 [N][K] (rounded to nearest even), for prefill's matmul. */
+int qe_block_dequantize(const uint8_t *codes, const uint8_t *high_bits, const uint16_t *scales, int64_t N, int64_t K,
+                        uint16_t *out) {
+    if (K % 64 != 0) return -1;
+    int five_bit = high_bits != NULL;
+    int64_t row_bytes = five_bit ? K / 2 : K;
+    const __m512i offset = _mm512_set1_epi8(five_bit ? 16 : (char)128);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = codes + n * row_bytes;
+        const uint16_t *row_scales = scales + n * (K / 32);
+        for (int64_t k = 0; k < K; k += 64) {
+            __m512i c = five_bit ? codes5(row, high_bits + n * (K / 8), k) : codes8(row, k);
+            __m512i q = _mm512_sub_epi8(c, offset);
+            for (int part = 0; part < 4; part++) {
+                float d = _cvtsh_ss(row_scales[k / 32 + part / 2]);
+                __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, part))),
+                                         _mm512_set1_ps(d));
+                _mm256_storeu_si256((__m256i *)(out + n * K + k + 16 * part), round_bf16x16(w));
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,230 @@
+"""Block formats (GGUF's Q8_0/Q5_0 blocks kept as stored), the native kernels, the fused decode step and the
+embedding read from the file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
+
+import qwen_engine
+import qwen_engine.model.quantized as quantized
+from qwen_engine.engine.kv_cache import StaticKVCache
+from qwen_engine.kernels import block_kernels
+from qwen_engine.model.quantized import BlockLinear, pack_blocks, quant_plan, quantize_blocks, unpack_blocks
+from qwen_engine.weights.quants import BlockCodes, block_codes
+
+needs_kernels = pytest.mark.skipif(block_kernels() is None, reason="the kernels need AVX-512 VNNI and a C compiler")
+BITS_TO_TYPE = {8: T.Q8_0, 5: T.Q5_0}
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.float() - reference.float()).abs().max() / reference.float().abs().max())
+
+
+def random_weights(rows: int, columns: int, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(rows, columns) * (torch.rand(rows, 1) * 3 + 0.1)
+
+
+def real_blocks(checkpoint, name: str, rows: int = 512) -> BlockCodes:
+    """The first rows of one of the default model's Q8_0/Q5_0 tensors, as stored."""
+    blocks = checkpoint.stored_blocks(name)
+    return BlockCodes(blocks.codes[:rows], blocks.scales[:rows], blocks.bits)
+
+
+@pytest.mark.parametrize("bits", [8, 5])
+def test_gguf_blocks_read_and_quantized_bit_for_bit(bits: int) -> None:
+    weight = random_weights(64, 256, seed=bits)
+    weight[0, :32] = 0  # an all-zero block has d = 0
+    raw = gguf_quants.quantize(weight.numpy(), BITS_TO_TYPE[bits])
+    stored = block_codes(raw, BITS_TO_TYPE[bits], (64, 256))
+    assert stored.bits == bits
+    assert torch.equal(stored.dequantized(), torch.from_numpy(gguf_quants.dequantize(raw, BITS_TO_TYPE[bits])))
+    # The engine's own quantizer is llama.cpp's reference quantizer.
+    ours = quantize_blocks(weight, bits)
+    assert torch.equal(ours.codes, stored.codes) and torch.equal(ours.scales, stored.scales)
+    # Widening 5-bit blocks to 8 bits keeps every weight.
+    assert torch.equal(stored.widened().dequantized(), stored.dequantized())
+
+
+@pytest.mark.parametrize("bits", [8, 5])
+def test_kernel_layout_round_trips(bits: int) -> None:
+    torch.manual_seed(3)
+    codes = torch.randint(0, 256 if bits == 8 else 32, (16, 192), dtype=torch.uint8)
+    blocks = BlockCodes(codes, torch.rand(16, 6).half(), bits)
+    packed, high_bits = pack_blocks(blocks)
+    assert (high_bits is None) == (bits == 8)
+    assert packed.numel() == codes.numel() * (1 if bits == 8 else 0.5)
+    assert torch.equal(unpack_blocks(packed, high_bits, blocks.scales).codes, codes)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 5])
+def test_kernel_dequantize_is_exact(bits: int, default_checkpoint) -> None:
+    name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"  # Q8_0, Q5_0
+    for blocks in (quantize_blocks(random_weights(96, 320, seed=4), bits), real_blocks(default_checkpoint, name)):
+        assert blocks.bits == bits
+        packed, high_bits = pack_blocks(blocks)
+        ours = block_kernels().dequantize(packed, high_bits, blocks.scales)
+        assert torch.equal(ours, blocks.dequantized().to(torch.bfloat16))
+
+
+def int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """What the decode kernel computes: x in int8 blocks of 32 (scale max|x|/127, round half to even) times W."""
+    groups = x.float().view(x.shape[0], -1, 32)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    q = torch.round(groups / torch.where(scale > 0, scale, 1.0))
+    return (q * scale).view(x.shape) @ weight.t()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 5])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_checkpoint) -> None:
+    name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
+    torch.manual_seed(rows)
+    for blocks in (quantize_blocks(random_weights(256, 640, seed=5), bits), real_blocks(default_checkpoint, name)):
+        weight = blocks.dequantized()
+        x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
+        ours = block_kernels().matmul(x, *pack_blocks(blocks), blocks.scales)
+        # Exactly the int8-activation product, up to the bfloat16 rounding of the output (2⁻⁸) …
+        assert relative_error(ours, int8_activation_reference(x, weight)) <= 2**-7
+        # … which stays within 1% of the exact product with the same weights.
+        assert relative_error(ours, x.float() @ weight.t()) <= 0.01
+
+
+@pytest.mark.parametrize("bits", [8, 5])
+def test_block_linear_within_bounds_on_every_path(bits: int, monkeypatch) -> None:
+    """Against the float weights it was quantized from: 8-bit blocks within 1%, 5-bit within 5% (a step of a
+    block's range / 31); the decode path (few rows), the prefill path and the PyTorch fallback agree."""
+    weight, bias = random_weights(192, 384, seed=6), torch.randn(192)
+    layer = BlockLinear.from_blocks(quantize_blocks(weight, bits), bias)
+    x = torch.randn(16, 384).to(torch.bfloat16)
+    reference = torch.nn.functional.linear(x.float(), weight, bias)
+    prefill, decode = layer(x), layer(x[:4])
+    assert relative_error(prefill, reference) <= (0.01 if bits == 8 else 0.05)
+    assert relative_error(decode, prefill[:4]) <= 0.01
+    monkeypatch.setattr(quantized, "block_kernels", lambda: None)
+    assert relative_error(layer(x[:4]), prefill[:4]) <= 2**-7
+
+
+def test_auto_plan_keeps_the_stored_blocks(default_checkpoint, engine_model, monkeypatch) -> None:
+    types = default_checkpoint.stored_types()
+    decoder = engine_model.decoder
+    if block_kernels() is not None:
+        plan = quant_plan(decoder, "auto", types)
+        assert plan["lm_head"] == "q8_0" and plan["model.embed_tokens"] == "q5_0"  # Q8_0 and Q5_0 in the file
+        for layer in range(engine_model.config.num_layers):
+            prefix = f"model.layers.{layer}."
+            parts = [types[f"{prefix}self_attn.{p}_proj.weight"] for p in "qkv"]
+            assert plan[f"{prefix}self_attn.qkv_proj"] == ("q5_0" if set(parts) == {"Q5_0"} else "q8_0")
+            assert plan[f"{prefix}mlp.down_proj"] == ("q5_0" if types[f"{prefix}mlp.down_proj.weight"] == "Q5_0" else "q8_0")
+        assert {"q5_0", "q8_0"} == set(plan.values())
+        assert set(quant_plan(decoder, "q8_0", types).values()) == {"q8_0"}
+    # Without the kernel, "auto" falls back to PyTorch's packed formats: int4 where 4 bits are stored.
+    monkeypatch.setattr(quantized, "block_kernels", lambda: None)
+    plan = quant_plan(decoder, "auto", types)
+    for layer in range(engine_model.config.num_layers):
+        down = types[f"model.layers.{layer}.mlp.down_proj.weight"]
+        assert plan[f"model.layers.{layer}.mlp.down_proj"] == ("int4" if down == "Q4_K" else "int8")
+    assert "model.embed_tokens" not in plan and set(plan.values()) == {"int4", "int8"}
+
+
+def test_stored_embedding_reads_rows_from_the_file(default_checkpoint, engine_model) -> None:
+    rows = default_checkpoint.stored_rows("model.embed_tokens.weight")
+    ids = [0, 151643, 77, 77, 1234, 151935]
+    expected = engine_model.decoder.model.embed_tokens.weight[ids]  # float32, dequantized from Q5_0 at load
+    assert torch.equal(rows(ids), expected)
+
+
+@pytest.fixture(scope="module")
+def tiny_blocks_gguf(tiny_gguf_factory):
+    """A tiny GGUF whose projections are stored Q5_0 (q, k, o, gate, up) and Q8_0 (v, down), like a real file."""
+    from tiny import hf_config, random_model
+
+    config = hf_config("qwen2.5-0.5b", intermediate_size=192)  # every row a multiple of 64, as the kernel needs
+    state = random_model(config).state_dict()  # the factory's model: same config, same seed
+    raw = {}
+    stored = {"attn_q": ("self_attn.q_proj", T.Q5_0), "attn_k": ("self_attn.k_proj", T.Q5_0),
+              "attn_v": ("self_attn.v_proj", T.Q8_0), "attn_output": ("self_attn.o_proj", T.Q5_0),
+              "ffn_gate": ("mlp.gate_proj", T.Q5_0), "ffn_up": ("mlp.up_proj", T.Q5_0), "ffn_down": ("mlp.down_proj", T.Q8_0)}
+    for layer in range(config.num_hidden_layers):
+        for gguf_name, (hf_name, qtype) in stored.items():
+            weight = state[f"model.layers.{layer}.{hf_name}.weight"].numpy()
+            raw[f"blk.{layer}.{gguf_name}.weight"] = (gguf_quants.quantize(weight, qtype), qtype)
+    return tiny_gguf_factory("blocks.gguf", raw_tensors=raw, intermediate_size=192)
+
+
+def decode_logits(model, prompt: list[int], steps: list[int]) -> torch.Tensor:
+    """Logits of each decoding step after `prompt`, through the model's own forward (fused where it applies)."""
+    decoder = model.decoder
+    cache = StaticKVCache(decoder.config, len(prompt) + len(steps), decoder.dtype, decoder.device)
+    out = []
+    with torch.inference_mode():
+        decoder(torch.tensor([prompt]), cache=cache, last_only=True)
+        for i, token in enumerate(steps):
+            out.append(decoder(torch.tensor([[token]]), cache=cache, start=len(prompt) + i, last_only=True)[0, -1])
+    return torch.stack(out).float()
+
+
+@needs_kernels
+def test_tiny_gguf_keeps_its_blocks_and_decodes_fused(tiny_blocks_gguf) -> None:
+    model = qwen_engine.load(tiny_blocks_gguf)  # the CPU default: auto
+    layer = model.decoder.model.layers[0]
+    assert model.quant == "auto" and model.decoder.fused_decode is not None
+    assert layer.self_attn.qkv_proj.high_bits is None  # v is Q8_0, so the packed q/k/v go 8-bit (exactly)
+    assert layer.mlp.gate_up_proj.high_bits is not None and layer.mlp.down_proj.high_bits is None
+    reference = qwen_engine.load(tiny_blocks_gguf, dtype="float32", quant="none")
+    ids = list(range(500, 540))
+    # Prefill computes with the stored weights exactly: only bfloat16 activations separate it from float32.
+    assert relative_error(model.logits(ids), reference.logits(ids)) <= 0.03
+    steps = list(range(900, 916))
+    fused = decode_logits(model, ids, steps)
+    model.decoder.fused_decode = None
+    unfused = decode_logits(model, ids, steps)
+    assert relative_error(fused, unfused) <= 0.02
+    assert relative_error(fused, decode_logits(reference, ids, steps)) <= 0.05
+
+
+@needs_kernels
+def test_fused_decode_honours_the_sliding_window(tmp_path, tokenizer_files) -> None:
+    from tiny import hf_config, random_model, write_hf_checkpoint
+
+    config = hf_config("qwen2.5-0.5b", intermediate_size=192, use_sliding_window=True, sliding_window=8,
+                       max_window_layers=1, num_hidden_layers=2)
+    directory = write_hf_checkpoint(tmp_path / "windowed", random_model(config), tokenizer_files)
+    model = qwen_engine.load(directory, quant="q8_0")
+    assert model.decoder.fused_decode is not None and model.decoder.model.layers[1].self_attn.window == 8
+    prompt, steps = list(range(100, 120)), list(range(300, 312))  # decoding well past the window
+    fused = decode_logits(model, prompt, steps)
+    model.decoder.fused_decode = None
+    assert relative_error(fused, decode_logits(model, prompt, steps)) <= 0.02
+
+
+@needs_kernels
+def test_default_model_greedy_text_is_the_same_fused_or_not() -> None:
+    model = qwen_engine.load("default")
+    assert model.quant == "auto" and model.decoder.fused_decode is not None
+    prompt = model.chat_prompt([{"role": "user", "content": "Write a Python function that reverses a string."}])
+    fused = model.generate(prompt, max_tokens=48, temperature=0)
+    model.decoder.fused_decode = None
+    assert model.generate(prompt, max_tokens=48, temperature=0).token_ids == fused.token_ids
+    assert "def " in fused.text
+
+
+def test_without_kernels_auto_runs_on_pytorch_formats(tiny_blocks_gguf, monkeypatch) -> None:
+    monkeypatch.setenv("QWEN_ENGINE_NO_KERNELS", "1")
+    block_kernels.cache_clear()
+    try:
+        model = qwen_engine.load(tiny_blocks_gguf, quant="auto")
+        assert model.decoder.fused_decode is None
+        assert {type(m).__name__ for m in model.decoder.modules()} & {"Int8Linear", "BlockLinear"} == {"Int8Linear"}
+        reference = qwen_engine.load(tiny_blocks_gguf, dtype="float32", quant="none")
+        ids = list(range(500, 540))
+        assert relative_error(model.logits(ids), reference.logits(ids)) <= 0.05
+    finally:
+        monkeypatch.delenv("QWEN_ENGINE_NO_KERNELS")
+        block_kernels.cache_clear()
