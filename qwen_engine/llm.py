@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -38,6 +39,25 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 DEFAULT_CPU_QUANT = "auto"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def keep_temporaries_in_heap() -> None:
+    """Have glibc serve large allocations from its heap and keep freed ones there.
+
+    Prefill allocates temporaries of several MB a layer. By default glibc maps each one fresh and faults it in page
+    by page until its adaptive threshold catches up, which cost a first 660-token prefill ~30% of its time here;
+    from the heap, the first prefill runs as fast as later ones. Peak memory is the same; it is just not handed back
+    between calls. No-op where the C library has no mallopt.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def pick_device(device: str | torch.device | None) -> torch.device:
@@ -195,6 +215,8 @@ def load(
             save_converted(cache, decoder.state_dict(), plan)
     decoder.eval()
     decoder.fused_decode = FusedDecodeStep.build(decoder)
+    if chosen_device.type == "cpu":
+        keep_temporaries_in_heap()
     return Model(
         decoder,
         tokenizer,

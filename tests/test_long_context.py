@@ -45,6 +45,8 @@ def make_decoder(seed: int = 0, **fields) -> QwenDecoder:
                 param.normal_(1.0, 0.1)
             elif name.endswith("bias"):
                 param.normal_(0.0, 0.3)
+            elif "embed_tokens" in name:  # the decoder leaves its table uninitialised: checkpoints fill it
+                param.normal_()
     return decoder
 
 

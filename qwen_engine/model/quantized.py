@@ -32,7 +32,8 @@ CONVERTER_ID = hashlib.sha256(
     Path(__file__).read_bytes() + (Path(__file__).parents[1] / "weights" / "quants.py").read_bytes()
 ).hexdigest()[:16]
 INT4_GROUP = 32
-_ROWS_PER_STEP = 4096  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
+_ROWS_PER_STEP = 4096
+_DENSE_PIECE_WEIGHTS = 1 << 23  # most weights prefill dequantizes at once (16 MiB of bfloat16)  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
 
 
 class _QuantizedLinear(nn.Module, ABC):
@@ -237,8 +238,21 @@ class BlockLinear(_QuantizedLinear):
         return kernels.matmul(rows.contiguous(), self.codes, self.high_bits, self.scales)
 
     def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        workspace = _Workspace.get(self.out_features * self.in_features)
-        return F.linear(rows, _block_dequantize(self.codes, self.high_bits, self.scales, workspace))
+        # A large matrix (the packed gate/up, a head scoring every position) goes in pieces of output rows, each
+        # dequantized into the workspace in turn; the product is built transposed, so every piece writes a
+        # contiguous block. The peak memory of prefill is then the workspace, not the whole matrix in bfloat16.
+        pieces = -(-self.out_features * self.in_features // _DENSE_PIECE_WEIGHTS)
+        step = -(-self.out_features // pieces)
+        workspace = _Workspace.get(step * self.in_features)
+        if pieces == 1:
+            return F.linear(rows, _block_dequantize(self.codes, self.high_bits, self.scales, workspace))
+        transposed = torch.empty(self.out_features, rows.shape[0], dtype=torch.bfloat16)
+        for start in range(0, self.out_features, step):
+            piece = slice(start, start + step)
+            high_bits = None if self.high_bits is None else self.high_bits[piece]
+            weights = _block_dequantize(self.codes[piece], high_bits, self.scales[piece], workspace)
+            torch.mm(weights, rows.t(), out=transposed[piece])
+        return transposed.t()
 
 
 class BlockEmbedding(nn.Module):
