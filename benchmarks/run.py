@@ -56,7 +56,7 @@ def worker_transformers(args: argparse.Namespace) -> dict:
         first = time.perf_counter() - STARTED
         prompt = torch.tensor([bench_prompt(model.config.vocab_size, args.prompt_tokens)])
         t0 = time.perf_counter()
-        model(prompt)
+        model(prompt, logits_to_keep=1)  # as generate() prefills: logits for the last position only, like the others
         prefill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = model.generate(prompt, max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens, do_sample=False)

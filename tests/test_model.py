@@ -36,6 +36,16 @@ def test_last_only_computes_the_head_for_the_last_position(tiny) -> None:
     torch.testing.assert_close(last[0], tiny.logits(IDS)[-1], rtol=1e-5, atol=1e-5)
 
 
+def test_last_only_prefill_still_caches_every_position(tiny) -> None:
+    """The last layer skips the positions whose outputs nobody reads, but their keys and values are cached."""
+    full = tiny.logits(IDS)
+    cache = StaticKVCache(tiny.config, max_len=32, dtype=torch.float32, device=torch.device("cpu"))
+    with torch.inference_mode():
+        last = tiny.decoder(torch.tensor([IDS[:10]]), cache=cache, last_only=True)[0, -1]
+        steps = [tiny.decoder(torch.tensor([[t]]), start=10 + i, cache=cache, last_only=True)[0, -1] for i, t in enumerate(IDS[10:])]
+    torch.testing.assert_close(torch.stack([last, *steps]), full[9:], rtol=1e-5, atol=1e-5)
+
+
 def test_injected_embeddings_replace_token_embeddings(tiny) -> None:
     with torch.inference_mode():
         embeds = tiny.decoder.embed(torch.tensor([IDS]))

@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ HEADERS = (HERE / "block_quant.h",)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
           "-mavx512vl", "-mavx512vnni")
+OPTIONAL_CFLAGS = {"avx512_bf16": "-mavx512bf16"}  # used where the CPU has them (the sources check with #ifdef)
 DISABLE_ENV = "QWEN_ENGINE_NO_KERNELS"  # set to 1 to run the PyTorch paths only (comparisons, debugging)
 MAX_ROWS = 8  # qe_block_matmul's limit; the kernel is for decoding, prefill dequantizes
 
@@ -121,13 +123,14 @@ def _build(compiler: str) -> Path:
     """Compile into the cache under a name that changes with the source, flags and compiler; temp file → rename."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
     texts = [path.read_text() for path in SOURCES + HEADERS]
-    key = hashlib.sha256("\n".join([*texts, " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
+    flags = [*CFLAGS, *(flag for feature, flag in OPTIONAL_CFLAGS.items() if feature in cpu_flags())]
+    key = hashlib.sha256("\n".join([*texts, " ".join(flags), version]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"qwen_kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
         try:
-            command = [compiler, *CFLAGS, "-o", str(partial), *map(str, SOURCES), "-lm"]
+            command = [compiler, *flags, "-o", str(partial), *map(str, SOURCES), "-lm"]
             subprocess.run(command, capture_output=True, check=True, timeout=120)
             os.replace(partial, target)
         finally:
@@ -142,8 +145,13 @@ def block_kernels() -> BlockKernels | None:
         return None
     compiler = _compiler()
     if compiler is None:
+        warnings.warn("qwen-engine: no C compiler found (set CC), so the native kernels are off and decoding runs "
+                      "on PyTorch's slower int8 path", RuntimeWarning, stacklevel=2)
         return None
     try:
         return BlockKernels(_build(compiler))
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as err:
+        detail = getattr(err, "stderr", b"") or b""
+        warnings.warn(f"qwen-engine: building the native kernels failed ({err}; {detail.decode(errors='replace')[-300:]}), "
+                      "so decoding runs on PyTorch's slower int8 path", RuntimeWarning, stacklevel=2)
         return None

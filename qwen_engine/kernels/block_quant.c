@@ -147,12 +147,19 @@ int qe_block_dequantize(const uint8_t *codes, const uint8_t *high_bits, const ui
         for (int64_t k = 0; k < K; k += 64) {
             __m512i c = five_bit ? codes5(row, high_bits + n * (K / 8), k) : codes8(row, k);
             __m512i q = _mm512_sub_epi8(c, offset);
+            __m512 w[4];
             for (int part = 0; part < 4; part++) {
                 float d = _cvtsh_ss(row_scales[k / 32 + part / 2]);
-                __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, part))),
-                                         _mm512_set1_ps(d));
-                _mm256_storeu_si256((__m256i *)(out + n * K + k + 16 * part), round_bf16x16(w));
+                w[part] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, part))),
+                                        _mm512_set1_ps(d));
             }
+#ifdef __AVX512BF16__ /* one instruction rounds 32 floats to bfloat16 (nearest even, as below) */
+            _mm512_storeu_si512(out + n * K + k, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
+            _mm512_storeu_si512(out + n * K + k + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
+#else
+            for (int part = 0; part < 4; part++)
+                _mm256_storeu_si256((__m256i *)(out + n * K + k + 16 * part), round_bf16x16(w[part]));
+#endif
         }
     }
     return 0;

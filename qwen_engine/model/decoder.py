@@ -37,9 +37,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.to(torch.float32)
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # F.rms_norm is x · rsqrt(mean(x²) + eps) in one pass, bit for bit the three-op form in float32.
+        normalized = F.rms_norm(x.to(torch.float32), self.weight.shape, eps=self.eps)
+        return self.weight * normalized.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -54,7 +54,11 @@ class Attention(nn.Module):
         windowed = config.sliding_window is not None and layer >= config.max_window_layers
         self.window: int | None = config.sliding_window if windowed else None
 
-    def forward(self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int, last_only: bool = False
+    ) -> torch.Tensor:
+        """Attention output for every position, or with `last_only` for the last one only (keys and values are
+        still computed and cached for all)."""
         batch, length, _ = x.shape
         q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -64,6 +68,8 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
+        if last_only:
+            q, start, length = q[:, :, -1:], start + length - 1, 1
         k, v, mask, causal = self._visible(k, v, start, length)
         # GQA: kv head j serves query heads j·g … j·g+g−1 (qwen-family.md §3.2), which is SDPA's enable_gqa layout.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
@@ -118,8 +124,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, start)
+    def forward(
+        self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int, last_only: bool = False
+    ) -> torch.Tensor:
+        """The layer's output for every position, or with `last_only` for the last one (as llama.cpp's last layer
+        skips the positions whose outputs nobody reads)."""
+        attention = self.self_attn(self.input_layernorm(x), rope, cache, start, last_only)
+        x = (x[:, -1:] if last_only else x) + attention
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,10 +196,9 @@ class QwenDecoder(nn.Module):
         if fused is not None:
             hidden = fused
         else:
-            for layer in self.model.layers:
-                hidden = layer(hidden, rope, cache, start)
-        if last_only:
-            hidden = hidden[:, -1:]
+            last = len(self.model.layers) - 1
+            for index, layer in enumerate(self.model.layers):
+                hidden = layer(hidden, rope, cache, start, last_only and index == last)
         return self.lm_head(self.model.norm(hidden))
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:

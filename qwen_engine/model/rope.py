@@ -22,7 +22,8 @@ from ..config import ModelConfig, RopeScaling
 
 def inverse_frequencies(config: ModelConfig, base: float | None = None) -> torch.Tensor:
     """ω_i = base^(−2i/d), i = 0 … d/2−1, in float32 (qwen-family.md §3.2); base defaults to θ."""
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64).to(torch.float32) / config.head_dim
+    # On the CPU even while a decoder is built on the meta device (meta arithmetic imports torch._dynamo: ~1 s).
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / config.head_dim
     return 1.0 / ((config.rope_theta if base is None else base) ** exponents)
 
 

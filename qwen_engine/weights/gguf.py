@@ -72,6 +72,19 @@ class _Cursor:
         self.pos += length
         return text
 
+    def strings(self, count: int) -> list[str]:
+        view, pos, end, items = self.view, self.pos, len(self.buffer), []
+        length_at = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            (length,) = length_at(view, pos)
+            pos += 8
+            if pos + length > end:
+                raise ValueError("string runs past the end of the file")
+            items.append(str(view[pos : pos + length], "utf-8", "replace"))
+            pos += length
+        self.pos = pos
+        return items
+
     def value(self, kind: int) -> Any:
         if kind == _STRING:
             return self.string()
@@ -82,6 +95,8 @@ class _Cursor:
                 items = np.frombuffer(self.buffer, dtype=dtype, count=count, offset=self.pos)
                 self.pos += count * dtype.itemsize
                 return items.tolist()
+            if item_kind == _STRING:  # the vocabulary and merges: 150k+ strings each, read in one tight loop
+                return self.strings(count)
             return [self.value(item_kind) for _ in range(count)]
         if kind not in _SCALARS:
             raise ValueError(f"unknown metadata value type {kind}")
