@@ -153,7 +153,8 @@ class HFSource(Checkpoint):
         self.path = path
         self.tokenizer_config = self._optional_json("tokenizer_config.json")
         self.generation_config = self._optional_json("generation_config.json")
-        config = ModelConfig.from_hf(read_json(path / "config.json"))
+        self.raw_config = read_json(path / "config.json")  # as shipped, for the catalog's view of a local model
+        config = ModelConfig.from_hf(self.raw_config)
         eos = self.generation_config.get("eos_token_id")
         if eos is not None:
             extra = tuple(eos) if isinstance(eos, list) else (eos,)

@@ -99,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--json", action="store_true")
     perplexity.add_argument("file")
 
+    models = commands.add_parser("models", help="the model catalog: every Qwen model with its size and memory")
+    models.add_argument("--json", action="store_true")
+
+    memory = commands.add_parser("memory", help="what a model needs (weights, KV cache, activations) and whether it fits")
+    memory.add_argument("model", help="a catalog name (see `qwen models`), an HF checkpoint directory or a .gguf file")
+    memory.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, int8, int4 or gguf:<TYPE> (default bf16)")
+    memory.add_argument("--context", type=int, help="tokens per sequence (default: the model's full context)")
+    memory.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
+    memory.add_argument("--kv-dtype", help="KV-cache dtype: bf16, fp16, fp32, fp8 or int8 (default: the compute dtype)")
+    memory.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (1, 2, 4 or 8)")
+    memory.add_argument("--group-size", type=_positive_int, default=128, help="int4 quantization group (default 128)")
+    where = memory.add_mutually_exclusive_group()
+    where.add_argument("--gpu", help="a GPU by name (H100, A100-40GB, RTX 4090, …): does it fit?")
+    where.add_argument("--vram", type=float, help="GPU memory in GiB: does it fit?")
+    memory.add_argument("--plot", metavar="PNG", help="write memory against context for each precision")
+    memory.add_argument("--json", action="store_true")
+
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
     _add_rope_scaling(info)
@@ -299,7 +316,79 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         print(f"perplexity {result.perplexity:.4f} over {result.tokens_scored} tokens ({result.chunks} chunks of {args.context})")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity}
+def cmd_models(args: argparse.Namespace) -> None:
+    from .catalog import entries
+    from .planner import GiB, plan
+
+    rows = []
+    for entry in entries():
+        config, params = entry.config, entry.parameters()
+        exact = plan(entry, "bf16")
+        rows.append({
+            "name": entry.name, "parameters": params, "non_embedding": params - entry.embedding_parameters(),
+            "layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+            "context": entry.context, "rule_of_thumb_gib": 2 * params / GiB, "exact_bf16_gib": exact.per_gpu / GiB,
+        })
+    if args.json:
+        print(json.dumps(rows))
+        return
+    header = ("model", "params", "non-emb", "layers", "heads/kv", "context", "FP16 rule (2 B/param)", "exact bf16 at full context")
+    lines = [(r["name"], f"{r['parameters'] / 1e9:.2f} B", f"{r['non_embedding'] / 1e9:.2f} B", str(r["layers"]),
+              f"{r['heads']}/{r['kv_heads']}", f"{r['context']:,}", f"{r['rule_of_thumb_gib']:.1f} GiB",
+              f"{r['exact_bf16_gib']:.1f} GiB") for r in rows]
+    widths = [max(len(row[i]) for row in (header, *lines)) for i in range(len(header))]
+    for row in (header, *lines):
+        print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))))
+    print("exact = weights + KV cache for the full context + prefill activations + 0.75 GiB GPU overhead, batch 1")
+
+
+def cmd_memory(args: argparse.Namespace) -> None:
+    from .planner import GiB, fit, gpu_memory, memory_entry, plan, plot_memory
+
+    entry = memory_entry(args.model)
+    result = plan(entry, args.dtype, args.context, args.batch, args.kv_dtype, args.tp, args.group_size)
+    capacity = None
+    if args.gpu or args.vram is not None:
+        capacity = gpu_memory(args.gpu) if args.gpu else int(args.vram * GiB)
+        if capacity <= 0:
+            raise QwenError(f"--vram must be positive (got {args.vram})")
+    verdict = fit(entry, capacity, args.dtype, args.context, args.batch, args.kv_dtype, args.tp, args.group_size) if capacity else None
+    if args.plot:
+        plot_memory(entry, args.plot, capacity, args.batch, args.tp, args.group_size)
+    report = {
+        "model": entry.name, "precision": result.precision, "context": result.context, "batch": result.batch,
+        "tp": result.tp, "weights_per_gpu": result.weights, "kv_cache_per_gpu": result.kv_cache,
+        "activations_per_gpu": result.activations, "encoders_per_gpu": result.encoders, "overhead_per_gpu": result.overhead,
+        "per_gpu": result.per_gpu, "total_gpu": result.total_gpu, "host_ram_cpu": result.host_ram,
+        "host_ram_gpu_load": result.host_ram_gpu_load,
+        "tp_problems": result.problems,
+    }
+    if verdict:
+        report.update({"gpu_memory": capacity, "fits": verdict.fits, "max_context": verdict.max_context,
+                       "max_batch": verdict.max_batch, "suggestion": verdict.suggestion})
+    if args.json:
+        print(json.dumps(report))
+        return
+    gib = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+    print(f"{entry.name}: {result.precision} weights, {result.context:,} tokens × batch {result.batch}, tp={result.tp}")
+    for label, key in (("weights", "weights_per_gpu"), ("KV cache", "kv_cache_per_gpu"), ("activations", "activations_per_gpu"),
+                       ("encoders", "encoders_per_gpu"), ("GPU overhead", "overhead_per_gpu"), ("per GPU", "per_gpu")):
+        print(f"  {label:<13}{gib(report[key]):>12}")
+    print(f"  {'all GPUs':<13}{gib(result.total_gpu):>12}")
+    print(f"  host RAM: {gib(result.host_ram_gpu_load)} while loading onto GPUs, {gib(result.host_ram)} to run on the CPU")
+    for problem in result.problems:
+        print(f"  tp problem: {problem}")
+    if verdict:
+        print(f"  fits in {gib(capacity)} per GPU: {'yes' if verdict.fits else 'no'}; longest context {verdict.max_context:,} "
+              f"tokens at batch {result.batch}; largest batch {verdict.max_batch} at {result.context:,} tokens")
+        if verdict.suggestion:
+            print(f"  to make it fit: {verdict.suggestion}")
+    if args.plot:
+        print(f"  plot written to {args.plot}")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity,
+            "models": cmd_models, "memory": cmd_memory}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,6 +6,7 @@ checkpoints is captured by the fields below, so the model code never branches on
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -127,14 +128,34 @@ class ModelConfig:
             return max(scaled, self.max_position_embeddings)
         return self.max_position_embeddings
 
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a qwen2-layout checkpoint holds, with its PyTorch shape (qwen-family.md §3.2); a tied
+        checkpoint stores no `lm_head.weight`."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+        for i in range(self.num_layers):
+            layer = {
+                "input_layernorm.weight": (h,),
+                "post_attention_layernorm.weight": (h,),
+                "self_attn.q_proj.weight": (q, h),
+                "self_attn.k_proj.weight": (kv, h),
+                "self_attn.v_proj.weight": (kv, h),
+                "self_attn.o_proj.weight": (h, q),
+                "mlp.gate_proj.weight": (f, h),
+                "mlp.up_proj.weight": (f, h),
+                "mlp.down_proj.weight": (h, f),
+            }
+            if self.qkv_bias:
+                layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
+            shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+        if self.tie_word_embeddings:
+            del shapes["lm_head.weight"]
+        return shapes
+
     def parameter_count(self) -> int:
         """Exact tensor-element count (qwen-family.md §4, 'Computation')."""
-        h, d, f = self.hidden_size, self.head_dim, self.intermediate_size
-        q, kv = self.num_heads * d, self.num_kv_heads * d
-        bias = (q + 2 * kv) if self.qkv_bias else 0
-        per_layer = h * q + 2 * h * kv + bias + q * h + 3 * h * f + 2 * h
-        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + h + embeddings
+        return sum(math.prod(shape) for shape in self.checkpoint_shapes().values())
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:

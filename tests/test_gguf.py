@@ -7,7 +7,6 @@ import pytest
 from gguf import GGUFReader
 
 from qwen_engine.errors import QwenError
-from qwen_engine.model.decoder import checkpoint_shapes
 from qwen_engine.weights.gguf import hf_name, open_gguf
 
 
@@ -38,7 +37,7 @@ def test_name_map() -> None:
 
 def test_every_default_tensor_maps_to_a_checkpoint_name(default_checkpoint) -> None:
     names = {hf_name(entry.name) for entry in default_checkpoint.gguf.entries}
-    assert names == set(checkpoint_shapes(default_checkpoint.config))
+    assert names == set(default_checkpoint.config.checkpoint_shapes())
 
 
 @pytest.mark.parametrize("content", [b"", b"GGUF", b"GGUF\x03\x00\x00\x00" + b"\xff" * 16, b"GGML" + b"\x00" * 64])

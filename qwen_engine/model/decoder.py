@@ -206,9 +206,9 @@ class QwenDecoder(nn.Module):
 
         Tied checkpoints carry no `lm_head.weight`; the head then shares the embedding matrix.
         """
-        expected = checkpoint_shapes(self.config)
-        if "lm_head.weight" not in tensors and self.config.tie_word_embeddings:
-            expected.pop("lm_head.weight")
+        expected = self.config.checkpoint_shapes()
+        if self.config.tie_word_embeddings and "lm_head.weight" in tensors:  # stored anyway by some tied checkpoints
+            expected["lm_head.weight"] = (self.config.vocab_size, self.config.hidden_size)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [
@@ -255,26 +255,3 @@ PACKED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
-
-
-def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a qwen2-layout checkpoint holds, with its PyTorch shape (qwen-family.md §3.2)."""
-    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    for i in range(config.num_layers):
-        layer = {
-            "input_layernorm.weight": (h,),
-            "post_attention_layernorm.weight": (h,),
-            "self_attn.q_proj.weight": (q, h),
-            "self_attn.k_proj.weight": (kv, h),
-            "self_attn.v_proj.weight": (kv, h),
-            "self_attn.o_proj.weight": (h, q),
-            "mlp.gate_proj.weight": (f, h),
-            "mlp.up_proj.weight": (f, h),
-            "mlp.down_proj.weight": (h, f),
-        }
-        if config.qkv_bias:
-            layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
-        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
-    return shapes
