@@ -32,8 +32,8 @@ CONVERTER_ID = hashlib.sha256(
     Path(__file__).read_bytes() + (Path(__file__).parents[1] / "weights" / "quants.py").read_bytes()
 ).hexdigest()[:16]
 INT4_GROUP = 32
-_ROWS_PER_STEP = 4096
-_DENSE_PIECE_WEIGHTS = 1 << 23  # most weights prefill dequantizes at once (16 MiB of bfloat16)  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
+_ROWS_PER_STEP = 4096  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
+_DENSE_PIECE_WEIGHTS = 1 << 23  # most weights prefill dequantizes at once (16 MiB of bfloat16)
 
 
 class _QuantizedLinear(nn.Module, ABC):
@@ -45,7 +45,7 @@ class _QuantizedLinear(nn.Module, ABC):
 
     @abstractmethod
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
-        """Few rows (decoding): PyTorch's packed low-bit kernel."""
+        """Few rows (decoding): a kernel that reads the packed low-bit weights directly."""
 
     @abstractmethod
     def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
@@ -200,7 +200,7 @@ def _block_dequantize(codes: torch.Tensor, high_bits: torch.Tensor | None, scale
 
 class _Workspace:
     """One bfloat16 buffer that prefill dequantizes every layer's weights into, in turn: each is dead once its
-    matmul returns, and reusing the memory spares the page faults of a fresh ~17 MB allocation per layer."""
+    matmul returns, and reusing the memory spares the page faults of a fresh allocation of several MB per layer."""
 
     buffer = torch.empty(0, dtype=torch.bfloat16)
 
@@ -227,9 +227,6 @@ class BlockLinear(_QuantizedLinear):
     @classmethod
     def from_blocks(cls, blocks: BlockCodes, bias: torch.Tensor | None) -> BlockLinear:
         return cls(*pack_blocks(blocks), blocks.scales.contiguous(), None if bias is None else bias.to(torch.bfloat16))
-
-    def dequantized(self) -> torch.Tensor:
-        return _block_dequantize(self.codes, self.high_bits, self.scales)
 
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         kernels = block_kernels()
