@@ -89,8 +89,10 @@ class Checkpoint(ABC):
         return "|".join(f"{f.resolve()}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in self.files())
 
     @abstractmethod
-    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
-        ...
+    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
+                placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """Every tensor under its HF name; `placeholders` may come back as meta tensors (not read) where the format
+        lets a caller read them another way (`stored_blocks`, `stored_rows`)."""
 
     def info(self) -> ModelInfo:
         return ModelInfo(str(self.path), self.format, self.config, self.tensor_types(), self.chat_template_source is not None)
@@ -142,8 +144,9 @@ class GGUFSource(Checkpoint):
     def files(self) -> list[Path]:
         return [self.path]
 
-    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
-        return split_fused_qkv(self.gguf.tensors(dtype, device, progress))
+    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
+                placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        return split_fused_qkv(self.gguf.tensors(dtype, device, progress, placeholders))
 
 
 class HFSource(Checkpoint):
@@ -200,8 +203,9 @@ class HFSource(Checkpoint):
     def files(self) -> list[Path]:
         return [self.path / "config.json", *shard_files(self.path)]
 
-    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter) -> dict[str, torch.Tensor]:
-        loaded = load_safetensors(self.path, dtype, device, progress)
+    def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
+                placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        loaded = load_safetensors(self.path, dtype, device, progress)  # memory-mapped: nothing to spare
         return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()})
 
 

@@ -27,6 +27,7 @@ from .model.quantized import (
     place_quantized,
     quant_plan,
     quantize_modules,
+    read_as_stored,
 )
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
@@ -204,11 +205,18 @@ def load(
             decoder.model.embed_tokens = StoredEmbedding(rows, chosen_dtype)
         decoder.adopt_state(state)
     else:
-        bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
-        decoder.load_weights(checkpoint.tensors(chosen_dtype, chosen_device, bar), source=str(checkpoint.path))
+        # Planned on the shapes alone, so that tensors the formats take from the file as stored (blocks kept bit for
+        # bit, an embedding read by rows) are never dequantized: the first start then peaks near the final size.
         plan = quant_plan(decoder, chosen_quant, checkpoint.stored_types())
+        placeholders = read_as_stored(plan, checkpoint.stored_types())
         if rows is not None:
             plan.pop("model.embed_tokens", None)
+            placeholders |= {"model.embed_tokens.weight"}
+        bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
+        tensors = checkpoint.tensors(chosen_dtype, chosen_device, bar, placeholders)
+        decoder.load_weights(tensors, source=str(checkpoint.path))
+        del tensors
+        if rows is not None:
             decoder.model.embed_tokens = StoredEmbedding(rows, chosen_dtype)
         quantize_modules(decoder, plan, checkpoint.stored_blocks)
         if cache:

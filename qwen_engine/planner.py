@@ -24,9 +24,10 @@ from .errors import QwenError
 GiB = 1 << 30
 # Per GPU, beyond tensors: CUDA context, cuBLAS/cuDNN workspaces and allocator slack (typically 0.5–1 GiB).
 GPU_OVERHEAD = 768 << 20
-# The process itself on the CPU: Python, PyTorch and the tokenizer (measured here: ~0.3 GiB after `import torch`
-# and building the tokenizer).
+# The process itself on the CPU: Python, PyTorch with its kernels paged in, and the tokenizer (measured here: 0.29–0.37
+# GiB, depending on how the kernel maps library pages), plus a loaded model's Python-side structures (~50 MB).
 CPU_RUNTIME = 300 << 20
+CPU_LOADED_MODEL = 50 << 20
 TP_DEGREES = (1, 2, 4, 8)
 PRECISION_LADDER = ("fp32", "bf16", "int8", "int4")
 PREFILL_PIECE = 1 << 23  # weights the CPU engine dequantizes at once in prefill (model/quantized.py)
@@ -88,7 +89,7 @@ class MemoryPlan:
     activations: int  # per GPU: a prefill of the whole context: gate/up, q/k/v and hidden rows, plus float32 logits
     encoders: int  # per GPU: vision/audio towers, replicated, 16-bit
     overhead: int  # per GPU: GPU_OVERHEAD
-    host_ram: int  # the same model on the CPU in one process: CPU_RUNTIME + everything above for tp = 1
+    host_ram: int  # the same model on the CPU in one process: CPU_RUNTIME + CPU_LOADED_MODEL + everything above (tp 1)
     host_ram_gpu_load: int  # loading onto GPUs: CPU_RUNTIME + the largest tensor in float32 (converted one at a time)
     problems: list[str] = field(default_factory=list)  # tensor-parallel / block divisibility failures
     per_token: int = 0  # KV and activation bytes per token of context (per GPU, per sequence)
@@ -208,7 +209,7 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
         problems=divisibility(entry, tp, fmt), per_token=kv_token + act_token,
     )
     if tp == 1:
-        result.host_ram = CPU_RUNTIME + weights + result.kv_cache + result.activations + encoders
+        result.host_ram = CPU_RUNTIME + CPU_LOADED_MODEL + weights + result.kv_cache + result.activations + encoders
     else:
         result.host_ram = plan(entry, precision, context, batch, kv_dtype, 1, group_size).host_ram
     return result

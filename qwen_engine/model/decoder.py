@@ -244,7 +244,8 @@ class QwenDecoder(nn.Module):
         self._finish_loading()
 
     def _finish_loading(self) -> None:
-        if isinstance(self.lm_head, nn.Linear) and self.lm_head.weight.is_meta:  # tied checkpoints store no head
+        tied = self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear)
+        if tied and self.lm_head.weight.is_meta:  # tied checkpoints store no head
             self.lm_head.weight = self.model.embed_tokens.weight
         # Built on the meta device, the rotary table is made again where the weights now live.
         self.rotary = RotaryEmbedding(self.config).to(self.device)

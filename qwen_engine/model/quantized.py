@@ -300,7 +300,7 @@ def quantize_modules(model: nn.Module, plan: dict[str, str], stored_blocks: Stor
     """Replace the modules named in `plan` by the format it names. Block formats take the checkpoint's own blocks
     where `stored_blocks` has them (bit for bit) and quantize the float weights otherwise; a tied head shares the
     embedding's blocks."""
-    shared: dict[int, tuple[torch.Tensor, BlockCodes]] = {}
+    done: dict[int, tuple[torch.Tensor, BlockEmbedding]] = {}  # by weight: a tied head reuses the embedding's blocks
     for name, fmt in plan.items():
         module = model.get_submodule(name)
         weight, bias = module.weight.data, getattr(module, "bias", None)
@@ -308,13 +308,16 @@ def quantize_modules(model: nn.Module, plan: dict[str, str], stored_blocks: Stor
         if fmt not in BLOCK_FORMATS:
             _replace(model, name, FORMATS[fmt].quantize(weight, bias))
             continue
-        if id(weight) in shared and shared[id(weight)][0] is weight:
-            blocks = shared[id(weight)][1]
-        else:
-            blocks = _blocks_of(name, weight, BLOCK_FORMATS[fmt], stored_blocks)
-            shared[id(weight)] = weight, blocks
         module_class = BlockEmbedding if isinstance(module, nn.Embedding) else BlockLinear
-        _replace(model, name, module_class.from_blocks(blocks, bias))
+        if id(weight) in done and done[id(weight)][0] is weight:
+            twin = done[id(weight)][1]
+            buffers = (twin.codes, twin.high_bits, twin.scales)
+            quantized = module_class(*buffers) if module_class is BlockEmbedding else module_class(*buffers, bias)
+        else:
+            quantized = module_class.from_blocks(_blocks_of(name, weight, BLOCK_FORMATS[fmt], stored_blocks), bias)
+        if isinstance(module, nn.Embedding):  # only a head can share an embedding's weight
+            done[id(weight)] = weight, quantized
+        _replace(model, name, quantized)
 
 
 def _blocks_of(name: str, weight: torch.Tensor, bits: int, stored_blocks: StoredBlocks) -> BlockCodes:
@@ -323,6 +326,17 @@ def _blocks_of(name: str, weight: torch.Tensor, bits: int, stored_blocks: Stored
         parts = [part if bits == 5 else part.widened() for part in parts]
         return BlockCodes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), bits)
     return quantize_blocks(weight, bits)
+
+
+def read_as_stored(plan: dict[str, str], source_types: dict[str, str]) -> frozenset[str]:
+    """Checkpoint tensors that `quantize_modules` takes from the file's own blocks, so a loader need not dequantize
+    them at all (a block format whose every part is stored Q8_0/Q5_0)."""
+    names = set()
+    for module, fmt in plan.items():
+        parts = _stored_as(module)
+        if fmt in BLOCK_FORMATS and all(source_types.get(part) in STORED_BLOCK_TYPES for part in parts):
+            names.update(parts)
+    return frozenset(names)
 
 
 def place_quantized(model: nn.Module, plan: dict[str, str], state: dict[str, torch.Tensor]) -> None:
@@ -339,6 +353,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 QUANT_CHOICES = ("none", "int8", "int4", "q8_0", "auto")
 FOUR_BIT_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
+STORED_BLOCK_TYPES = frozenset({"Q8_0", "Q5_0"})  # what weights/quants.block_codes reads bit for bit
 
 
 def _stored_as(name: str) -> list[str]:

@@ -123,14 +123,20 @@ class GGUFCheckpoint:
         return any(entry.name == gguf_name for entry in self.entries)
 
     def tensors(
-        self, dtype: torch.dtype, device: torch.device, progress: Callable[[Iterator], Iterator] = iter
+        self, dtype: torch.dtype, device: torch.device, progress: Callable[[Iterator], Iterator] = iter,
+        placeholders: frozenset[str] = frozenset(),
     ) -> dict[str, torch.Tensor]:
-        """Every tensor dequantized, cast to `dtype` on `device`, under its HF name."""
+        """Every tensor dequantized, cast to `dtype` on `device`, under its HF name; those named in `placeholders`
+        (HF names) become meta tensors of the right shape instead, for a caller that reads them another way."""
         loaded = {}
         for entry in progress(self.entries):
+            name = hf_name(entry.name)
+            if name in placeholders:
+                loaded[name] = torch.empty(entry.shape, dtype=dtype, device="meta")
+                continue
             raw = self.data[entry.offset : entry.offset + entry.nbytes]
             weights = dequantize(raw, entry.qtype, entry.shape, name=entry.name)
-            loaded[hf_name(entry.name)] = weights.to(device=device, dtype=dtype)
+            loaded[name] = weights.to(device=device, dtype=dtype)
         return loaded
 
 

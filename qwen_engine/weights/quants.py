@@ -215,7 +215,6 @@ def block_codes(data: np.ndarray, qtype: T, shape: Sequence[int]) -> BlockCodes 
     rows, columns = shape
     blocks = _raw_bytes(data).view(-1, GGML_QUANT_SIZES[qtype][1])
     scales = blocks[:, :2].contiguous().view(torch.float16).view(rows, columns // 32)
-    if qtype == T.Q8_0:
-        codes = blocks[:, 2:].view(torch.int8).to(torch.int16) + BlockCodes.OFFSETS[8]
-        return BlockCodes(codes.to(torch.uint8).view(rows, columns), scales, 8)
+    if qtype == T.Q8_0:  # q + 128 of an int8 is its byte with the top bit flipped
+        return BlockCodes((blocks[:, 2:] ^ 0x80).view(rows, columns), scales, 8)
     return BlockCodes(_legacy_5bit(blocks, 2).view(rows, columns), scales, 5)
