@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     memory = commands.add_parser("memory", help="what a model needs (weights, KV cache, activations) and whether it fits")
     memory.add_argument("model", help="a catalog name (see `qwen models`), an HF checkpoint directory or a .gguf file")
-    memory.add_argument("--dtype", default="bf16", help="bf16, fp16, fp32, int8, int4 or gguf:<TYPE> (default bf16)")
+    memory.add_argument("--dtype", default="bf16",
+                        help="bf16, fp16, fp32, int8, int4, gguf:<TYPE> or auto (this engine's CPU format; default bf16)")
     memory.add_argument("--context", type=int, help="tokens per sequence (default: the model's full context)")
     memory.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     memory.add_argument("--kv-dtype", help="KV-cache dtype: bf16, fp16, fp32, fp8 or int8 (default: the compute dtype)")
@@ -361,7 +362,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
         "activations_per_gpu": result.activations, "encoders_per_gpu": result.encoders, "overhead_per_gpu": result.overhead,
         "per_gpu": result.per_gpu, "total_gpu": result.total_gpu, "host_ram_cpu": result.host_ram,
         "host_ram_gpu_load": result.host_ram_gpu_load,
-        "tp_problems": result.problems,
+        "layout_problems": result.problems,
     }
     if verdict:
         report.update({"gpu_memory": capacity, "fits": verdict.fits, "max_context": verdict.max_context,
@@ -377,7 +378,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
     print(f"  {'all GPUs':<13}{gib(result.total_gpu):>12}")
     print(f"  host RAM: {gib(result.host_ram_gpu_load)} while loading onto GPUs, {gib(result.host_ram)} to run on the CPU")
     for problem in result.problems:
-        print(f"  tp problem: {problem}")
+        print(f"  layout problem: {problem}")
     if verdict:
         print(f"  fits in {gib(capacity)} per GPU: {'yes' if verdict.fits else 'no'}; longest context {verdict.max_context:,} "
               f"tokens at batch {result.batch}; largest batch {verdict.max_batch} at {result.context:,} tokens")

@@ -91,7 +91,7 @@ class MemoryPlan:
     overhead: int  # per GPU: GPU_OVERHEAD
     host_ram: int  # the same model on the CPU in one process: CPU_RUNTIME + CPU_LOADED_MODEL + everything above (tp 1)
     host_ram_gpu_load: int  # loading onto GPUs: CPU_RUNTIME + the largest tensor in float32 (converted one at a time)
-    problems: list[str] = field(default_factory=list)  # tensor-parallel / block divisibility failures
+    problems: list[str] = field(default_factory=list)  # what cannot be split evenly: over the GPUs, or into the blocks
     per_token: int = 0  # KV and activation bytes per token of context (per GPU, per sequence)
 
     @property
