@@ -94,7 +94,6 @@ class BlockKernels:
             raise ValueError(f"block dequantize cannot take {columns} columns")
         return out
 
-
     def decode_layers(self, layers: ctypes.Array, shape: DecodeShape, hidden: torch.Tensor, keys: torch.Tensor,
                       values: torch.Tensor, position: int, rope: tuple[torch.Tensor, ...]) -> None:
         """Run one token through every layer: hidden [H] bfloat16 in place; keys/values [L, kv_heads, max_len, d]
@@ -108,6 +107,7 @@ class BlockKernels:
 
 
 def matrix(codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor, bias: torch.Tensor | None) -> BlockMatrix:
+    """The C view of a block-quantized layer's buffers (which must outlive it)."""
     return BlockMatrix(codes.data_ptr(), _address(high_bits), scales.data_ptr(), _address(bias), scales.shape[0], scales.shape[1] * 32)
 
 
@@ -132,6 +132,7 @@ def _build(compiler: str) -> Path:
         try:
             command = [compiler, *flags, "-o", str(partial), *map(str, SOURCES), "-lm"]
             subprocess.run(command, capture_output=True, check=True, timeout=120)
+            ctypes.CDLL(str(partial)).qe_decode_layers  # loads and links, or raises OSError/AttributeError
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)
@@ -150,7 +151,7 @@ def block_kernels() -> BlockKernels | None:
         return None
     try:
         return BlockKernels(_build(compiler))
-    except (OSError, subprocess.SubprocessError) as err:
+    except (OSError, AttributeError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", b"") or b""
         warnings.warn(f"qwen-engine: building the native kernels failed ({err}; {detail.decode(errors='replace')[-300:]}), "
                       "so decoding runs on PyTorch's slower int8 path", RuntimeWarning, stacklevel=2)
