@@ -96,11 +96,16 @@ def worker_llama(args: argparse.Namespace) -> dict:
 
 def perplexity_qwen(args: argparse.Namespace) -> dict:
     from qwen_engine import load
-    from qwen_engine.engine.perplexity import perplexity
+    from qwen_engine.engine.perplexity import perplexity, scored_from
 
     model = load(args.model, quant=args.quant, dtype=args.dtype)
     ids = model.tokenizer.encode(CORPUS.read_text(encoding="utf-8"))
-    result = perplexity(model.logits, ids, args.context)
+    if args.decode_path:  # every scored token through a decoding step, as generation computes it
+        def logits_of(chunk: list[int]):
+            return model.stepwise_logits(chunk, scored_from(len(chunk)) + 1)
+    else:
+        logits_of = model.logits
+    result = perplexity(logits_of, ids, args.context, args.max_chunks)
     return {"perplexity": result.perplexity, "tokens_scored": result.tokens_scored, "quant": model.quant}
 
 
@@ -121,7 +126,7 @@ def perplexity_llama(args: argparse.Namespace) -> dict:
         llm.eval(chunk)
         return torch.from_numpy(llm.scores[: len(chunk)].copy())
 
-    result = perplexity(logits_of, ids, args.context)
+    result = perplexity(logits_of, ids, args.context, args.max_chunks)
     return {"perplexity": result.perplexity, "tokens_scored": result.tokens_scored}
 
 
@@ -135,7 +140,7 @@ def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
     command = [sys.executable, __file__, "--worker", job, "--model", args.model, "--prompt-tokens", str(args.prompt_tokens),
                "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--context", str(args.context)]
     for key, value in extra.items():
-        command += [f"--{key}", value]
+        command += [f"--{key.replace('_', '-')}"] + ([] if value is True else [value])
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
@@ -168,6 +173,10 @@ def main() -> None:
     parser.add_argument("--quant", default=None)
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--skip-perplexity", action="store_true")
+    parser.add_argument("--decode-path", action="store_true", help="(worker) score through decoding steps")
+    parser.add_argument("--max-chunks", type=int, default=None, help="(worker) score at most this many chunks")
+    parser.add_argument("--decode-chunks", type=int, default=8,
+                        help="chunks scored through decoding steps (slow: one step per token)")
     parser.add_argument("--worker", choices=WORKERS)
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
     args = parser.parse_args()
@@ -195,6 +204,15 @@ def main() -> None:
         quality["qwen-engine"] = spawn(args, "ppl:qwen-engine")
         quality["qwen-engine float32"] = spawn(args, "ppl:qwen-engine", quant="none", dtype="float32")
         quality["llama.cpp"] = spawn(args, "ppl:llama.cpp")
+        # Generation computes every token through a decoding step (int8 activations in the block kernel): the same
+        # measure on the first chunks, through that path and the others.
+        first = str(args.decode_chunks)
+        quality["decode path"] = {
+            "qwen-engine, decoding steps": spawn(args, "ppl:qwen-engine", decode_path=True, max_chunks=first),
+            "qwen-engine, one forward": spawn(args, "ppl:qwen-engine", max_chunks=first),
+            "qwen-engine float32": spawn(args, "ppl:qwen-engine", quant="none", dtype="float32", max_chunks=first),
+            "llama.cpp": spawn(args, "ppl:llama.cpp", max_chunks=first),
+        }
     args.output.write_text(report(args, medians, runs, quality), encoding="utf-8")
     print(args.output.read_text(encoding="utf-8"))
 
@@ -242,10 +260,19 @@ def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -
     for name, vs_llama, vs_tf, target, met in checks:
         lines.append(f"| {name} | {vs_llama:.2f}× | {vs_tf:.2f}× | {target} | {'yes' if met else 'no'} |")
     if quality:
+        decode_path = quality.pop("decode path")
         lines += ["", f"## Perplexity ({CORPUS.name}, {args.context}-token chunks, second halves scored)", "",
                   "| engine | perplexity | tokens scored |", "|---|---|---|"]
         for engine, q in quality.items():
             lines.append(f"| {engine} | {q['perplexity']:.4f} | {q['tokens_scored']} |")
+        lines += ["", f"The first {args.decode_chunks} chunks, scoring every token through a decoding step as generation "
+                  "does (the fused decode path: int8 activations in the block kernel) against one forward per chunk:", "",
+                  "| path | perplexity | tokens scored |", "|---|---|---|"]
+        for path, q in decode_path.items():
+            lines.append(f"| {path} | {q['perplexity']:.4f} | {q['tokens_scored']} |")
+        steps = decode_path["qwen-engine, decoding steps"]["perplexity"]
+        lines += ["", f"Decoding steps: {steps / decode_path['qwen-engine float32']['perplexity'] - 1:+.2%} against float32, "
+                  f"{steps / decode_path['llama.cpp']['perplexity'] - 1:+.2%} against llama.cpp on the same chunks."]
         ours_ppl = quality["qwen-engine"]["perplexity"]
         vs_llama = ours_ppl / quality["llama.cpp"]["perplexity"] - 1
         vs_f32 = ours_ppl / quality["qwen-engine float32"]["perplexity"] - 1

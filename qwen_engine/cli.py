@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity = commands.add_parser("perplexity", help="perplexity of a text file (llama-perplexity's method)")
     _add_model_options(perplexity)
     perplexity.add_argument("--context", type=_positive_int, default=512, help="tokens per chunk (default 512)")
+    perplexity.add_argument("--decode-path", action="store_true",
+                            help="score every token through a decoding step, as generation computes it (slower)")
+    perplexity.add_argument("--max-chunks", type=_positive_int, help="score at most this many chunks")
     perplexity.add_argument("--json", action="store_true")
     perplexity.add_argument("file")
 
@@ -301,7 +304,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_perplexity(args: argparse.Namespace) -> None:
-    from .engine.perplexity import perplexity
+    from .engine.perplexity import perplexity, scored_from
 
     try:
         text = open(args.file, encoding="utf-8").read()
@@ -309,7 +312,13 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
         raise QwenError(f"cannot read {args.file} ({err})") from None
     model = _load(args)
     ids = model.tokenizer.encode(text)
-    result = perplexity(model.logits, ids, min(args.context, model.config.context_length))
+    context = min(args.context, model.config.context_length)
+    if args.decode_path:
+        def logits_of(chunk: list[int]) -> Any:
+            return model.stepwise_logits(chunk, scored_from(len(chunk)) + 1)
+    else:
+        logits_of = model.logits
+    result = perplexity(logits_of, ids, context, args.max_chunks)
     if args.json:
         print(json.dumps({"perplexity": result.perplexity, "tokens": len(ids), "tokens_scored": result.tokens_scored,
                           "chunks": result.chunks, "context": args.context, "quant": model.quant}))

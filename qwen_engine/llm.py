@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .chat import ChatFormat, Message
 from .checkpoint import ModelInfo, open_checkpoint
 from .engine.generate import Delta, GenerationResult, Generator
+from .engine.kv_cache import StaticKVCache
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .model.decoder import QwenDecoder
@@ -135,6 +136,21 @@ class Model:
             raise QwenError("logits() needs at least one token id")
         with torch.inference_mode():
             return self.decoder(torch.tensor([ids], device=self.device))[0].to(torch.float32)
+
+    def stepwise_logits(self, ids: list[int], prefill: int) -> torch.Tensor:
+        """Float32 logits [len(ids), V] computed the way generation computes them: one prefill of the first `prefill`
+        ids, then one decoding step per later id through the KV cache (the fused decode path where it applies).
+        Rows before prefill − 1 are not computed (zeros)."""
+        if not 0 < prefill <= len(ids):
+            raise QwenError(f"stepwise_logits needs 0 < prefill ≤ {len(ids)} (got {prefill})")
+        cache = StaticKVCache(self.config, len(ids), self.dtype, self.device)
+        out = torch.zeros(len(ids), self.config.vocab_size)
+        with torch.inference_mode():
+            out[prefill - 1] = self.decoder(torch.tensor([ids[:prefill]], device=self.device), cache=cache, last_only=True)[0, -1]
+            for position in range(prefill, len(ids)):
+                token = torch.tensor([[ids[position]]], device=self.device)
+                out[position] = self.decoder(token, start=position, cache=cache, last_only=True)[0, -1]
+        return out
 
     def chat_prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation in the checkpoint's chat format, ready for the assistant's reply."""

@@ -219,5 +219,14 @@ def test_perplexity_command(capsys, tiny_gguf, tmp_path) -> None:
     result = json.loads(out)
     assert result["perplexity"] > 1 and result["chunks"] == result["tokens"] // 32
     assert result["tokens_scored"] == result["chunks"] * 15
+    # Through decoding steps (as generation computes): the same perplexity in float32, chunk count capped.
+    code, out, err = run_cli(capsys, "perplexity", str(text), "--model", str(tiny_gguf), "--context", "32", "--json",
+                             "--dtype", "float32", "--decode-path", "--max-chunks", "2")
+    assert code == 0, err
+    stepwise = json.loads(out)
+    assert stepwise["chunks"] == 2 and stepwise["tokens_scored"] == 30
+    code, out, err = run_cli(capsys, "perplexity", str(text), "--model", str(tiny_gguf), "--context", "32", "--json",
+                             "--dtype", "float32", "--max-chunks", "2")
+    assert abs(stepwise["perplexity"] / json.loads(out)["perplexity"] - 1) < 1e-4
     code, _, err = run_cli(capsys, "perplexity", str(tmp_path / "missing.txt"), "--model", str(tiny_gguf))
     assert_one_line_error(code, err, "cannot read")

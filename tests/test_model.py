@@ -46,6 +46,14 @@ def test_last_only_prefill_still_caches_every_position(tiny) -> None:
     torch.testing.assert_close(torch.stack([last, *steps]), full[9:], rtol=1e-5, atol=1e-5)
 
 
+def test_stepwise_logits_are_the_full_forward_logits(tiny) -> None:
+    stepwise = tiny.stepwise_logits(IDS, prefill=6)
+    torch.testing.assert_close(stepwise[5:], tiny.logits(IDS)[5:], rtol=1e-5, atol=1e-5)
+    assert not stepwise[:5].any()  # not computed
+    with pytest.raises(QwenError, match="prefill"):
+        tiny.stepwise_logits(IDS, prefill=0)
+
+
 def test_injected_embeddings_replace_token_embeddings(tiny) -> None:
     with torch.inference_mode():
         embeds = tiny.decoder.embed(torch.tensor([IDS]))

@@ -22,19 +22,26 @@ class PerplexityResult:
     chunks: int
 
 
+def scored_from(length: int) -> int:
+    """The first position whose logits are scored in a chunk of `length` tokens (its second half)."""
+    return length // 2
+
+
 def chunk_nll(logits: torch.Tensor, chunk: list[int]) -> tuple[float, int]:
     """Summed NLL of the chunk's second half, given float logits [len(chunk), V]."""
-    first = len(chunk) // 2
+    first = scored_from(len(chunk))
     targets = torch.tensor(chunk[first + 1 :])
     log_probs = torch.log_softmax(logits[first:-1].to(torch.float32), dim=-1)
     return float(-log_probs.gather(1, targets[:, None]).sum()), len(targets)
 
 
-def perplexity(logits_of: Callable[[list[int]], torch.Tensor], ids: list[int], context: int) -> PerplexityResult:
-    """`logits_of(chunk)` returns logits [len(chunk), V] for one full forward pass."""
+def perplexity(
+    logits_of: Callable[[list[int]], torch.Tensor], ids: list[int], context: int, max_chunks: int | None = None
+) -> PerplexityResult:
+    """`logits_of(chunk)` returns logits [len(chunk), V] (rows from the middle on are read); at most `max_chunks`."""
     if context < 4:
         raise QwenError(f"the perplexity context must be at least 4 tokens (got {context})")
-    chunks = len(ids) // context
+    chunks = len(ids) // context if max_chunks is None else min(len(ids) // context, max_chunks)
     if chunks == 0:
         raise QwenError(f"the text has {len(ids)} tokens, fewer than one context of {context}; use a longer text or --context")
     total, count = 0.0, 0
