@@ -36,6 +36,7 @@ class CatalogEntry:
     # For a local checkpoint: its own config (a GGUF has no config.json) and how each tensor is stored.
     local_config: ModelConfig | None = None
     stored_types: dict[str, str] | None = None
+    file_format: str | None = None  # "gguf" or "hf" for a local checkpoint
 
     @property
     def is_moe(self) -> bool:
@@ -170,7 +171,7 @@ def local_entry(path: str) -> CatalogEntry:
     raw = getattr(checkpoint, "raw_config", None) or {}
     return CatalogEntry(name=str(checkpoint.path), family="local", size="", variant="", context=config.context_length,
                         raw_config=raw, reference_params=None, source=str(checkpoint.path), local_config=config,
-                        stored_types=checkpoint.stored_types())
+                        stored_types=checkpoint.stored_types(), file_format=checkpoint.format)
 
 
 def _key(name: str) -> str:

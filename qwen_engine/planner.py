@@ -124,7 +124,7 @@ def _engine_cpu_bytes(entry: CatalogEntry, name: str, shape: tuple[int, ...]) ->
     if len(shape) == 1:
         return 2 * shape[0]
     stored = entry.stored_types or {}
-    if "embed_tokens" in name and stored and not entry.config.tie_word_embeddings:
+    if "embed_tokens" in name and entry.file_format == "gguf" and not entry.config.tie_word_embeddings:
         return 0
     parts = [name]
     for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
@@ -196,10 +196,10 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
     raw = entry.raw_config
     mlp = (2 * (raw["shared_expert_intermediate_size"] + raw["num_experts_per_tok"] * raw["moe_intermediate_size"])
            if entry.is_moe else 2 * config.intermediate_size)
-    qkv = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+    qkv = (config.num_heads // tp + 2 * kv_per_gpu) * config.head_dim  # per GPU
     kv_token = 2 * config.num_layers * kv_per_gpu * config.head_dim * kv_size
     # The widest prefill temporaries at once: gate/up, q/k/v and two hidden rows, plus RMSNorm's float32 copies.
-    act_token = (mlp // tp + qkv // tp + 2 * config.hidden_size) * fmt.activation_bytes + 2 * config.hidden_size * 4
+    act_token = (mlp // tp + qkv + 2 * config.hidden_size) * fmt.activation_bytes + 2 * config.hidden_size * 4
     logits = batch * config.vocab_size * 4
     workspace = 2 * max(map(_prefill_piece, _packed_layer_matrices(config))) if precision == "auto" else 0
     result = MemoryPlan(
@@ -229,9 +229,10 @@ def fit(entry: CatalogEntry, memory: int, precision: str = "bf16", context: int 
     first of these that works: another precision or smaller quantization groups (no new hardware, no lost context),
     a shorter context, then more GPUs."""
     base = plan(entry, precision, context, batch, kv_dtype, tp, group_size)
-    fixed = base.per_gpu - base.per_token * base.context * batch  # what does not grow with tokens
-    max_context = min(entry.context, max(0, (memory - fixed) // (base.per_token * batch)))
-    max_batch = max(0, (memory - fixed) // (base.per_token * base.context))
+    per_sequence_logits = entry.config.vocab_size * 4
+    shared = base.per_gpu - (base.per_token * base.context + per_sequence_logits) * batch  # grows with neither
+    max_context = min(entry.context, max(0, (memory - shared - per_sequence_logits * batch) // (base.per_token * batch)))
+    max_batch = max(0, (memory - shared) // (base.per_token * base.context + per_sequence_logits))
     if base.per_gpu <= memory and not base.problems:
         return Fit(True, max_context, max_batch, "")
 
@@ -250,9 +251,11 @@ def fit(entry: CatalogEntry, memory: int, precision: str = "bf16", context: int 
             return Fit(False, max_context, max_batch, f"{description} ({result.per_gpu / GiB:.1f} GiB per GPU)")
     if max_context >= 1 and not base.problems:
         return Fit(False, max_context, max_batch, f"shorten the context to {max_context:,} tokens")
-    for more in TP_DEGREES[TP_DEGREES.index(tp) + 1 :]:
-        if works(result := plan(entry, precision, base.context, batch, kv_dtype, more, group_size)):
-            return Fit(False, max_context, max_batch, f"use {more} GPUs (tp={more}: {result.per_gpu / GiB:.1f} GiB each)")
+    if precision != "auto":  # auto is one CPU process: no GPUs to add
+        for other_tp in TP_DEGREES:  # fewer GPUs first: a degree that splits evenly may need fewer, not more
+            if other_tp != tp and works(result := plan(entry, precision, base.context, batch, kv_dtype, other_tp, group_size)):
+                return Fit(False, max_context, max_batch,
+                           f"use {other_tp} GPU{'s' if other_tp > 1 else ''} (tp={other_tp}: {result.per_gpu / GiB:.1f} GiB each)")
     reason = f" ({base.problems[0]})" if base.problems else ""
     return Fit(False, max_context, max_batch, f"no precision, context or up to 8 such GPUs makes it fit{reason}")
 

@@ -228,3 +228,21 @@ def test_without_kernels_auto_runs_on_pytorch_formats(tiny_blocks_gguf, monkeypa
     finally:
         monkeypatch.delenv("QWEN_ENGINE_NO_KERNELS")
         block_kernels.cache_clear()
+
+
+@needs_kernels
+def test_tied_gguf_head_shares_the_stored_embedding_blocks(tiny_gguf_factory) -> None:
+    """A tied file (no output.weight) with a Q8_0 embedding: the head is the embedding's blocks, never a float copy."""
+    from tiny import hf_config, random_model
+
+    config = hf_config("qwen2.5-0.5b", intermediate_size=192)
+    embedding = random_model(config).state_dict()["model.embed_tokens.weight"].numpy()
+    raw = {"token_embd.weight": (gguf_quants.quantize(embedding, T.Q8_0), T.Q8_0)}
+    path = tiny_gguf_factory("tied.gguf", raw_tensors=raw, intermediate_size=192)
+    model = qwen_engine.load(path)
+    decoder = model.decoder
+    assert decoder.config.tie_word_embeddings
+    assert decoder.lm_head.codes.data_ptr() == decoder.model.embed_tokens.codes.data_ptr()
+    reference = qwen_engine.load(path, dtype="float32", quant="none")
+    ids = list(range(500, 530))
+    assert relative_error(model.logits(ids), reference.logits(ids)) <= 0.03

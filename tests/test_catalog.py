@@ -105,6 +105,19 @@ def test_fits_and_the_cheapest_change() -> None:
     assert plan(resolve("Qwen/Qwen2.5-7B-Instruct"), "int4", long.max_context).per_gpu <= rtx4090
 
 
+def test_fit_limits_are_exact_and_suggestions_cover_fewer_gpus() -> None:
+    small = resolve("Qwen/Qwen2.5-0.5B-Instruct")
+    limits = fit(small, 80 * GiB, "bf16", context=128)
+    assert plan(small, "bf16", 128, batch=limits.max_batch).per_gpu <= 80 * GiB
+    assert plan(small, "bf16", 128, batch=limits.max_batch + 1).per_gpu > 80 * GiB
+    longest = fit(resolve("Qwen/Qwen2.5-7B-Instruct"), 20 * GiB, "bf16", batch=2)
+    assert plan(resolve("Qwen/Qwen2.5-7B-Instruct"), "bf16", longest.max_context, batch=2).per_gpu <= 20 * GiB
+    assert plan(resolve("Qwen/Qwen2.5-7B-Instruct"), "bf16", longest.max_context + 1, batch=2).per_gpu > 20 * GiB
+    # 28 heads do not split over 8 GPUs; one 80 GB GPU holds the model.
+    assert "tp=1" in fit(resolve("Qwen/Qwen2.5-7B-Instruct"), 80 * GiB, "bf16", tp=8).suggestion
+    assert not fit(resolve("Qwen/Qwen2.5-72B-Instruct"), 8 * GiB, "auto", context=4096).fits  # no GPUs to add
+
+
 def test_models_table_has_both_columns(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out

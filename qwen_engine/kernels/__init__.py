@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -128,7 +129,9 @@ def _build(compiler: str) -> Path:
     target = cache_dir() / "kernels" / f"qwen_kernels-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+        descriptor, name = tempfile.mkstemp(prefix=f"{target.name}.partial-", dir=target.parent)
+        os.close(descriptor)
+        partial = Path(name)
         try:
             command = [compiler, *flags, "-o", str(partial), *map(str, SOURCES), "-lm"]
             subprocess.run(command, capture_output=True, check=True, timeout=120)

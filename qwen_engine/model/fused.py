@@ -38,6 +38,9 @@ class FusedDecodeStep:
                 attention.window or 0,
             ))
         self.layers = (DecodeLayer * len(layers))(*layers)
+        # The structures hold raw addresses: keep what they point into alive for as long as this step exists.
+        self._buffers = [t for layer in decoder.model.layers for t in (*layer.buffers(), *layer.parameters())]
+        self.num_layers = config.num_layers
 
     @classmethod
     def build(cls, decoder: QwenDecoder) -> FusedDecodeStep | None:
@@ -57,7 +60,12 @@ class FusedDecodeStep:
     def __call__(self, hidden: torch.Tensor, rope: RotaryTables, cache: KVStore, start: int) -> torch.Tensor | None:
         """hidden [1, 1, H] after every layer, or None where this step does not apply (the caller runs PyTorch)."""
         keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
-        if not isinstance(keys, torch.Tensor) or keys.dim() != 5 or keys.shape[1] != 1 or hidden.shape[:2] != (1, 1):
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or hidden.shape[:2] != (1, 1):
+            return None
+        shape = (self.num_layers, 1, self.shape.kv_heads, keys.shape[3] if keys.dim() == 5 else -1, self.shape.head_dim)
+        dense = all(t.shape == shape and t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"
+                    for t in (keys, values))
+        if not dense or any(table.dtype != torch.bfloat16 for table in rope):
             return None
         out = hidden.to(torch.bfloat16, copy=True).contiguous()
         tables = tuple(table.contiguous() for table in (rope.cos, rope.sin, rope.q_cos, rope.q_sin))

@@ -12,6 +12,7 @@ regular matmul instead.
 from __future__ import annotations
 
 import hashlib
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import MAX_ROWS, block_kernels
+from ..errors import QwenError
+from ..weights.gguf import StoredRows
 from ..weights.quants import BlockCodes
 from .decoder import PACKED
 
@@ -193,22 +196,26 @@ def quantize_blocks(weight: torch.Tensor, bits: int = 8) -> BlockCodes:
 def _block_dequantize(codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     kernels = block_kernels()
-    if kernels is not None:
+    if kernels is not None and scales.shape[1] % 2 == 0:  # the kernel takes rows of whole 64-weight steps
         return kernels.dequantize(codes, high_bits, scales, out)
     return unpack_blocks(codes, high_bits, scales).dequantized().to(torch.bfloat16)
 
 
-class _Workspace:
-    """One bfloat16 buffer that prefill dequantizes every layer's weights into, in turn: each is dead once its
-    matmul returns, and reusing the memory spares the page faults of a fresh allocation of several MB per layer."""
+class _Workspace(threading.local):
+    """One bfloat16 buffer (per thread) that prefill dequantizes every layer's weights into, in turn: each is dead
+    once its matmul returns, and reusing the memory spares the page faults of a fresh allocation of several MB per
+    layer."""
 
-    buffer = torch.empty(0, dtype=torch.bfloat16)
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0, dtype=torch.bfloat16)
 
-    @classmethod
-    def get(cls, numel: int) -> torch.Tensor:
-        if cls.buffer.numel() < numel:
-            cls.buffer = torch.empty(numel, dtype=torch.bfloat16)
-        return cls.buffer
+    def get(self, numel: int) -> torch.Tensor:
+        if self.buffer.numel() < numel:
+            self.buffer = torch.empty(numel, dtype=torch.bfloat16)
+        return self.buffer
+
+
+_workspace = _Workspace()
 
 
 class BlockLinear(_QuantizedLinear):
@@ -240,7 +247,7 @@ class BlockLinear(_QuantizedLinear):
         # contiguous block. The peak memory of prefill is then the workspace, not the whole matrix in bfloat16.
         pieces = -(-self.out_features * self.in_features // _DENSE_PIECE_WEIGHTS)
         step = -(-self.out_features // pieces)
-        workspace = _Workspace.get(step * self.in_features)
+        workspace = _workspace.get(step * self.in_features)
         if pieces == 1:
             return F.linear(rows, _block_dequantize(self.codes, self.high_bits, self.scales, workspace))
         transposed = torch.empty(self.out_features, rows.shape[0], dtype=torch.bfloat16)
@@ -279,13 +286,16 @@ class StoredEmbedding(nn.Module):
     """An embedding table left in the checkpoint file: a lookup reads and dequantizes the rows it needs (as
     llama.cpp's memory-mapped get_rows does), so an untied table costs no resident memory."""
 
-    def __init__(self, rows: Callable[[list[int]], torch.Tensor], dtype: torch.dtype) -> None:
+    def __init__(self, rows: StoredRows, dtype: torch.dtype) -> None:
         super().__init__()
         self.rows = rows
         self.dtype = dtype
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        rows = self.rows(token_ids.reshape(-1).tolist()).to(self.dtype)
+        ids = token_ids.reshape(-1).tolist()
+        if ids and not 0 <= min(ids) <= max(ids) < self.rows.shape[0]:
+            raise QwenError(f"token ids must lie in [0, {self.rows.shape[0]})")
+        rows = self.rows(ids).to(self.dtype)
         return rows.view(*token_ids.shape, -1)
 
 
@@ -300,23 +310,24 @@ def quantize_modules(model: nn.Module, plan: dict[str, str], stored_blocks: Stor
     """Replace the modules named in `plan` by the format it names. Block formats take the checkpoint's own blocks
     where `stored_blocks` has them (bit for bit) and quantize the float weights otherwise; a tied head shares the
     embedding's blocks."""
-    done: dict[int, tuple[torch.Tensor, BlockEmbedding]] = {}  # by weight: a tied head reuses the embedding's blocks
+    # By parameter (the object a tied head shares; `.data` is a new tensor each time): the head reuses the blocks.
+    done: dict[int, tuple[nn.Parameter, BlockEmbedding]] = {}
     for name, fmt in plan.items():
         module = model.get_submodule(name)
-        weight, bias = module.weight.data, getattr(module, "bias", None)
-        bias = None if bias is None else bias.data
+        parameter, bias = module.weight, getattr(module, "bias", None)
+        weight, bias = parameter.data, None if bias is None else bias.data
         if fmt not in BLOCK_FORMATS:
             _replace(model, name, FORMATS[fmt].quantize(weight, bias))
             continue
         module_class = BlockEmbedding if isinstance(module, nn.Embedding) else BlockLinear
-        if id(weight) in done and done[id(weight)][0] is weight:
-            twin = done[id(weight)][1]
+        if id(parameter) in done and done[id(parameter)][0] is parameter:
+            twin = done[id(parameter)][1]
             buffers = (twin.codes, twin.high_bits, twin.scales)
             quantized = module_class(*buffers) if module_class is BlockEmbedding else module_class(*buffers, bias)
         else:
             quantized = module_class.from_blocks(_blocks_of(name, weight, BLOCK_FORMATS[fmt], stored_blocks), bias)
         if isinstance(module, nn.Embedding):  # only a head can share an embedding's weight
-            done[id(weight)] = weight, quantized
+            done[id(parameter)] = parameter, quantized
         _replace(model, name, quantized)
 
 
