@@ -76,6 +76,8 @@ class BlockKernels:
     def matmul(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
         """x [M ≤ 8, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16."""
         rows, columns = x.shape
+        if x.dtype != torch.bfloat16 or not x.is_contiguous() or columns != scales.shape[1] * 32:
+            raise ValueError(f"block matmul needs contiguous bfloat16 rows of {scales.shape[1] * 32} (got {x.dtype} {tuple(x.shape)})")
         out = torch.empty(rows, scales.shape[0], dtype=torch.bfloat16)
         status = self._lib.qe_block_matmul(
             x.data_ptr(), rows, columns, codes.data_ptr(), _address(high_bits), scales.data_ptr(), scales.shape[0], out.data_ptr()

@@ -87,8 +87,10 @@ int qe_decode_layers(const DecodeLayer *layers, int64_t count, const DecodeShape
                      uint16_t *keys, uint16_t *values, int64_t layer_stride, int64_t max_len, int64_t pos,
                      const uint16_t *cos, const uint16_t *sin, const uint16_t *q_cos, const uint16_t *q_sin) {
     int64_t H = shape->hidden, d = shape->head_dim, heads = shape->heads, kv_heads = shape->kv_heads;
-    int64_t inter = shape->intermediate, group = heads / kv_heads;
-    if (d % 16 || d > 512 || H % 64 || inter % 64 || pos >= max_len || heads % kv_heads) return -1;
+    int64_t inter = shape->intermediate;
+    if (d % 16 || d > 512 || H % 64 || inter % 64 || pos < 0 || pos >= max_len || kv_heads < 1 || heads % kv_heads)
+        return -1;
+    int64_t group = heads / kv_heads;
     size_t qkv_size = (size_t)(heads + 2 * kv_heads) * d;
     uint16_t *normed = malloc(H * 2), *qkv = malloc(qkv_size * 2), *attn = malloc(heads * d * 2), *mixed = malloc(H * 2);
     uint16_t *gate_up = malloc(inter * 4), *act = malloc(inter * 2);
@@ -98,7 +100,7 @@ int qe_decode_layers(const DecodeLayer *layers, int64_t count, const DecodeShape
         const DecodeLayer *layer = &layers[l];
         uint16_t *layer_keys = keys + l * layer_stride, *layer_values = values + l * layer_stride;
         rms_norm(hidden, layer->input_norm, H, shape->eps, normed);
-        status |= qe_matrix_times(&layer->qkv, normed, 1, qkv);
+        if ((status = qe_matrix_times(&layer->qkv, normed, 1, qkv))) break;
         uint16_t *q = qkv, *k = qkv + heads * d, *v = k + kv_heads * d;
         for (int64_t h = 0; h < heads; h++) rotate(q + h * d, q_cos, q_sin, d);
         for (int64_t h = 0; h < kv_heads; h++) {
@@ -113,12 +115,12 @@ int qe_decode_layers(const DecodeLayer *layers, int64_t count, const DecodeShape
             attend(q + h * d, layer_keys + g * max_len * d, layer_values + g * max_len * d, first, pos, d,
                    scores + h * (pos + 1), attn + h * d);
         }
-        status |= qe_matrix_times(&layer->o, attn, 1, mixed);
+        if ((status = qe_matrix_times(&layer->o, attn, 1, mixed))) break;
         for (int64_t i = 0; i < H; i++) hidden[i] = round_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(mixed[i]));
         rms_norm(hidden, layer->post_norm, H, shape->eps, normed);
-        status |= qe_matrix_times(&layer->gate_up, normed, 1, gate_up);
+        if ((status = qe_matrix_times(&layer->gate_up, normed, 1, gate_up))) break;
         silu_mul_row(gate_up, gate_up + inter, inter, act);
-        status |= qe_matrix_times(&layer->down, act, 1, mixed);
+        if ((status = qe_matrix_times(&layer->down, act, 1, mixed))) break;
         for (int64_t i = 0; i < H; i++) hidden[i] = round_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(mixed[i]));
     }
     free(normed), free(qkv), free(attn), free(mixed), free(gate_up), free(act), free(scores);
