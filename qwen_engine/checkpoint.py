@@ -21,7 +21,7 @@ from .default_model import default_model_path
 from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .tokenizer import Tokenizer
-from .weights.gguf import GGUFCheckpoint, StoredRows, TensorEntry, hf_name, open_gguf
+from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
 from .weights.quants import BlockCodes, block_codes
 from .weights.safetensors import load_safetensors, read_json, shard_files, stored_dtypes
 from .weights.v1 import split_fused_qkv, v1_name
@@ -110,6 +110,7 @@ class GGUFSource(Checkpoint):
             ModelConfig.from_gguf(meta), tie_word_embeddings=not self.gguf.has_tensor("output.weight")
         )
         self.chat_template_source = meta.get("tokenizer.chat_template")
+        self._entries = {hf_name(entry.name): entry for entry in self.gguf.entries}  # by HF name
 
     def tokenizer(self) -> Tokenizer:
         meta = self.gguf.metadata
@@ -126,19 +127,16 @@ class GGUFSource(Checkpoint):
         return {"bos_token": text(self.config.bos_token_id), "eos_token": text(eos)}
 
     def stored_types(self) -> dict[str, str]:
-        return {hf_name(entry.name): entry.qtype.name for entry in self.gguf.entries}
-
-    def _entry(self, name: str) -> TensorEntry | None:
-        return next((entry for entry in self.gguf.entries if hf_name(entry.name) == name), None)
+        return {name: entry.qtype.name for name, entry in self._entries.items()}
 
     def stored_blocks(self, name: str) -> BlockCodes | None:
-        entry = self._entry(name)
+        entry = self._entries.get(name)
         if entry is None:
             return None
         return block_codes(self.gguf.data[entry.offset : entry.offset + entry.nbytes], entry.qtype, entry.shape)
 
     def stored_rows(self, name: str) -> StoredRows | None:
-        entry = self._entry(name)
+        entry = self._entries.get(name)
         return None if entry is None or len(entry.shape) != 2 else StoredRows(self.path, entry)
 
     def files(self) -> list[Path]:

@@ -223,8 +223,9 @@ def load(
     else:
         # Planned on the shapes alone, so that tensors the formats take from the file as stored (blocks kept bit for
         # bit, an embedding read by rows) are never dequantized: the first start then peaks near the final size.
-        plan = quant_plan(decoder, chosen_quant, checkpoint.stored_types())
-        placeholders = read_as_stored(plan, checkpoint.stored_types())
+        stored_types = checkpoint.stored_types()
+        plan = quant_plan(decoder, chosen_quant, stored_types)
+        placeholders = read_as_stored(plan, stored_types)
         if rows is not None:
             plan.pop("model.embed_tokens", None)
             placeholders |= {"model.embed_tokens.weight"}

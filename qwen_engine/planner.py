@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .catalog import DATA, CatalogEntry, local_entry, resolve
 from .config import ModelConfig
 from .errors import QwenError
+from .weights.names import packed_with
 
 GiB = 1 << 30
 # Per GPU, beyond tensors: CUDA context, cuBLAS/cuDNN workspaces and allocator slack (typically 0.5–1 GiB).
@@ -126,11 +127,7 @@ def _engine_cpu_bytes(entry: CatalogEntry, name: str, shape: tuple[int, ...]) ->
     stored = entry.stored_types or {}
     if "embed_tokens" in name and entry.file_format == "gguf" and not entry.config.tie_word_embeddings:
         return 0
-    parts = [name]
-    for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
-        if any(f".{part}." in name for part in group):
-            parts = [name.replace(next(p for p in group if f".{p}." in name), other) for other in group]
-    bits5 = all(stored.get(part) == "Q5_0" for part in parts)
+    bits5 = all(stored.get(part) == "Q5_0" for part in packed_with(name))
     return shape[0] * (shape[1] // 32) * (22 if bits5 else 34)
 
 

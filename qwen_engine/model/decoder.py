@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import QwenError
+from ..weights.names import PACKED
 from .rope import RotaryEmbedding, RotaryTables, apply_rotary
 
 
@@ -249,10 +250,3 @@ class QwenDecoder(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # Built on the meta device, the rotary table is made again where the weights now live.
         self.rotary = RotaryEmbedding(self.config).to(self.device)
-
-
-# Checkpoint projections the decoder stores concatenated, in order (see the module docstring).
-PACKED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
-}

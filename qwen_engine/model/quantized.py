@@ -24,8 +24,8 @@ from torch import nn
 from ..kernels import MAX_ROWS, block_kernels
 from ..errors import QwenError
 from ..weights.gguf import StoredRows
+from ..weights.names import stored_as
 from ..weights.quants import BlockCodes
-from .decoder import PACKED
 
 # Rows of activations above which dequantize-then-matmul beats the packed kernels (measured on a 2-core AVX-512
 # machine for the 0.5B model's shapes: the packed kernels are ~10x slower than bf16 matmul at 660 rows).
@@ -332,7 +332,7 @@ def quantize_modules(model: nn.Module, plan: dict[str, str], stored_blocks: Stor
 
 
 def _blocks_of(name: str, weight: torch.Tensor, bits: int, stored_blocks: StoredBlocks) -> BlockCodes:
-    parts = [stored_blocks(part) for part in _stored_as(name)]
+    parts = [stored_blocks(part) for part in stored_as(name)]
     if all(part is not None for part in parts) and (bits == 8 or all(part.bits == 5 for part in parts)):
         parts = [part if bits == 5 else part.widened() for part in parts]
         return BlockCodes(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), bits)
@@ -344,7 +344,7 @@ def read_as_stored(plan: dict[str, str], source_types: dict[str, str]) -> frozen
     them at all (a block format whose every part is stored Q8_0/Q5_0)."""
     names = set()
     for module, fmt in plan.items():
-        parts = _stored_as(module)
+        parts = stored_as(module)
         if fmt in BLOCK_FORMATS and all(source_types.get(part) in STORED_BLOCK_TYPES for part in parts):
             names.update(parts)
     return frozenset(names)
@@ -367,15 +367,6 @@ FOUR_BIT_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 STORED_BLOCK_TYPES = frozenset({"Q8_0", "Q5_0"})  # what weights/quants.block_codes reads bit for bit
 
 
-def _stored_as(name: str) -> list[str]:
-    """Checkpoint weight names behind a decoder module (packed projections have several)."""
-    for packed, parts in PACKED.items():
-        if name.endswith("." + packed):
-            layer = name[: -len(packed)]
-            return [f"{layer}{part}.weight" for part in parts]
-    return [f"{name}.weight"]
-
-
 def quant_plan(model: nn.Module, quant: str, source_types: dict[str, str]) -> dict[str, str]:
     """The format of every projection (and, for block formats, of the embedding table).
 
@@ -396,7 +387,7 @@ def quant_plan(model: nn.Module, quant: str, source_types: dict[str, str]) -> di
     types = {"lm_head.weight": source_types.get("model.embed_tokens.weight", "")} | source_types
 
     def stored_in(name: str, kinds: frozenset[str]) -> bool:
-        return all(types.get(part) in kinds for part in _stored_as(name))
+        return all(types.get(part) in kinds for part in stored_as(name))
 
     if quant == "auto" and block_kernels() is None:
         return {name: "int4" if stored_in(name, FOUR_BIT_SOURCES) else "int8" for name in linears}

@@ -20,11 +20,15 @@ import torch
 from ..config import ModelConfig, RopeScaling
 
 
+def _exponents(head_dim: int) -> torch.Tensor:
+    """2i/d, i = 0 … d/2−1, in float32 as transformers computes them (from int64), so frequencies match bit for bit.
+    On the CPU even while a decoder is built on the meta device (meta arithmetic imports torch._dynamo: ~1 s)."""
+    return torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / head_dim
+
+
 def inverse_frequencies(config: ModelConfig, base: float | None = None) -> torch.Tensor:
     """ω_i = base^(−2i/d), i = 0 … d/2−1, in float32 (qwen-family.md §3.2); base defaults to θ."""
-    # On the CPU even while a decoder is built on the meta device (meta arithmetic imports torch._dynamo: ~1 s).
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / config.head_dim
-    return 1.0 / ((config.rope_theta if base is None else base) ** exponents)
+    return 1.0 / ((config.rope_theta if base is None else base) ** _exponents(config.head_dim))
 
 
 def yarn_attention_factor(scaling: RopeScaling) -> float:
@@ -52,7 +56,7 @@ def yarn_frequencies(config: ModelConfig, scaling: RopeScaling, base: float | No
     """
     d, base = config.head_dim, config.rope_theta if base is None else base
     low, high = yarn_correction_range(d, base, scaling)
-    powers = base ** (torch.arange(0, d, 2, dtype=torch.int64).to(torch.float32) / d)
+    powers = base ** _exponents(d)
     extrapolation, interpolation = 1.0 / powers, 1.0 / (scaling.factor * powers)
     ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # ρ_i
     return interpolation * ramp + extrapolation * (1 - ramp), yarn_attention_factor(scaling)

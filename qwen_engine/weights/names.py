@@ -20,3 +20,29 @@ class LayerNameMap:
             return self.table.get(name, name)
         template = self.table.get(self._layer.sub(self.layer_prefix + "{}.", name))
         return template.format(layer.group(1)) if template else name
+
+
+# Checkpoint projections the decoder stores concatenated, in order (model/decoder.py): one larger matmul reads the
+# activations once. Quantized formats treat each packed projection as one matrix.
+PACKED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def stored_as(module: str) -> list[str]:
+    """Checkpoint weight names behind a decoder module (`model.layers.0.mlp.gate_up_proj` → gate and up)."""
+    for packed, parts in PACKED.items():
+        if module.endswith("." + packed):
+            layer = module[: -len(packed)]
+            return [f"{layer}{part}.weight" for part in parts]
+    return [f"{module}.weight"]
+
+
+def packed_with(tensor: str) -> list[str]:
+    """The checkpoint weights stored in the same decoder module as `tensor` (itself alone when not packed)."""
+    for packed, parts in PACKED.items():
+        for part in parts:
+            if tensor.endswith(f".{part}.weight"):
+                return stored_as(tensor[: -len(f"{part}.weight")] + packed)
+    return [tensor]
