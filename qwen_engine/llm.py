@@ -20,7 +20,7 @@ from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .model.decoder import QwenDecoder
 from .model.fused import FusedDecodeStep
-from .kernels import block_kernels
+from .kernels import cpu_kernels
 from .model.quantized import (
     CONVERTER_ID,
     QUANT_CHOICES,
@@ -207,7 +207,7 @@ def load(
     cache = None  # converted weights are cached for the CPU formats (pick_quant allows them there only)
     if chosen_quant != "none":
         # "auto" resolves differently where the block kernel cannot run, so that is part of the key.
-        fmt = chosen_quant if block_kernels() else f"{chosen_quant}-no-kernel"
+        fmt = chosen_quant if cpu_kernels() else f"{chosen_quant}-no-kernel"
         cache = converted_path(checkpoint.path, checkpoint.fingerprint(), chosen_dtype, fmt, CONVERTER_ID)
     # An untied embedding table can stay in the file (CPU formats): lookups read their rows from it.
     rows = None

@@ -31,7 +31,7 @@ CPU_RUNTIME = 300 << 20
 CPU_LOADED_MODEL = 50 << 20
 TP_DEGREES = (1, 2, 4, 8)
 PRECISION_LADDER = ("fp32", "bf16", "int8", "int4")
-PREFILL_PIECE = 1 << 23  # weights the CPU engine dequantizes at once in prefill (model/quantized.py)
+PREFILL_PIECE = 1 << 24  # weights the CPU engine dequantizes at once in prefill (model/quantized.py)
 
 
 @dataclass(slots=True, frozen=True)

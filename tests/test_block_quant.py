@@ -12,11 +12,11 @@ from gguf import quants as gguf_quants
 import qwen_engine
 import qwen_engine.model.quantized as quantized
 from qwen_engine.engine.kv_cache import StaticKVCache
-from qwen_engine.kernels import block_kernels
+from qwen_engine.kernels import cpu_flags, cpu_kernels
 from qwen_engine.model.quantized import BlockLinear, pack_blocks, quant_plan, quantize_blocks, unpack_blocks
 from qwen_engine.weights.quants import BlockCodes, block_codes
 
-needs_kernels = pytest.mark.skipif(block_kernels() is None, reason="the kernels need AVX-512 VNNI and a C compiler")
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the kernels need AVX-512 VNNI and a C compiler")
 BITS_TO_TYPE = {8: T.Q8_0, 5: T.Q5_0}
 
 
@@ -68,7 +68,7 @@ def test_kernel_dequantize_is_exact(bits: int, default_checkpoint) -> None:
     for blocks in (quantize_blocks(random_weights(96, 320, seed=4), bits), real_blocks(default_checkpoint, name)):
         assert blocks.bits == bits
         packed, high_bits = pack_blocks(blocks)
-        ours = block_kernels().dequantize(packed, high_bits, blocks.scales)
+        ours = cpu_kernels().dequantize(packed, high_bits, blocks.scales)
         assert torch.equal(ours, blocks.dequantized().to(torch.bfloat16))
 
 
@@ -89,11 +89,34 @@ def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_
     for blocks in (quantize_blocks(random_weights(256, 640, seed=5), bits), real_blocks(default_checkpoint, name)):
         weight = blocks.dequantized()
         x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
-        ours = block_kernels().matmul(x, *pack_blocks(blocks), blocks.scales)
+        ours = cpu_kernels().matmul(x, *pack_blocks(blocks), blocks.scales)
         # Exactly the int8-activation product, up to the bfloat16 rounding of the output (2⁻⁸) …
         assert relative_error(ours, int8_activation_reference(x, weight)) <= 2**-7
         # … which stays within 1% of the exact product with the same weights.
         assert relative_error(ours, x.float() @ weight.t()) <= 0.01
+
+
+@pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="the AMX product needs a CPU with AMX-BF16")
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 5])
+def test_amx_matmul_is_the_bf16_product_of_the_blocks(bits: int, default_checkpoint) -> None:
+    """The AMX product equals PyTorch's bfloat16 matmul of the dequantized weights up to summation order (one
+    bfloat16 step of the output), on random and real weights, for row counts off the 32-row blocks."""
+    name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
+    kernels = cpu_kernels()
+    for blocks in (quantize_blocks(random_weights(320, 640, seed=7), bits), real_blocks(default_checkpoint, name)):
+        packed, high_bits = pack_blocks(blocks)
+        weight = kernels.dequantize(packed, high_bits, blocks.scales)
+        for rows in (9, 32, 47, 100):
+            x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
+            ours = kernels.matmul_amx(x, packed, high_bits, blocks.scales)
+            assert ours.shape == (rows, weight.shape[0])
+            assert relative_error(ours, torch.nn.functional.linear(x, weight)) <= 2**-7
+        spaced = torch.randn(40, 2 * weight.shape[1]).to(torch.bfloat16)[:, : weight.shape[1]]  # rows 2K apart
+        ours = kernels.matmul_amx(spaced, packed, high_bits, blocks.scales)
+        assert relative_error(ours, torch.nn.functional.linear(spaced.contiguous(), weight)) <= 2**-7
+    odd = quantize_blocks(random_weights(48, 640, seed=8), bits)  # 48 rows: not whole 32-row panels
+    assert kernels.matmul_amx(torch.zeros(9, 640, dtype=torch.bfloat16), *pack_blocks(odd), odd.scales) is None
 
 
 @pytest.mark.parametrize("bits", [8, 5])
@@ -107,14 +130,14 @@ def test_block_linear_within_bounds_on_every_path(bits: int, monkeypatch) -> Non
     prefill, decode = layer(x), layer(x[:4])
     assert relative_error(prefill, reference) <= (0.01 if bits == 8 else 0.05)
     assert relative_error(decode, prefill[:4]) <= 0.01
-    monkeypatch.setattr(quantized, "block_kernels", lambda: None)
+    monkeypatch.setattr(quantized, "cpu_kernels", lambda: None)
     assert relative_error(layer(x[:4]), prefill[:4]) <= 2**-7
 
 
 def test_auto_plan_keeps_the_stored_blocks(default_checkpoint, engine_model, monkeypatch) -> None:
     types = default_checkpoint.stored_types()
     decoder = engine_model.decoder
-    if block_kernels() is not None:
+    if cpu_kernels() is not None:
         plan = quant_plan(decoder, "auto", types)
         assert plan["lm_head"] == "q8_0" and plan["model.embed_tokens"] == "q5_0"  # Q8_0 and Q5_0 in the file
         for layer in range(engine_model.config.num_layers):
@@ -125,7 +148,7 @@ def test_auto_plan_keeps_the_stored_blocks(default_checkpoint, engine_model, mon
         assert {"q5_0", "q8_0"} == set(plan.values())
         assert set(quant_plan(decoder, "q8_0", types).values()) == {"q8_0"}
     # Without the kernel, "auto" falls back to PyTorch's packed formats: int4 where 4 bits are stored.
-    monkeypatch.setattr(quantized, "block_kernels", lambda: None)
+    monkeypatch.setattr(quantized, "cpu_kernels", lambda: None)
     plan = quant_plan(decoder, "auto", types)
     for layer in range(engine_model.config.num_layers):
         down = types[f"model.layers.{layer}.mlp.down_proj.weight"]
@@ -209,15 +232,16 @@ def test_default_model_greedy_text_is_the_same_fused_or_not() -> None:
     model = qwen_engine.load("default")
     assert model.quant == "auto" and model.decoder.fused_decode is not None
     prompt = model.chat_prompt([{"role": "user", "content": "Write a Python function that reverses a string."}])
-    fused = model.generate(prompt, max_tokens=48, temperature=0)
+    greedy = dict(max_tokens=48, temperature=0, repetition_penalty=1.0)  # argmax: no penalty to amplify bf16 noise
+    fused = model.generate(prompt, **greedy)
     model.decoder.fused_decode = None
-    assert model.generate(prompt, max_tokens=48, temperature=0).token_ids == fused.token_ids
+    assert model.generate(prompt, **greedy).token_ids == fused.token_ids
     assert "def " in fused.text
 
 
 def test_without_kernels_auto_runs_on_pytorch_formats(tiny_blocks_gguf, monkeypatch) -> None:
     monkeypatch.setenv("QWEN_ENGINE_NO_KERNELS", "1")
-    block_kernels.cache_clear()
+    cpu_kernels.cache_clear()
     try:
         model = qwen_engine.load(tiny_blocks_gguf, quant="auto")
         assert model.decoder.fused_decode is None
@@ -227,7 +251,7 @@ def test_without_kernels_auto_runs_on_pytorch_formats(tiny_blocks_gguf, monkeypa
         assert relative_error(model.logits(ids), reference.logits(ids)) <= 0.05
     finally:
         monkeypatch.delenv("QWEN_ENGINE_NO_KERNELS")
-        block_kernels.cache_clear()
+        cpu_kernels.cache_clear()
 
 
 @needs_kernels
@@ -246,3 +270,60 @@ def test_tied_gguf_head_shares_the_stored_embedding_blocks(tiny_gguf_factory) ->
     reference = qwen_engine.load(path, dtype="float32", quant="none")
     ids = list(range(500, 530))
     assert relative_error(model.logits(ids), reference.logits(ids)) <= 0.03
+
+
+def bf16_ulps(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Distance in bfloat16 steps (same-sign values: the bit patterns are ordered)."""
+    return (ours.view(torch.int16).int() - reference.view(torch.int16).int()).abs()
+
+
+@needs_kernels
+def test_row_kernels_round_as_the_pytorch_ops(monkeypatch) -> None:
+    """RMSNorm and the rotary embedding are bit for bit PyTorch's bfloat16 arithmetic; silu·up may differ by one
+    bfloat16 step where the two exponentials round apart."""
+    from qwen_engine.model import decoder as decoder_module
+    from qwen_engine.model.rope import apply_rotary
+
+    kernels = cpu_kernels()
+    torch.manual_seed(0)
+    x = (torch.randn(37, 896) * 3).to(torch.bfloat16)
+    norm = decoder_module.RMSNorm(896, 1e-6).to(torch.bfloat16)
+    norm.weight.data = (torch.rand(896) * 2).to(torch.bfloat16)
+    residual = (torch.randn(37, 896) * 3).to(torch.bfloat16)
+    native, (native_summed_norm, native_sum) = norm(x)[0], norm(x.clone(), residual)
+    monkeypatch.setattr(decoder_module, "native_kernels", lambda x: None)
+    torch_norm, (torch_summed_norm, torch_sum) = norm(x)[0], norm(x.clone(), residual)
+    assert torch.equal(native_sum, torch_sum) and torch.equal(torch_sum, x + residual)
+    for ours, reference in ((native, torch_norm), (native_summed_norm, torch_summed_norm)):
+        assert (bf16_ulps(ours, reference) > 0).float().mean() < 1e-3 and bf16_ulps(ours, reference).max() <= 1
+
+    heads, kv_heads, d, tokens = 3, 1, 64, 19
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d).to(torch.bfloat16)
+    cos, sin = torch.randn(tokens, d).to(torch.bfloat16), torch.randn(tokens, d).to(torch.bfloat16)
+    expected = apply_rotary(qkv[:, : heads * d].view(tokens, heads, d).transpose(0, 1), cos, sin).transpose(0, 1)
+    rotated = qkv.clone()
+    assert kernels.rotate_(rotated, heads, d, cos, sin)
+    assert torch.equal(rotated[:, : heads * d], expected.reshape(tokens, -1))
+    assert torch.equal(rotated[:, heads * d :], qkv[:, heads * d :])  # the other heads untouched
+    assert not kernels.rotate_(rotated, heads, 48, cos[:, :48], sin[:, :48])  # d not a multiple of 32
+
+    gate_up = (torch.randn(tokens, 2 * 100) * 4).to(torch.bfloat16)  # 100: rows end in a partial vector
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    for layout in (gate_up.clone(), gate_up.t().contiguous().t()):  # the piecewise prefill product comes transposed
+        assert kernels.silu_mul_(layout) and torch.equal(layout[:, 100:], up)  # written over gate, up kept
+        mixed = layout[:, :100]
+        assert bf16_ulps(mixed, expected).max() <= 1 and (bf16_ulps(mixed, expected) > 0).float().mean() < 0.01
+    assert not kernels.silu_mul_(gate_up[:, :-1])  # odd width: no [gate | up] split
+    assert kernels.rms_norm(x[:, :100].contiguous(), norm.weight[:100], 1e-6) is None  # rows not a multiple of 16
+
+
+@needs_kernels
+def test_prefill_with_row_kernels_matches_the_pytorch_ops(tiny_blocks_gguf, monkeypatch) -> None:
+    from qwen_engine.model import decoder as decoder_module
+
+    model = qwen_engine.load(tiny_blocks_gguf)
+    ids = list(range(500, 560))
+    native = model.logits(ids)
+    monkeypatch.setattr(decoder_module, "native_kernels", lambda x: None)
+    assert relative_error(native, model.logits(ids)) <= 0.02

@@ -314,7 +314,8 @@ def test_layers_below_max_window_layers_attend_to_everything() -> None:
     tokens = ids(24)
     outputs = {}
     for name, model in (("windowed", decoder), ("full", full)):
-        hooks = [layer.register_forward_hook(lambda m, a, out, i=i, n=name: outputs.__setitem__((n, i), out))
+        # A layer returns (its MLP output, the residual stream before it): the layer's output is their sum.
+        hooks = [layer.register_forward_hook(lambda m, a, out, i=i, n=name: outputs.__setitem__((n, i), out[0] + out[1]))
                  for i, layer in enumerate(model.model.layers)]
         run(model, tokens)
         for hook in hooks:

@@ -2,7 +2,7 @@
 
 A plain C shared library (no Python or PyTorch headers) builds in about a second with the system compiler. It uses
 OpenMP from the same libgomp PyTorch has loaded, so its threads are PyTorch's pool and follow
-`torch.set_num_threads`. Where the CPU lacks the instructions or no compiler is found, `block_kernels()` is None
+`torch.set_num_threads`. Where the CPU lacks the instructions or no compiler is found, `cpu_kernels()` is None
 and callers use their PyTorch path.
 """
 
@@ -23,14 +23,14 @@ import torch
 from ..default_model import cache_dir
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "block_quant.c", HERE / "decode_layer.c")
+SOURCES = (HERE / "block_quant.c", HERE / "decode_layer.c", HERE / "layer_ops.c", HERE / "amx_matmul.c")
 HEADERS = (HERE / "block_quant.h",)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
           "-mavx512vl", "-mavx512vnni")
-OPTIONAL_CFLAGS = {"avx512_bf16": "-mavx512bf16"}  # used where the CPU has them (the sources check with #ifdef)
+OPTIONAL_CFLAGS = {"avx512_bf16": "-mavx512bf16", "amx_tile": "-mamx-tile", "amx_bf16": "-mamx-bf16"}  # used where the CPU has them (the sources check with #ifdef)
 DISABLE_ENV = "QWEN_ENGINE_NO_KERNELS"  # set to 1 to run the PyTorch paths only (comparisons, debugging)
-MAX_ROWS = 8  # qe_block_matmul's limit; the kernel is for decoding, prefill dequantizes
+MAX_ROWS = 8  # qe_block_matmul's limit; that kernel is for decoding, prefill takes the AMX product or dequantizes
 
 
 def cpu_flags() -> frozenset[str]:
@@ -61,16 +61,21 @@ class DecodeShape(ctypes.Structure):
                 ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float)]
 
 
-class BlockKernels:
-    """ctypes bindings of block_quant.c and decode_layer.c (see their headers for the layouts)."""
+class CpuKernels:
+    """ctypes bindings of block_quant.c, decode_layer.c and layer_ops.c (see their headers for the layouts)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         lib.qe_block_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
+        lib.qe_block_matmul_amx.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, pointer]
         lib.qe_block_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
         lib.qe_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeShape), pointer,
                                          pointer, pointer, size, size, size, pointer, pointer, pointer, pointer]
+        lib.qe_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
+        lib.qe_add_rms_norm.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, pointer]
+        lib.qe_rotate.argtypes = [pointer, size, size, size, size, pointer, pointer]
+        lib.qe_silu_mul.argtypes = [pointer, pointer, size, size, size]
         self._lib = lib
 
     def matmul(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
@@ -85,6 +90,20 @@ class BlockKernels:
         if status:
             raise ValueError(f"block matmul cannot take x of shape {tuple(x.shape)}")
         return out
+
+    def matmul_amx(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None,
+                   scales: torch.Tensor) -> torch.Tensor | None:
+        """x [M, K] bfloat16 (rows contiguous, possibly spaced apart) → x · Wᵀ [M, N] on AMX tiles straight from the
+        blocks (amx_matmul.c), or None where this CPU or these shapes have no AMX path (N a multiple of 32, K of 64)."""
+        rows, columns = x.shape
+        if x.dtype != torch.bfloat16 or x.stride(1) != 1 or columns != scales.shape[1] * 32:
+            return None
+        out = torch.empty(rows, scales.shape[0], dtype=torch.bfloat16)
+        status = self._lib.qe_block_matmul_amx(
+            x.data_ptr(), rows, columns, max(x.stride(0), columns), codes.data_ptr(), _address(high_bits),
+            scales.data_ptr(), scales.shape[0], out.data_ptr(),
+        )
+        return None if status else out
 
     def dequantize(self, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
                    out: torch.Tensor | None = None) -> torch.Tensor:
@@ -107,6 +126,55 @@ class BlockKernels:
         )
         if status:
             raise ValueError(f"the fused decode step cannot run at position {position}")
+
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """RMSNorm(x) · weight over the last dimension, or None where these kernels do not take the tensors."""
+        if not _rows_of(x, weight) or weight.shape != x.shape[-1:]:
+            return None
+        out = torch.empty_like(x)
+        failed = self._lib.qe_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
+        return None if failed else out
+
+    def add_rms_norm_(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+        """x += residual in place (rounded to bfloat16), then RMSNorm(x) · weight; None (nothing changed) where these
+        kernels do not take the tensors."""
+        if not _rows_of(x, residual, weight) or x.shape != residual.shape or weight.shape != x.shape[-1:]:
+            return None
+        out = torch.empty_like(x)
+        failed = self._lib.qe_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1],
+                                           x.shape[-1], eps, out.data_ptr())
+        return None if failed else out
+
+    def rotate_(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Rotary embedding in place on the first `heads` heads of each row of x [T, ≥ heads·d] (rows may be
+        strided, values within a row contiguous), with tables [T, d]; False where these kernels do not apply."""
+        if not _rows_of(cos, sin) or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
+            return False
+        if x.stride(1) != 1 or cos.shape != (x.shape[0], head_dim) or sin.shape != cos.shape:
+            return False
+        return not self._lib.qe_rotate(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
+
+    def silu_mul_(self, gate_up: torch.Tensor) -> bool:
+        """silu(gate) · up written over gate, for gate_up [T, 2n] = [gate | up] contiguous or the transpose of a
+        contiguous [2n, T] (as a piecewise prefill product comes); False (nothing changed) where these kernels do
+        not take it."""
+        if gate_up.dim() != 2 or gate_up.shape[1] % 2 or gate_up.dtype != torch.bfloat16 or gate_up.device.type != "cpu":
+            return False
+        tokens, n = gate_up.shape[0], gate_up.shape[1] // 2
+        gate, up = gate_up[:, :n], gate_up[:, n:]
+        if gate_up.is_contiguous():
+            status = self._lib.qe_silu_mul(gate.data_ptr(), up.data_ptr(), tokens, n, 2 * n)
+        elif gate_up.t().is_contiguous():
+            status = self._lib.qe_silu_mul(gate.data_ptr(), up.data_ptr(), n, tokens, tokens)
+        else:
+            return False
+        return not status
+
+
+def _rows_of(*tensors: torch.Tensor) -> bool:
+    """Contiguous bfloat16 CPU tensors: what the row kernels read."""
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 def matrix(codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor, bias: torch.Tensor | None) -> BlockMatrix:
@@ -145,19 +213,19 @@ def _build(compiler: str) -> Path:
 
 
 @functools.cache
-def block_kernels() -> BlockKernels | None:
+def cpu_kernels() -> CpuKernels | None:
     """The compiled block kernels, or None where they cannot run here."""
     if os.environ.get(DISABLE_ENV) == "1" or not set(CPU_FLAGS) <= cpu_flags():
         return None
     compiler = _compiler()
     if compiler is None:
-        warnings.warn("qwen-engine: no C compiler found (set CC), so the native kernels are off and decoding runs "
-                      "on PyTorch's slower int8 path", RuntimeWarning, stacklevel=2)
+        warnings.warn("qwen-engine: no C compiler found (set CC), so the native kernels are off and decoding and "
+                      "prefill run on PyTorch's slower paths", RuntimeWarning, stacklevel=2)
         return None
     try:
-        return BlockKernels(_build(compiler))
+        return CpuKernels(_build(compiler))
     except (OSError, AttributeError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", b"") or b""
         warnings.warn(f"qwen-engine: building the native kernels failed ({err}; {detail.decode(errors='replace')[-300:]}), "
-                      "so decoding runs on PyTorch's slower int8 path", RuntimeWarning, stacklevel=2)
+                      "so decoding and prefill run on PyTorch's slower paths", RuntimeWarning, stacklevel=2)
         return None

@@ -40,20 +40,6 @@ static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a
     }
 }
 
-static inline __m512i codes8(const uint8_t *codes, int64_t k) {
-    return _mm512_loadu_si512(codes + k);
-}
-
-static inline __m512i codes5(const uint8_t *nibbles, const uint8_t *high_bits, int64_t k) {
-    const __m256i low4 = _mm256_set1_epi8(0x0f);
-    __m256i packed = _mm256_loadu_si256((const __m256i *)(nibbles + k / 2));
-    __m256i lo = _mm256_and_si256(packed, low4), hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low4);
-    __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-    uint64_t fifth;
-    memcpy(&fifth, high_bits + k / 8, 8);
-    return _mm512_mask_add_epi8(c, (__mmask64)fifth, c, _mm512_set1_epi8(16));
-}
-
 /* Dot products of one weight row with M activation rows. Scales are read 16 blocks (512 weights) at a time and
  * spread over the lanes of each 64-weight step with a permute: lanes 0–7 belong to the step's first block. Two
  * accumulators a row hide the latency of the multiply-adds. */
@@ -137,30 +123,8 @@ int qe_block_matmul(const uint16_t *x, int64_t M, int64_t K, const uint8_t *code
 int qe_block_dequantize(const uint8_t *codes, const uint8_t *high_bits, const uint16_t *scales, int64_t N, int64_t K,
                         uint16_t *out) {
     if (K % 64 != 0) return -1;
-    int five_bit = high_bits != NULL;
-    int64_t row_bytes = five_bit ? K / 2 : K;
-    const __m512i offset = _mm512_set1_epi8(five_bit ? 16 : (char)128);
+    BlockMatrix w = {codes, high_bits, scales, NULL, N, K};
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = codes + n * row_bytes;
-        const uint16_t *row_scales = scales + n * (K / 32);
-        for (int64_t k = 0; k < K; k += 64) {
-            __m512i c = five_bit ? codes5(row, high_bits + n * (K / 8), k) : codes8(row, k);
-            __m512i q = _mm512_sub_epi8(c, offset);
-            __m512 w[4];
-            for (int part = 0; part < 4; part++) {
-                float d = _cvtsh_ss(row_scales[k / 32 + part / 2]);
-                w[part] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, part))),
-                                        _mm512_set1_ps(d));
-            }
-#ifdef __AVX512BF16__ /* one instruction rounds 32 floats to bfloat16 (nearest even, as below) */
-            _mm512_storeu_si512(out + n * K + k, (__m512i)_mm512_cvtne2ps_pbh(w[1], w[0]));
-            _mm512_storeu_si512(out + n * K + k + 32, (__m512i)_mm512_cvtne2ps_pbh(w[3], w[2]));
-#else
-            for (int part = 0; part < 4; part++)
-                _mm256_storeu_si256((__m256i *)(out + n * K + k + 16 * part), round_bf16x16(w[part]));
-#endif
-        }
-    }
+    for (int64_t n = 0; n < N; n++) dequantize_row(&w, n, out + n * K);
     return 0;
 }

@@ -4,8 +4,6 @@
  * spends ~60 small operator calls a layer; here they cost nothing. Every intermediate is rounded to bfloat16 where
  * the PyTorch path rounds it, so the two paths agree up to summation order.
  */
-#include <math.h>
-
 #include "block_quant.h"
 
 typedef struct {
@@ -20,31 +18,6 @@ typedef struct {
 } DecodeShape;
 
 static inline uint16_t round_bf16(float f) { return f32_to_bf16(f); }
-
-/* weight · bf16(x · rsqrt(mean(x²) + eps)), the statistics in float32. */
-static void rms_norm(const uint16_t *x, const uint16_t *weight, int64_t n, float eps, uint16_t *out) {
-    __m512 squares = _mm512_setzero_ps();
-    for (int64_t i = 0; i < n; i += 16) {
-        __m512 v = load_bf16x16(x + i);
-        squares = _mm512_fmadd_ps(v, v, squares);
-    }
-    float inverse = 1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)n + eps);
-    for (int64_t i = 0; i < n; i++)
-        out[i] = round_bf16(bf16_to_f32(weight[i]) * bf16_to_f32(round_bf16(bf16_to_f32(x[i]) * inverse)));
-}
-
-/* x·cos + rotate_half(x)·sin over one head, each product and the sum rounded as in bfloat16 tensor arithmetic. */
-static void rotate(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d) {
-    uint16_t original[512];
-    int64_t half = d / 2;
-    memcpy(original, x, (size_t)d * 2);
-    for (int64_t i = 0; i < d; i++) {
-        float rotated = i < half ? -bf16_to_f32(original[i + half]) : bf16_to_f32(original[i - half]);
-        float a = bf16_to_f32(round_bf16(bf16_to_f32(original[i]) * bf16_to_f32(cos[i])));
-        float b = bf16_to_f32(round_bf16(rotated * bf16_to_f32(sin[i])));
-        x[i] = round_bf16(a + b);
-    }
-}
 
 static inline float dot_bf16(const uint16_t *a, const __m512 *q, int64_t d) {
     __m512 acc = _mm512_setzero_ps();
@@ -88,7 +61,7 @@ int qe_decode_layers(const DecodeLayer *layers, int64_t count, const DecodeShape
                      const uint16_t *cos, const uint16_t *sin, const uint16_t *q_cos, const uint16_t *q_sin) {
     int64_t H = shape->hidden, d = shape->head_dim, heads = shape->heads, kv_heads = shape->kv_heads;
     int64_t inter = shape->intermediate;
-    if (d % 16 || d > 512 || H % 64 || inter % 64 || pos < 0 || pos >= max_len || kv_heads < 1 || heads % kv_heads)
+    if (d % 32 || d > 512 || H % 64 || inter % 64 || pos < 0 || pos >= max_len || kv_heads < 1 || heads % kv_heads)
         return -1;
     int64_t group = heads / kv_heads;
     size_t qkv_size = (size_t)(heads + 2 * kv_heads) * d;
@@ -99,12 +72,12 @@ int qe_decode_layers(const DecodeLayer *layers, int64_t count, const DecodeShape
     for (int64_t l = 0; l < count && status == 0; l++) {
         const DecodeLayer *layer = &layers[l];
         uint16_t *layer_keys = keys + l * layer_stride, *layer_values = values + l * layer_stride;
-        rms_norm(hidden, layer->input_norm, H, shape->eps, normed);
+        rms_norm_row(hidden, layer->input_norm, H, shape->eps, normed);
         if ((status = qe_matrix_times(&layer->qkv, normed, 1, qkv))) break;
         uint16_t *q = qkv, *k = qkv + heads * d, *v = k + kv_heads * d;
-        for (int64_t h = 0; h < heads; h++) rotate(q + h * d, q_cos, q_sin, d);
+        for (int64_t h = 0; h < heads; h++) rotate_head(q + h * d, q_cos, q_sin, d);
         for (int64_t h = 0; h < kv_heads; h++) {
-            rotate(k + h * d, cos, sin, d);
+            rotate_head(k + h * d, cos, sin, d);
             memcpy(layer_keys + (h * max_len + pos) * d, k + h * d, (size_t)d * 2);
             memcpy(layer_values + (h * max_len + pos) * d, v + h * d, (size_t)d * 2);
         }
@@ -117,7 +90,7 @@ int qe_decode_layers(const DecodeLayer *layers, int64_t count, const DecodeShape
         }
         if ((status = qe_matrix_times(&layer->o, attn, 1, mixed))) break;
         for (int64_t i = 0; i < H; i++) hidden[i] = round_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(mixed[i]));
-        rms_norm(hidden, layer->post_norm, H, shape->eps, normed);
+        rms_norm_row(hidden, layer->post_norm, H, shape->eps, normed);
         if ((status = qe_matrix_times(&layer->gate_up, normed, 1, gate_up))) break;
         silu_mul_row(gate_up, gate_up + inter, inter, act);
         if ((status = qe_matrix_times(&layer->down, act, 1, mixed))) break;

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import QwenError
+from ..kernels import CpuKernels, cpu_kernels
 from ..weights.names import PACKED
 from .rope import RotaryEmbedding, RotaryTables, apply_rotary
 
@@ -29,6 +30,12 @@ class KVStore(Protocol):
         ...
 
 
+def native_kernels(x: torch.Tensor) -> CpuKernels | None:
+    """The native row kernels for bfloat16 activations on the CPU (kernels/layer_ops.c: one pass each instead of
+    several PyTorch ops, with the same roundings), or None: PyTorch ops then."""
+    return cpu_kernels() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32, cast back, then × weight (qwen-family.md §0)."""
 
@@ -37,10 +44,20 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual), or with no residual (norm(x), x): the residual connection before a
+        norm is taken here, so the native kernel does both in one pass (the layout vLLM's layers use). With a
+        residual, x must be a temporary of the caller's (a layer's output): the sum is written over it, so a long
+        prefill allocates no tensor for it."""
+        kernels = native_kernels(x)
+        if kernels is not None:
+            normed = kernels.rms_norm(x, self.weight, self.eps) if residual is None else kernels.add_rms_norm_(x, residual, self.weight, self.eps)
+            if normed is not None:
+                return normed, x
+        summed = x if residual is None else x.add_(residual)
         # F.rms_norm is x · rsqrt(mean(x²) + eps) in one pass, bit for bit the three-op form in float32.
-        normalized = F.rms_norm(x.to(torch.float32), self.weight.shape, eps=self.eps)
-        return self.weight * normalized.to(x.dtype)
+        normalized = F.rms_norm(summed.to(torch.float32), self.weight.shape, eps=self.eps)
+        return self.weight * normalized.to(x.dtype), summed
 
 
 class Attention(nn.Module):
@@ -61,12 +78,14 @@ class Attention(nn.Module):
         """Attention output for every position, or with `last_only` for the last one only (keys and values are
         still computed and cached for all)."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv_proj(x).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # Queries rotate with their own tables, which carry the LogN factor when it is on (see rope.py).
-        q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
+        if not self._rotate_native(qkv, rope):
+            q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
         if last_only:
@@ -75,6 +94,16 @@ class Attention(nn.Module):
         # GQA: kv head j serves query heads j·g … j·g+g−1 (qwen-family.md §3.2), which is SDPA's enable_gqa layout.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _rotate_native(self, qkv: torch.Tensor, rope: RotaryTables) -> bool:
+        """Rotary embedding of q and k in place in the projection output [1, T, q|k|v] with the native kernel;
+        False (nothing changed) where it does not apply. Both calls take the same checks, so neither fails alone."""
+        kernels = native_kernels(qkv)
+        if kernels is None or qkv.shape[0] != 1:
+            return False
+        rows = qkv[0]
+        return (kernels.rotate_(rows, self.num_heads, self.head_dim, rope.q_cos, rope.q_sin)
+                and kernels.rotate_(rows[:, self.q_size :], self.num_kv_heads, self.head_dim, rope.cos, rope.sin))
 
     def _visible(
         self, k: torch.Tensor, v: torch.Tensor, start: int, length: int
@@ -110,13 +139,18 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        # In place: the gate/up product is a temporary of this call, and prefill's peak memory is made of these.
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
+        gate_up = self.gate_up_proj(x)
+        gate, up = gate_up.chunk(2, dim=-1)
+        # In place (here or in the kernel): the gate/up product is a temporary of this call, and prefill's peak
+        # memory is made of these.
+        kernels = native_kernels(gate_up)
+        if kernels is None or not kernels.silu_mul_(gate_up.flatten(0, -2)):
+            F.silu(gate, inplace=True).mul_(up)
+        return self.down_proj(gate)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); each residual add is taken by the norm after it."""
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -126,13 +160,15 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int, last_only: bool = False
-    ) -> torch.Tensor:
-        """The layer's output for every position, or with `last_only` for the last one (as llama.cpp's last layer
-        skips the positions whose outputs nobody reads)."""
-        attention = self.self_attn(self.input_layernorm(x), rope, cache, start, last_only)
-        x = (x[:, -1:] if last_only else x) + attention
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryTables, cache: KVStore | None, start: int,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP output, the residual stream before it): their sum is the layer's output. With `last_only`
+        only the last position's (as llama.cpp's last layer skips the positions whose outputs nobody reads)."""
+        normed, residual = self.input_layernorm(x, residual)
+        attention = self.self_attn(normed, rope, cache, start, last_only)
+        normed, residual = self.post_attention_layernorm(attention, residual[:, -1:] if last_only else residual)
+        return self.mlp(normed), residual
 
 
 class Backbone(nn.Module):
@@ -195,12 +231,12 @@ class QwenDecoder(nn.Module):
         if self.fused_decode is not None and length == 1 and cache is not None:
             fused = self.fused_decode(hidden, rope, cache, start)
         if fused is not None:
-            hidden = fused
+            hidden, residual = fused, None
         else:
-            last = len(self.model.layers) - 1
+            last, residual = len(self.model.layers) - 1, None
             for index, layer in enumerate(self.model.layers):
-                hidden = layer(hidden, rope, cache, start, last_only and index == last)
-        return self.lm_head(self.model.norm(hidden))
+                hidden, residual = layer(hidden, residual, rope, cache, start, last_only and index == last)
+        return self.lm_head(self.model.norm(hidden, residual)[0])
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Take ownership of checkpoint tensors (HF names), checking names and shapes first.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import BlockKernels, BlockMatrix, DecodeLayer, DecodeShape, block_kernels, matrix
+from ..kernels import CpuKernels, BlockMatrix, DecodeLayer, DecodeShape, cpu_kernels, matrix
 from .decoder import KVStore, QwenDecoder
 from .quantized import BlockLinear
 from .rope import RotaryTables
@@ -23,7 +23,7 @@ def _block_matrix(linear: BlockLinear) -> BlockMatrix:
 class FusedDecodeStep:
     """Holds the pointers to a decoder's buffers; the decoder must stay as it is while this is in use."""
 
-    def __init__(self, decoder: QwenDecoder, kernels: BlockKernels) -> None:
+    def __init__(self, decoder: QwenDecoder, kernels: CpuKernels) -> None:
         config = decoder.config
         self.kernels = kernels
         self.shape = DecodeShape(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
@@ -45,11 +45,11 @@ class FusedDecodeStep:
     @classmethod
     def build(cls, decoder: QwenDecoder) -> FusedDecodeStep | None:
         """The fused step, or None unless the kernels run here and every projection is a block format in bfloat16."""
-        kernels = block_kernels()
+        kernels = cpu_kernels()
         config = decoder.config
         if kernels is None or decoder.dtype != torch.bfloat16 or decoder.device.type != "cpu":
             return None
-        if config.head_dim % 16 or config.head_dim > 512:
+        if config.head_dim % 32 or config.head_dim > 512:
             return None
         for layer in decoder.model.layers:
             projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
