@@ -120,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--plot", metavar="PNG", help="write memory against context for each precision")
     memory.add_argument("--json", action="store_true")
 
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching, paged KV cache)")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", help="the model name clients send (default: the model argument)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QWEN_API_KEY)")
+    serve.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences decoded together (default 32)")
+    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
+    serve.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB (default: 30%% of available memory)")
+    serve.add_argument("--prefill-tokens", type=_positive_int, default=256,
+                       help="prompt tokens computed per step; longer prompts go in chunks (default 256)")
+
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
     _add_rope_scaling(info)
@@ -397,8 +409,33 @@ def cmd_memory(args: argparse.Namespace) -> None:
         print(f"  plot written to {args.plot}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    if not 0 < args.port < 65536:
+        raise QwenError(f"--port must be in 1…65535 (got {args.port})")
+    if args.max_queue < 0:
+        raise QwenError(f"--max-queue must be ≥ 0 (got {args.max_queue})")
+    try:
+        import uvicorn
+
+        from .server.app import Server, create_app
+    except ImportError as err:
+        raise QwenError(f"the server needs its extra dependencies ({err.name} is missing); pip install 'qwen-engine[serve]'") from None
+    from .engine.serving import ServingEngine
+
+    model = _load(args)
+    engine = ServingEngine(model, kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs, prefill_tokens=args.prefill_tokens)
+    engine.start()
+    server = Server(model, engine, name=args.served_model_name or args.model,
+                    api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue)
+    sys.stderr.write(f"qwen: serving {server.name} on http://{args.host}:{args.port}/v1 "
+                     f"({engine.allocator.num_blocks} KV blocks, {engine.capacity_tokens:,} tokens)\n")
+    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity,
-            "models": cmd_models, "memory": cmd_memory}
+            "models": cmd_models, "memory": cmd_memory, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -248,7 +248,7 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     @cached_property
-    def _token_bytes(self) -> list[bytes]:
+    def token_bytes(self) -> list[bytes]:
         """Raw bytes of every id, for streaming: a token may end in the middle of a UTF-8 character."""
         byte_of = _byte_decoder()
         vocab = self._backend.get_vocab(with_added_tokens=True)
@@ -267,7 +267,7 @@ class IncrementalDecoder:
     """Streaming detokenizer: text grows one token at a time, never showing half a character."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
-        self._token_bytes = tokenizer._token_bytes
+        self._token_bytes = tokenizer.token_bytes
         self._skipped = tokenizer.control_ids if skip_special else frozenset()
         # Holds back the bytes of a character split across tokens until its last byte arrives.
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")

@@ -109,3 +109,11 @@ def tiny_gguf_factory(tmp_path_factory: pytest.TempPathFactory, gguf_arrays, def
 def tiny_gguf(tiny_gguf_factory) -> Path:
     """A valid tiny GGUF with a 64-token context."""
     return tiny_gguf_factory("tiny.gguf", max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def default_model(default_gguf: Path):
+    """The default model in this engine's default CPU format (bfloat16 activations, quant=auto)."""
+    from qwen_engine import load
+
+    return load(default_gguf)

@@ -82,7 +82,7 @@ def int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 5])
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 21])
 def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_checkpoint) -> None:
     name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
     torch.manual_seed(rows)
@@ -115,6 +115,13 @@ def test_amx_matmul_is_the_bf16_product_of_the_blocks(bits: int, default_checkpo
         spaced = torch.randn(40, 2 * weight.shape[1]).to(torch.bfloat16)[:, : weight.shape[1]]  # rows 2K apart
         ours = kernels.matmul_amx(spaced, packed, high_bits, blocks.scales)
         assert relative_error(ours, torch.nn.functional.linear(spaced.contiguous(), weight)) <= 2**-7
+        # Fused SwiGLU: W is [gate; up]; the result is silu(gate product) · up product with the unfused roundings.
+        x = torch.randn(45, weight.shape[1]).to(torch.bfloat16)
+        product = torch.nn.functional.linear(x, weight)
+        gate, up = product.chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+        fused = kernels.matmul_amx(x, packed, high_bits, blocks.scales, swiglu=True)
+        assert fused.shape == expected.shape and relative_error(fused, expected) <= 2**-6
     odd = quantize_blocks(random_weights(48, 640, seed=8), bits)  # 48 rows: not whole 32-row panels
     assert kernels.matmul_amx(torch.zeros(9, 640, dtype=torch.bfloat16), *pack_blocks(odd), odd.scales) is None
 

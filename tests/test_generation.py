@@ -1,4 +1,4 @@
-"""Sampling (qwen_engine.engine.sampling), stop strings (engine.generate._StopStringFilter) on small fake logits,
+"""Sampling (qwen_engine.engine.sampling), stop strings (engine.generate.StopStringFilter) on small fake logits,
 and a few short end-to-end generations on the default model (qwen-family.md §8.4 for the defaults)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from qwen_engine.engine.generate import GenerationResult, _StopStringFilter
+from qwen_engine.engine.generate import GenerationResult, StopStringFilter
 from qwen_engine.engine.sampling import Sampler, SamplingParams
 from qwen_engine.errors import QwenError
 
@@ -230,7 +230,7 @@ def test_with_generation_config() -> None:
 
 def run_filter(stops: tuple[str, ...], pieces: list[str]) -> tuple[list[str], bool]:
     """Push pieces until a stop hits; then the emitted chunks and whether it stopped (flushing otherwise)."""
-    f = _StopStringFilter(stops)
+    f = StopStringFilter(stops)
     emitted = []
     for piece in pieces:
         text, hit = f.push(piece)
@@ -263,7 +263,7 @@ def test_partial_matches_are_released() -> None:
 
 
 def test_no_stop_strings_passes_everything() -> None:
-    f = _StopStringFilter(())
+    f = StopStringFilter(())
     assert f.push("<|im_end|> anything") == ("<|im_end|> anything", False)
     assert f.flush() == ""
 

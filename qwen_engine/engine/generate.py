@@ -51,7 +51,7 @@ class GenerationResult:
         return len(self.token_ids)
 
 
-class _StopStringFilter:
+class StopStringFilter:
     """Holds back text that might still turn into a stop string; reports where one completes."""
 
     def __init__(self, stops: tuple[str, ...]) -> None:
@@ -110,7 +110,7 @@ class Generator:
         cache = self._cache_for(len(prompt_ids) + budget)
         sampler = Sampler(params, prompt_ids, self.model.config.vocab_size, device)
         detokenizer = IncrementalDecoder(self.tokenizer)
-        stops = _StopStringFilter(params.stop)
+        stops = StopStringFilter(params.stop)
         stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
         timings = result.timings
 

@@ -108,17 +108,16 @@ class Sampler:
         return token
 
     def _sample(self, logits: torch.Tensor) -> int:
+        # Candidates in descending order: the top-k only when top-k is on, so top-p sorts k values, not the vocabulary.
         p = self.params
         if 0 < p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+            values, indices = torch.topk(logits, p.top_k)
+        else:
+            values, indices = torch.sort(logits, descending=True)
+        probs = values.softmax(-1)
         if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
             # Drop a token when the tokens before it already cover top_p; the first token always stays.
-            drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= p.top_p
-            logits = logits.masked_fill(torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted), float("-inf"))
-        probs = logits.softmax(-1)
+            probs = probs.masked_fill(probs.cumsum(-1) - probs >= p.top_p, 0.0)
         if p.min_p > 0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+            probs = probs.masked_fill(probs < p.min_p * probs[0], 0.0)
+        return int(indices[torch.multinomial(probs, 1, generator=self.generator)])

@@ -30,7 +30,7 @@ CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", 
           "-mavx512vl", "-mavx512vnni")
 OPTIONAL_CFLAGS = {"avx512_bf16": "-mavx512bf16", "amx_tile": "-mamx-tile", "amx_bf16": "-mamx-bf16"}  # used where the CPU has them (the sources check with #ifdef)
 DISABLE_ENV = "QWEN_ENGINE_NO_KERNELS"  # set to 1 to run the PyTorch paths only (comparisons, debugging)
-MAX_ROWS = 8  # qe_block_matmul's limit; that kernel is for decoding, prefill takes the AMX product or dequantizes
+MAX_ROWS = 32  # qe_block_matmul's limit: decoding steps (a serving batch's too); longer prefills take AMX or dequantize
 
 
 def cpu_flags() -> frozenset[str]:
@@ -68,7 +68,7 @@ class CpuKernels:
         lib = ctypes.CDLL(str(path))
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         lib.qe_block_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
-        lib.qe_block_matmul_amx.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, pointer]
+        lib.qe_block_matmul_amx.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, ctypes.c_int, pointer]
         lib.qe_block_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
         lib.qe_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeShape), pointer,
                                          pointer, pointer, size, size, size, pointer, pointer, pointer, pointer]
@@ -79,7 +79,7 @@ class CpuKernels:
         self._lib = lib
 
     def matmul(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
-        """x [M ≤ 8, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16."""
+        """x [M ≤ 32, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16."""
         rows, columns = x.shape
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or columns != scales.shape[1] * 32:
             raise ValueError(f"block matmul needs contiguous bfloat16 rows of {scales.shape[1] * 32} (got {x.dtype} {tuple(x.shape)})")
@@ -91,17 +91,18 @@ class CpuKernels:
             raise ValueError(f"block matmul cannot take x of shape {tuple(x.shape)}")
         return out
 
-    def matmul_amx(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None,
-                   scales: torch.Tensor) -> torch.Tensor | None:
+    def matmul_amx(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
+                   swiglu: bool = False) -> torch.Tensor | None:
         """x [M, K] bfloat16 (rows contiguous, possibly spaced apart) → x · Wᵀ [M, N] on AMX tiles straight from the
-        blocks (amx_matmul.c), or None where this CPU or these shapes have no AMX path (N a multiple of 32, K of 64)."""
+        blocks (amx_matmul.c), or with `swiglu` (W the packed [gate; up]) silu(x·gateᵀ)·(x·upᵀ) [M, N/2]; None where
+        this CPU or these shapes have no AMX path (N a multiple of 32, K of 64)."""
         rows, columns = x.shape
         if x.dtype != torch.bfloat16 or x.stride(1) != 1 or columns != scales.shape[1] * 32:
             return None
-        out = torch.empty(rows, scales.shape[0], dtype=torch.bfloat16)
+        out = torch.empty(rows, scales.shape[0] // (2 if swiglu else 1), dtype=torch.bfloat16)
         status = self._lib.qe_block_matmul_amx(
             x.data_ptr(), rows, columns, max(x.stride(0), columns), codes.data_ptr(), _address(high_bits),
-            scales.data_ptr(), scales.shape[0], out.data_ptr(),
+            scales.data_ptr(), scales.shape[0], int(swiglu), out.data_ptr(),
         )
         return None if status else out
 

@@ -54,11 +54,14 @@ static inline void transpose16x16(__m512i r[16]) {
     }
 }
 
-/* Rows n0…n0+31 of W into B tiles: tile (kb, c) holds, in row kk, the pairs W[n0 + 16c + j][32kb + 2kk, +1] for
+/* 32 rows of W into B tiles: tile (kb, c) holds, in row kk, the pairs W[row c·16 + j][32kb + 2kk, +1] for
  * j = 0…15 (AMX's layout of B: K/2 rows of column pairs). */
-static void pack_panel(const BlockMatrix *w, int64_t n0, uint16_t *rows, uint16_t *tiles) {
-    int64_t K = w->columns;
-    for (int64_t n = 0; n < PANEL; n++) dequantize_row(w, n0 + n, rows + n * K);
+static void pack_panel(const BlockMatrix *w, int64_t first, int64_t second, uint16_t *rows, uint16_t *tiles) {
+    int64_t K = w->columns; /* the panel's two tiles take weight rows first… and second… (16 each) */
+    for (int64_t n = 0; n < PANEL / 2; n++) {
+        dequantize_row(w, first + n, rows + n * K);
+        dequantize_row(w, second + n, rows + (PANEL / 2 + n) * K);
+    }
     for (int64_t kb = 0; kb < K / 32; kb++)
         for (int c = 0; c < 2; c++) {
             __m512i r[16];
@@ -93,9 +96,13 @@ static int amx_permitted(void) {
     return state == 1;
 }
 
+/* out = x · Wᵀ [M][N]; with `swiglu`, W is the packed [gate; up] of a SwiGLU MLP (N = 2I) and out [M][I] is
+ * silu(x·gateᵀ) · (x·upᵀ), rounded as the unfused path rounds: each panel then pairs 16 gate rows with the 16 up
+ * rows of the same outputs, and the [M][2I] product is never written. */
 int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride, const uint8_t *codes,
-                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, uint16_t *out) {
+                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, int swiglu, uint16_t *out) {
     if (K % 64 || N % PANEL || M < 1 || stride < K) return -1;
+    int64_t half = N / 2, width = swiglu ? N / 2 : N; /* output columns */
     if (!amx_permitted()) return -2;
     BlockMatrix w = {codes, high_bits, scales, NULL, N, K};
     /* The last block of fewer than 32 rows of x is read from a zero-padded copy. */
@@ -128,7 +135,13 @@ int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride,
         for (int64_t g0 = 0; g0 < N; g0 += group * PANEL) {
             if (!rows || !tiles || !partial) continue;
             int64_t panels = (N - g0) / PANEL < group ? (N - g0) / PANEL : group;
-            for (int64_t p = 0; p < panels; p++) pack_panel(&w, g0 + p * PANEL, rows, tiles + p * PANEL * K);
+            for (int64_t p = 0; p < panels; p++) {
+                int64_t n0 = g0 + p * PANEL;
+                if (swiglu)
+                    pack_panel(&w, n0 / 2, half + n0 / 2, rows, tiles + p * PANEL * K);
+                else
+                    pack_panel(&w, n0, n0 + PANEL / 2, rows, tiles + p * PANEL * K);
+            }
             for (int64_t m0 = 0; m0 < M; m0 += 32) {
                 const uint16_t *a = m0 < full ? x + m0 * stride : tail;
                 int64_t a_stride = (m0 < full ? stride : K) * 2;
@@ -168,9 +181,14 @@ int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride,
                 for (int64_t p = 0; p < panels; p++)
                     for (int64_t m = 0; m < count; m++) {
                         const float *c = partial + p * 32 * 32 + 32 * m;
-                        __m256i lo = round_bf16x16(_mm512_load_ps(c)), hi = round_bf16x16(_mm512_load_ps(c + 16));
-                        _mm512_storeu_si512(out + (m0 + m) * N + g0 + p * PANEL,
-                                            _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+                        int64_t n0 = g0 + p * PANEL;
+                        if (swiglu) {
+                            __m256i mixed = silu_mul16(bf16_round_ps(_mm512_load_ps(c)), bf16_round_ps(_mm512_load_ps(c + 16)));
+                            _mm256_storeu_si256((__m256i *)(out + (m0 + m) * width + n0 / 2), mixed);
+                        } else {
+                            __m256i lo = round_bf16x16(_mm512_load_ps(c)), hi = round_bf16x16(_mm512_load_ps(c + 16));
+                            _mm512_storeu_si512(out + (m0 + m) * width + n0, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+                        }
                     }
             }
         }
@@ -182,8 +200,8 @@ int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride,
 #else
 
 int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride, const uint8_t *codes,
-                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, uint16_t *out) {
-    (void)x, (void)M, (void)K, (void)stride, (void)codes, (void)high_bits, (void)scales, (void)N, (void)out;
+                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, int swiglu, uint16_t *out) {
+    (void)x, (void)M, (void)K, (void)stride, (void)codes, (void)high_bits, (void)scales, (void)N, (void)swiglu, (void)out;
     return -2;
 }
 

@@ -53,7 +53,7 @@ static const int32_t PAIR_LANES[8][16] __attribute__((aligned(64))) = {
 static inline __attribute__((always_inline)) void row_dots(
     const Activations *acts, int M, int64_t K, const uint8_t *codes, const uint8_t *high_bits,
     const uint16_t *scales, int five_bit, float *out) {
-    __m512 acc[2][MAX_ROWS];
+    __m512 acc[2][ROW_GROUP];
     for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += 512) {
         int blocks = (K - k0) / 32 < 16 ? (int)((K - k0) / 32) : 16;
@@ -99,10 +99,14 @@ int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; n++) {
         float dots[MAX_ROWS];
-        if (five_bit)
-            row_dots(acts, (int)M, K, w->codes + n * row_bytes, w->high_bits + n * (K / 8), w->scales + n * (K / 32), 1, dots);
-        else
-            row_dots(acts, (int)M, K, w->codes + n * row_bytes, NULL, w->scales + n * (K / 32), 0, dots);
+        /* groups of ROW_GROUP rows: the weight row is read from memory once, then from L1 */
+        for (int64_t g = 0; g < M; g += ROW_GROUP) {
+            int rows = M - g < ROW_GROUP ? (int)(M - g) : ROW_GROUP;
+            if (five_bit)
+                row_dots(acts + g, rows, K, w->codes + n * row_bytes, w->high_bits + n * (K / 8), w->scales + n * (K / 32), 1, dots + g);
+            else
+                row_dots(acts + g, rows, K, w->codes + n * row_bytes, NULL, w->scales + n * (K / 32), 0, dots + g);
+        }
         for (int m = 0; m < M; m++) {
             uint16_t product = f32_to_bf16(dots[m]);
             out[m * N + n] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;

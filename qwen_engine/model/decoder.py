@@ -8,8 +8,8 @@ launch instead of three. Every projection is a plain `nn.Linear`, so quantizatio
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,19 @@ from ..errors import QwenError
 from ..kernels import CpuKernels, cpu_kernels
 from ..weights.names import PACKED
 from .rope import RotaryEmbedding, RotaryTables, apply_rotary
+
+
+@runtime_checkable
+class SequenceBatch(Protocol):
+    """Several sequences' tokens side by side in one forward [1, T, …] (the serving engine's batches): each keeps its
+    own keys and values, and attention runs per sequence (implemented by engine/paged.py)."""
+
+    def each_sequence(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> Iterator[tuple[slice, int, torch.Tensor, torch.Tensor]]:
+        """Store keys/values [1, n_kv, T, d] of this batch's tokens; yield for each sequence the slice of its tokens,
+        the position of the first, and all of its keys/values up to its last token [1, n_kv, end, d]."""
+        ...
 
 
 class KVStore(Protocol):
@@ -86,14 +99,22 @@ class Attention(nn.Module):
         # Queries rotate with their own tables, which carry the LogN factor when it is on (see rope.py).
         if not self._rotate_native(qkv, rope):
             q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
+        if isinstance(cache, SequenceBatch):
+            out = torch.cat([self._attend(q[:, :, tokens], keys, values, first)
+                             for tokens, first, keys, values in cache.each_sequence(self.layer, k, v)], dim=2)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)
         if last_only:
             q, start, length = q[:, :, -1:], start + length - 1, 1
-        k, v, mask, causal = self._visible(k, v, start, length)
-        # GQA: kv head j serves query heads j·g … j·g+g−1 (qwen-family.md §3.2), which is SDPA's enable_gqa layout.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        out = self._attend(q, k, v, start)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """Attention of queries at positions start… over the keys held (those up to the last query)."""
+        k, v, mask, causal = self._visible(k, v, start, q.shape[2])
+        # GQA: kv head j serves query heads j·g … j·g+g−1 (qwen-family.md §3.2), which is SDPA's enable_gqa layout.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
 
     def _rotate_native(self, qkv: torch.Tensor, rope: RotaryTables) -> bool:
         """Rotary embedding of q and k in place in the projection output [1, T, q|k|v] with the native kernel;
@@ -139,6 +160,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A block-quantized projection fuses the whole SwiGLU into its prefill product (quantized.py BlockLinear).
+        fused = getattr(self.gate_up_proj, "swiglu", None)
+        mixed = fused(x) if fused is not None else None
+        if mixed is not None:
+            return self.down_proj(mixed)
         gate_up = self.gate_up_proj(x)
         gate, up = gate_up.chunk(2, dim=-1)
         # In place (here or in the kernel): the gate/up product is a temporary of this call, and prefill's peak
@@ -215,18 +241,24 @@ class QwenDecoder(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         start: int = 0,
-        cache: KVStore | None = None,
+        cache: KVStore | SequenceBatch | None = None,
         last_only: bool = False,
+        positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with `last_only`) for tokens at positions start…start+T−1."""
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`) for tokens at positions start…start+T−1.
+
+        A batch of several sequences ([1, T] tokens and a `SequenceBatch` as cache) gives each token's `positions`
+        and `logits_at`, the indices of the tokens whose logits are wanted: [1, len(logits_at), V]."""
         hidden = self.embed(token_ids) if inputs_embeds is None else inputs_embeds
         length = hidden.shape[1]
-        if start + length > self.config.context_length:
+        end = start + length if positions is None else int(positions.max()) + 1
+        if end > self.config.context_length:
             raise QwenError(
-                f"sequence of {start + length} tokens exceeds the model's context of {self.config.context_length}; "
+                f"sequence of {end} tokens exceeds the model's context of {self.config.context_length}; "
                 "shorten the prompt or lower max_tokens"
             )
-        rope = self.rotary(start, length, hidden.dtype)
+        rope = self.rotary(start, length, hidden.dtype) if positions is None else self.rotary.at(positions, hidden.dtype)
         fused = None
         if self.fused_decode is not None and length == 1 and cache is not None:
             fused = self.fused_decode(hidden, rope, cache, start)
@@ -236,6 +268,10 @@ class QwenDecoder(nn.Module):
             last, residual = len(self.model.layers) - 1, None
             for index, layer in enumerate(self.model.layers):
                 hidden, residual = layer(hidden, residual, rope, cache, start, last_only and index == last)
+        if logits_at is not None:
+            if not len(logits_at):  # a prefill chunk that does not reach the end of its prompt
+                return hidden.new_empty(hidden.shape[0], 0, self.config.vocab_size)
+            hidden, residual = hidden[:, logits_at], residual[:, logits_at]
         return self.lm_head(self.model.norm(hidden, residual)[0])
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -57,7 +57,7 @@ class _QuantizedLinear(nn.Module, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = self._packed_matmul(rows) if rows.shape[0] <= PACKED_MAX_ROWS else self._dense_matmul(rows)
+        out = self._packed_matmul(rows.contiguous()) if rows.shape[0] <= PACKED_MAX_ROWS else self._dense_matmul(rows)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -241,6 +241,16 @@ class BlockLinear(_QuantizedLinear):
         if kernels is None or self.in_features % 64:
             return self._dense_matmul(rows)
         return kernels.matmul(rows.contiguous(), self.codes, self.high_bits, self.scales)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) · up for this packed [gate; up] projection in one AMX pass, without the [T, 2I] product, or
+        None where that path does not apply (few rows, a bias, no AMX): the caller then multiplies and applies it."""
+        rows = x.reshape(-1, self.in_features)
+        kernels = cpu_kernels()
+        if kernels is None or self.bias is not None or rows.shape[0] <= PACKED_MAX_ROWS or rows.dtype != torch.bfloat16:
+            return None
+        mixed = kernels.matmul_amx(rows, self.codes, self.high_bits, self.scales, swiglu=True)
+        return None if mixed is None else mixed.view(*x.shape[:-1], -1)
 
     def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         kernels = cpu_kernels()

@@ -136,13 +136,20 @@ class RotaryEmbedding(torch.nn.Module):
         """Tables [length, d] for positions start…start+length−1: computed in float32, cast to `dtype`."""
         if self._adaptive and start == 0:
             self.choice = self.choose(length)
-        end = start + length
+        return self._rows(slice(start, start + length), start + length, dtype)
+
+    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
+        """Tables [len(positions), d] for arbitrary positions (tokens of several sequences in one batch), with the
+        frequencies in force."""
+        return self._rows(positions, int(positions.max()) + 1, dtype)
+
+    def _rows(self, index: slice | torch.Tensor, end: int, dtype: torch.dtype) -> RotaryTables:
         if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype or self._built != self.choice:
             self._build(max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 256), dtype)
-        cos, sin = self._cos[start:end], self._sin[start:end]
+        cos, sin = self._cos[index], self._sin[index]
         if self._q_cos is None:
             return RotaryTables(cos, sin, cos, sin)
-        return RotaryTables(cos, sin, self._q_cos[start:end], self._q_sin[start:end])
+        return RotaryTables(cos, sin, self._q_cos[index], self._q_sin[index])
 
     def _build(self, size: int, dtype: torch.dtype) -> None:
         inv_freq, factor = self.frequencies(self.choice)

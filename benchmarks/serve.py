@@ -1,0 +1,157 @@
+"""Serving throughput: qwen-engine's `qwen serve` against llama-cpp-python's server on the same GGUF.
+
+For each server and each concurrency (1 and 16 by default), every round starts that many streaming chat requests
+at once, each asking for exactly --max-tokens tokens (the end-of-turn tokens are banned through logit_bias, which
+both servers take), and records the time to first token of each and the generated tokens per second of wall time
+for the round as a whole. Servers run one after the other, never together, with --threads threads each; each round
+is repeated --rounds times and medians are reported. Results go to benchmarks/SERVING.md.
+
+llama-cpp-python's server (0.3.x) has no parallel slots: it serves one request at a time under a lock, and the
+others wait. That is its documented behaviour and the configuration measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).parent
+END_OF_TURN = {"151643": -100, "151644": -100, "151645": -100}  # <|endoftext|>, <|im_start|>, <|im_end|>
+TOPICS = ["binary search", "hash tables", "TCP handshakes", "garbage collection", "B-trees", "regular expressions",
+          "unicode normalisation", "virtual memory", "consensus protocols", "bloom filters", "public-key cryptography",
+          "compilers", "database indexes", "floating point", "the actor model", "vector clocks", "page caches",
+          "load balancers", "JIT compilation", "CRDTs"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(kind: str, model: Path, threads: int, port: int) -> tuple[subprocess.Popen, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if kind == "qwen-engine":
+        command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(model), "--port", str(port),
+                   "--threads", str(threads), "--served-model-name", "bench", "--kv-cache-gb", "1"]
+    else:
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+                   "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "8192",
+                   "--model_alias", "bench"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"{kind} server exited: {process.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise SystemExit(f"{kind} server did not start in 300 s")
+
+
+async def one(http: httpx.AsyncClient, url: str, index: int, max_tokens: int) -> tuple[float, int, float]:
+    """(time to first token, tokens, end) of one streaming request."""
+    body = {"model": "bench", "messages": [{"role": "user", "content": f"Explain {TOPICS[index % len(TOPICS)]} in detail."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "logit_bias": END_OF_TURN,
+            "stream_options": {"include_usage": True}}
+    started, first, tokens = time.perf_counter(), None, 0
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - started
+    return first or float("nan"), tokens, time.perf_counter()
+
+
+async def round_of(url: str, concurrency: int, max_tokens: int, offset: int) -> dict[str, float]:
+    async with httpx.AsyncClient(timeout=1800) as http:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(http, url, offset + i, max_tokens) for i in range(concurrency)))
+    wall = max(end for _, _, end in results) - started
+    tokens = sum(count for _, count, _ in results)
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+            "median_ttft_s": statistics.median(ttft for ttft, _, _ in results)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", type=Path, default=None, help="GGUF file (default: the default model)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--servers", nargs="+", default=["qwen-engine", "llama.cpp"])
+    parser.add_argument("--output", type=Path, default=HERE / "SERVING.md")
+    args = parser.parse_args()
+    if args.model is None:
+        from qwen_engine.default_model import default_model_path
+
+        args.model = default_model_path()
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {}
+    for kind in args.servers:
+        process, url = start(kind, args.model, args.threads, free_port())
+        try:
+            asyncio.run(round_of(url, 2, 8, 100))  # warm-up: first-call costs stay out of the figures
+            runs[kind] = {}
+            for concurrency in args.concurrency:
+                runs[kind][concurrency] = [asyncio.run(round_of(url, concurrency, args.max_tokens, r * concurrency))
+                                           for r in range(args.rounds)]
+                print(kind, concurrency, runs[kind][concurrency], flush=True)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    write(args, runs)
+
+
+def write(args: argparse.Namespace, runs: dict[str, dict[int, list[dict[str, float]]]]) -> None:
+    median = lambda rows, key: statistics.median(row[key] for row in rows)  # noqa: E731
+    lines = [
+        "# Serving benchmark", "",
+        f"Produced by `python benchmarks/serve.py --rounds {args.rounds}` on {time.strftime('%Y-%m-%d')}.", "",
+        f"- Machine: {platform.processor() or platform.machine()}; {args.threads} threads per server; Python {platform.python_version()}",
+        f"- Workload: the default GGUF; streaming chat requests started together, {args.max_tokens} tokens each "
+        "(end-of-turn tokens banned through logit_bias), greedy; medians of the rounds. Throughput is all generated "
+        "tokens over the wall time of the round, prefill included.",
+        "- llama-cpp-python's server serves one request at a time (it has no parallel slots); the others queue.", "",
+        "| server | concurrency | tokens/s (all requests) | median time to first token (s) |", "|---|---|---|---|",
+    ]
+    for kind, by_concurrency in runs.items():
+        for concurrency, rows in by_concurrency.items():
+            lines.append(f"| {kind} | {concurrency} | {median(rows, 'tok_s'):.1f} | {median(rows, 'median_ttft_s'):.2f} |")
+    if "qwen-engine" in runs:
+        ours = runs["qwen-engine"]
+        low, high = min(ours), max(ours)
+        lines += ["", f"qwen-engine at {high} concurrent ÷ at {low}: "
+                  f"{median(ours[high], 'tok_s') / median(ours[low], 'tok_s'):.2f}× (target ≥ 4×)"]
+        if "llama.cpp" in runs and high in runs["llama.cpp"]:
+            lines.append(f"qwen-engine ÷ llama.cpp at {high} concurrent: "
+                         f"{median(ours[high], 'tok_s') / median(runs['llama.cpp'][high], 'tok_s'):.2f}× (target ≥ 1.5×)")
+    lines += ["", "## Every round", "", "```", json.dumps(runs, indent=1), "```", ""]
+    temporary = args.output.with_suffix(".md.partial")
+    temporary.write_text("\n".join(lines))
+    os.replace(temporary, args.output)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Constrained decoding for `response_format: {"type": "json_object"}`: every token keeps the output a prefix of a
+JSON object, and the sequence ends when the object closes, so a finished output always parses.
+
+A small pushdown automaton reads the output character by character. Its state is an immutable tuple, so trying a
+token is feeding its characters to a copy. At each step the most likely candidates are tried in order and only
+those that keep the output valid stay allowed (a vocabulary-wide scan only when none of the first thousand
+does). An output cut short by max_tokens is the one case that can still end unclosed (finish_reason "length"),
+as with OpenAI's and vLLM's JSON modes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WHITESPACE = " \t\n\r"
+MAX_WHITESPACE_RUN = 16  # a model stuck on newlines would otherwise never close the object
+LITERALS = {"t": "true", "f": "false", "n": "null"}
+CANDIDATES = (64, 1024)  # how many of the likeliest tokens to try before scanning the whole vocabulary
+
+# States: (mode, stack, aux, whitespace run). mode is one of
+#   "start"  before the top-level object     "value"  a value is expected        "key|}"  first key or }
+#   "key"    a key is expected (after ,)     ":"      the colon after a key      ",|end"  , or the closing bracket
+#   "str"    inside a string (aux: 1 if key) "esc"    after a backslash          "u"      aux: hex digits left (+key)
+#   "num"    inside a number (aux: its part) "lit"    inside true/false/null (aux: the rest)   "done"
+State = tuple[str, tuple[str, ...], object, int]
+START: State = ("start", (), None, 0)
+
+
+def step(state: State, char: str) -> State | None:
+    """The state after `char`, or None when the output would no longer be a JSON object's prefix."""
+    mode, stack, aux, run = state
+    if mode == "num":
+        after = _number(aux, char)
+        if after is not None:
+            return ("num", stack, after, 0)
+        if aux not in ("int", "zero", "frac", "exp"):
+            return None
+        return step(_close_value(stack), char)  # the number ended; the character belongs to what follows
+    if mode == "lit":
+        if char != aux[0]:
+            return None
+        return ("lit", stack, aux[1:], 0) if len(aux) > 1 else _close_value(stack)
+    if mode in ("str", "esc", "u"):
+        return _string(mode, stack, aux, char)
+    if char in WHITESPACE:
+        return None if mode != "done" and run >= MAX_WHITESPACE_RUN else (mode, stack, aux, run + 1)
+    if mode == "start":
+        return ("key|}", ("{",), None, 0) if char == "{" else None
+    if mode == "done":
+        return None
+    if mode in ("key|}", "key"):
+        if char == '"':
+            return ("str", stack, 1, 0)
+        return _close_value(stack[:-1]) if char == "}" and mode == "key|}" else None
+    if mode == ":":
+        return ("value", stack, None, 0) if char == ":" else None
+    if mode == ",|end":
+        if char == ",":
+            return ("key", stack, None, 0) if stack[-1] == "{" else ("value", stack, None, 0)
+        if char == ("}" if stack[-1] == "{" else "]"):
+            return _close_value(stack[:-1])
+        return None
+    # mode == "value"
+    if char == "{":
+        return ("key|}", stack + ("{",), None, 0)
+    if char == "[":
+        return ("value", stack + ("[",), "first", 0)  # aux "first": the array may still close empty
+    if char == "]" and aux == "first":
+        return _close_value(stack[:-1])
+    if char == '"':
+        return ("str", stack, 0, 0)
+    if char == "-":
+        return ("num", stack, "sign", 0)
+    if char.isdigit():
+        return ("num", stack, "zero" if char == "0" else "int", 0)
+    if char in LITERALS:
+        return ("lit", stack, LITERALS[char][1:], 0)
+    return None
+
+
+def _close_value(stack: tuple[str, ...]) -> State:
+    return ("done", (), None, 0) if not stack else (",|end", stack, None, 0)
+
+
+def _string(mode: str, stack: tuple[str, ...], aux: object, char: str) -> State | None:
+    key = aux if mode != "u" else aux[1]
+    if mode == "esc":
+        if char == "u":
+            return ("u", stack, (4, key), 0)
+        return ("str", stack, key, 0) if char in '"\\/bfnrt' else None
+    if mode == "u":
+        if char not in "0123456789abcdefABCDEF":
+            return None
+        left = aux[0] - 1
+        return ("u", stack, (left, key), 0) if left else ("str", stack, key, 0)
+    if char == '"':
+        return (":", stack, None, 0) if key else _close_value(stack)
+    if char == "\\":
+        return ("esc", stack, key, 0)
+    return None if ord(char) < 0x20 else ("str", stack, key, 0)
+
+
+def _number(part: str, char: str) -> str | None:
+    """The part of a number after `char` (sign, zero, int, dot, frac, e, esign, exp), or None if it cannot go on."""
+    digit = char.isdigit() and char.isascii()
+    if part == "sign":
+        return ("zero" if char == "0" else "int") if digit else None
+    if part in ("int", "zero"):
+        if digit and part == "int":
+            return "int"
+        return "dot" if char == "." else "e" if char in "eE" else None
+    if part in ("dot", "frac"):
+        return "frac" if digit else ("e" if char in "eE" and part == "frac" else None)
+    if part == "e":
+        return "esign" if char in "+-" else ("exp" if digit else None)
+    if part in ("esign", "exp"):
+        return "exp" if digit else None
+    return None
+
+
+class JsonObjectConstraint:
+    """Per-sequence state; `allowed(logits)` is the mask of tokens that may come next, `advance` records one."""
+
+    def __init__(self, token_texts: list[str | None], prefix: str = "") -> None:
+        """`prefix`: the start of the object, already written (a forced tool call's name), that the output goes on from."""
+        self.token_texts = token_texts  # None: a token that can never appear (control tokens, broken UTF-8)
+        self.state: State = START
+        for char in prefix:
+            state = step(self.state, char)
+            if state is None:
+                raise ValueError(f"{prefix!r} does not start a JSON object")
+            self.state = state
+
+    @property
+    def done(self) -> bool:
+        return self.state[0] == "done"
+
+    def _after(self, text: str | None) -> State | None:
+        if not text:
+            return None
+        state: State | None = self.state
+        for char in text:
+            state = step(state, char)
+            if state is None:
+                return None
+        return state
+
+    def allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        likeliest = torch.topk(logits, min(CANDIDATES[-1], logits.shape[-1])).indices.tolist()
+        tried = 0
+        for count in (*CANDIDATES, logits.shape[-1]):
+            order = likeliest if count <= len(likeliest) else torch.argsort(logits, descending=True).tolist()
+            for token in order[tried:count]:
+                if token < len(self.token_texts) and self._after(self.token_texts[token]) is not None:
+                    mask[token] = True
+            tried = count
+            if mask.any():
+                return mask
+        raise RuntimeError("no token continues the JSON output")  # unreachable: a space or a digit always does
+
+    def advance(self, token: int) -> None:
+        after = self._after(self.token_texts[token]) if token < len(self.token_texts) else None
+        if after is not None:
+            self.state = after
+
+
+def token_texts(token_bytes: list[bytes], control_ids: frozenset[int]) -> list[str | None]:
+    """Each token's text for the automaton (None for control tokens and tokens that are not whole UTF-8)."""
+    texts: list[str | None] = []
+    for token, raw in enumerate(token_bytes):
+        try:
+            texts.append(None if token in control_ids else raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            texts.append(None)
+    return texts

@@ -1,0 +1,130 @@
+"""A paged KV cache: fixed-size blocks, per-sequence block tables, a free list and prefix reuse (as vLLM and
+nano-vllm keep theirs).
+
+Every full block is registered under a hash of its tokens and of everything before them. A new sequence whose
+prompt starts with registered blocks takes them (reference-counted) instead of computing them again: a shared
+system prompt or the earlier turns of a conversation. A freed block keeps its contents and its hash until the
+free list hands it out again, so a prefix stays reusable after the request that made it has finished.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..config import ModelConfig
+
+BLOCK_SIZE = 16  # tokens a block holds
+
+
+def block_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
+    """Memory of one block: keys and values of every layer."""
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+
+class BlockAllocator:
+    """Which blocks are free, who holds each, and which registered prefix each one stores."""
+
+    def __init__(self, num_blocks: int, block_size: int = BLOCK_SIZE) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.ref_counts = [0] * num_blocks
+        self.free: deque[int] = deque(range(num_blocks))  # least recently freed first
+        self.key_of: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
+        self.block_of: dict[tuple[int, tuple[int, ...]], int] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @staticmethod
+    def prefix_hash(previous: int, tokens: Sequence[int]) -> int:
+        return hash((previous, tuple(tokens)))
+
+    def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
+        """Registered blocks that hold the start of `tokens`, in order (not yet taken). The block holding the last
+        token is never reused: its logits must be computed."""
+        blocks, previous = [], 0
+        for start in range(0, len(tokens) - self.block_size, self.block_size):
+            chunk = tuple(tokens[start : start + self.block_size])
+            block = self.block_of.get((previous, chunk))
+            if block is None:
+                break
+            blocks.append(block)
+            previous = self.prefix_hash(previous, chunk)
+        return blocks
+
+    def take(self, block: int) -> None:
+        """Hold a registered block (a prefix hit)."""
+        if self.ref_counts[block] == 0:
+            self.free.remove(block)
+        self.ref_counts[block] += 1
+
+    def allocate(self) -> int:
+        block = self.free.popleft()
+        if self.key_of[block] is not None:  # its old contents are about to be overwritten
+            del self.block_of[self.key_of[block]]
+            self.key_of[block] = None
+        self.ref_counts[block] = 1
+        return block
+
+    def release(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):  # a sequence's last blocks are the least likely to be shared: reuse them first
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free.append(block)
+
+    def register(self, block: int, previous: int, tokens: Sequence[int]) -> int:
+        """Record a full block's tokens; returns the hash that the next block chains from."""
+        key = (previous, tuple(tokens))
+        if key not in self.block_of and self.key_of[block] is None:
+            self.block_of[key] = block
+            self.key_of[block] = key
+        return self.prefix_hash(previous, tokens)
+
+
+class PagedKVCache:
+    """Keys and values of every layer in [L, blocks · block_size, n_kv, d] tensors: token slot s of block b is row
+    b · block_size + s."""
+
+    def __init__(self, config: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device,
+                 block_size: int = BLOCK_SIZE) -> None:
+        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+
+
+class PagedBatch:
+    """One forward's sequences in the paged cache (the decoder's `SequenceBatch`): for each, its block table, the
+    position of its first token in this batch and how many tokens it brings."""
+
+    def __init__(self, cache: PagedKVCache, tables: list[list[int]], starts: list[int], lengths: list[int]) -> None:
+        self.cache, self.starts, self.lengths = cache, starts, lengths
+        device, size = cache.keys.device, cache.block_size
+        # rows of the cache holding each sequence's positions 0…end−1
+        self.rows = [
+            (torch.tensor(table, device=device)[:, None] * size + torch.arange(size, device=device)).flatten()[: start + length]
+            for table, start, length in zip(tables, starts, lengths)
+        ]
+        self.token_slices, offset = [], 0
+        for length in lengths:
+            self.token_slices.append(slice(offset, offset + length))
+            offset += length
+        self.written_rows = torch.cat([rows[start:] for rows, start in zip(self.rows, starts)])
+
+    def positions(self) -> torch.Tensor:
+        return torch.cat([torch.arange(start, start + length) for start, length in zip(self.starts, self.lengths)])
+
+    def each_sequence(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> Iterator[tuple[slice, int, torch.Tensor, torch.Tensor]]:
+        layer_keys, layer_values = self.cache.keys[layer], self.cache.values[layer]
+        # keys [1, n_kv, T, d] → rows [T, n_kv, d], written where each token's block slot is
+        layer_keys.index_copy_(0, self.written_rows, keys[0].transpose(0, 1))
+        layer_values.index_copy_(0, self.written_rows, values[0].transpose(0, 1))
+        for tokens, start, rows in zip(self.token_slices, self.starts, self.rows):
+            held_keys = layer_keys.index_select(0, rows).transpose(0, 1)[None]
+            held_values = layer_values.index_select(0, rows).transpose(0, 1)[None]
+            yield tokens, start, held_keys, held_values

@@ -1,0 +1,1 @@
+"""An OpenAI-compatible HTTP server (`qwen serve`) over the serving engine (engine/serving.py)."""
