@@ -7,7 +7,8 @@ for the round as a whole. Servers run one after the other, never together, with 
 is repeated --rounds times and medians are reported. Results go to benchmarks/SERVING.md.
 
 llama-cpp-python's server (0.3.x) has no parallel slots: it serves one request at a time under a lock, and the
-others wait. That is its documented behaviour and the configuration measured here.
+others wait (with --interrupt_requests False; its default instead cuts off a streaming request when the next one
+arrives). That is the configuration measured here.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,13 +50,15 @@ def start(kind: str, model: Path, threads: int, port: int) -> tuple[subprocess.P
     else:
         command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
                    "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "8192",
-                   "--model_alias", "bench"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   "--model_alias", "bench", "--host", "127.0.0.1", "--interrupt_requests", "False"]
+    log = tempfile.TemporaryFile()  # a pipe nobody reads would fill up and stall the server's logging
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"{kind} server exited: {process.stderr.read().decode()[-2000:]}")
+            log.seek(0)
+            raise SystemExit(f"{kind} server exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
             if httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return process, url
@@ -70,7 +74,7 @@ async def one(http: httpx.AsyncClient, url: str, index: int, max_tokens: int) ->
     body = {"model": "bench", "messages": [{"role": "user", "content": f"Explain {TOPICS[index % len(TOPICS)]} in detail."}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True, "logit_bias": END_OF_TURN,
             "stream_options": {"include_usage": True}}
-    started, first, tokens = time.perf_counter(), None, 0
+    started, first, tokens, chunks = time.perf_counter(), None, 0, 0
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -79,9 +83,11 @@ async def one(http: httpx.AsyncClient, url: str, index: int, max_tokens: int) ->
             chunk = json.loads(line[6:])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                first = time.perf_counter() - started
-    return first or float("nan"), tokens, time.perf_counter()
+            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                chunks += 1
+                first = first if first is not None else time.perf_counter() - started
+    # llama-cpp-python's server sends no usage when streaming: there, one content chunk is one token
+    return first or float("nan"), tokens or chunks, time.perf_counter()
 
 
 async def round_of(url: str, concurrency: int, max_tokens: int, offset: int) -> dict[str, float]:

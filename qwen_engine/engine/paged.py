@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..config import ModelConfig
+from ..model.decoder import PagedLayout
 
 BLOCK_SIZE = 16  # tokens a block holds
 
@@ -113,6 +114,12 @@ class PagedBatch:
             self.token_slices.append(slice(offset, offset + length))
             offset += length
         self.written_rows = torch.cat([rows[start:] for rows, start in zip(self.rows, starts)])
+
+    def decode_layout(self) -> PagedLayout | None:
+        if any(length != 1 for length in self.lengths):
+            return None
+        offsets = torch.tensor([0] + [len(rows) for rows in self.rows[:-1]]).cumsum(0)
+        return PagedLayout(self.cache.keys, self.cache.values, torch.cat(self.rows), offsets, torch.tensor(self.starts))
 
     def positions(self) -> torch.Tensor:
         return torch.cat([torch.arange(start, start + length) for start, length in zip(self.starts, self.lengths)])

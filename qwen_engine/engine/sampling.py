@@ -85,17 +85,20 @@ class Sampler:
             self.generator.manual_seed(params.seed)
         self.output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
         self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        # The seen ids themselves too: the repetition penalty touches only them, not the whole vocabulary.
+        self.seen_ids = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=device)
         if prompt_ids:
-            self.seen[torch.tensor(prompt_ids, device=device)] = True
+            self.seen[self.seen_ids] = True
 
     def __call__(self, logits: torch.Tensor) -> int:
         """Pick the next token from float32 logits [V] and record it."""
         p = self.params
         logits = logits.to(torch.float32)
-        if p.repetition_penalty != 1.0:
+        if p.repetition_penalty != 1.0 and len(self.seen_ids):
             # As transformers: over prompt and output, shrink positive logits and grow negative ones.
-            penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = torch.where(self.seen, penalized, logits)
+            seen = logits[self.seen_ids]
+            logits = logits.index_put((self.seen_ids,), torch.where(seen > 0, seen / p.repetition_penalty,
+                                                                     seen * p.repetition_penalty))
         if p.frequency_penalty or p.presence_penalty:
             # As OpenAI/vLLM: over output tokens only.
             logits = logits - p.frequency_penalty * self.output_counts - p.presence_penalty * (self.output_counts > 0)
@@ -104,7 +107,9 @@ class Sampler:
         else:
             token = self._sample(logits / p.temperature)
         self.output_counts[token] += 1
-        self.seen[token] = True
+        if not self.seen[token]:
+            self.seen[token] = True
+            self.seen_ids = torch.cat((self.seen_ids, torch.tensor([token], device=self.seen_ids.device)))
         return token
 
     def _sample(self, logits: torch.Tensor) -> int:

@@ -1,8 +1,9 @@
 """The serving engine: many sequences at once over a paged KV cache (nano-vllm's LLMEngine).
 
-`step()` = schedule → run → postprocess. Each prefill chunk runs as its own forward and all decoding sequences
-run together in one; every operation of the decoder treats tokens (rows) independently and attention runs per
-sequence, so a sequence's tokens come out the same whether it ran alone or beside others. `start()` runs steps on
+`step()` = schedule → run → postprocess. The step's prompt chunks run together in one forward and all decoding
+sequences together in another (the fused native step where the model has one); every operation treats tokens
+(rows) independently and attention runs per sequence, so a sequence's tokens come out the same whether it ran alone
+or beside others. `start()` runs steps on
 a background thread for the HTTP server; `add` and `abort` may then be called from any thread, and results come
 back through each request's callback, on the engine's thread.
 """
@@ -153,14 +154,16 @@ class ServingEngine:
         step = self.scheduler.schedule()
         events: list[tuple[Sequence, Event]] = []
         with torch.inference_mode():
-            for seq, count in step.prefills:
-                completes = seq.computed + count == len(seq)
-                logits = self._forward([seq], [count], completes)
-                self.scheduler.computed(seq, count)
-                if completes:
-                    events.append((seq, self._append(seq, logits[0])))
+            if step.prefills:  # every prompt chunk of this step in one forward
+                seqs, counts = [seq for seq, _ in step.prefills], [count for _, count in step.prefills]
+                completes = [seq.computed + count == len(seq) for seq, count in step.prefills]
+                logits = iter(self._forward(seqs, counts, completes))
+                for seq, count, done in zip(seqs, counts, completes):
+                    self.scheduler.computed(seq, count)
+                    if done:
+                        events.append((seq, self._append(seq, next(logits))))
             if step.decodes:
-                logits = self._forward(step.decodes, [1] * len(step.decodes), True)
+                logits = self._forward(step.decodes, [1] * len(step.decodes), [True] * len(step.decodes))
                 for seq, row in zip(step.decodes, logits):
                     self.scheduler.computed(seq, 1)
                     events.append((seq, self._append(seq, row)))
@@ -173,14 +176,15 @@ class ServingEngine:
             self.on_step(step, time.perf_counter() - started)
         return [event for _, event in events]
 
-    def _forward(self, seqs: list[Sequence], counts: list[int], logits: bool) -> torch.Tensor:
-        """Float32 logits [len(seqs), V] at each sequence's last token of this forward (or nothing)."""
+    def _forward(self, seqs: list[Sequence], counts: list[int], wanted: list[bool]) -> torch.Tensor:
+        """Run `counts[i]` tokens of each sequence in one forward; float32 logits at the last token of each sequence
+        whose `wanted` is set, in order."""
         tokens = [t for seq, count in zip(seqs, counts) for t in seq.tokens[seq.computed : seq.computed + count]]
         batch = PagedBatch(self.cache, [seq.block_table for seq in seqs], [seq.computed for seq in seqs], counts)
         device = self.model.device
-        last = torch.tensor(counts).cumsum(0) - 1
+        last = (torch.tensor(counts).cumsum(0) - 1)[torch.tensor(wanted)]
         out = self.decoder(torch.tensor([tokens], device=device), cache=batch, positions=batch.positions().to(device),
-                           logits_at=last.to(device) if logits else last[:0].to(device))
+                           logits_at=last.to(device))
         return out[0].to(torch.float32)
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> Event:

@@ -70,8 +70,9 @@ class CpuKernels:
         lib.qe_block_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
         lib.qe_block_matmul_amx.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, ctypes.c_int, pointer]
         lib.qe_block_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
-        lib.qe_decode_layers.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeShape), pointer,
-                                         pointer, pointer, size, size, size, pointer, pointer, pointer, pointer]
+        lib.qe_decode_batch.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeShape), pointer, size,
+                                         pointer, pointer, size, size, size, pointer, pointer, pointer,
+                                         pointer, pointer, pointer, pointer]
         lib.qe_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
         lib.qe_add_rms_norm.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, pointer]
         lib.qe_rotate.argtypes = [pointer, size, size, size, size, pointer, pointer]
@@ -117,17 +118,21 @@ class CpuKernels:
             raise ValueError(f"block dequantize cannot take {columns} columns")
         return out
 
-    def decode_layers(self, layers: ctypes.Array, shape: DecodeShape, hidden: torch.Tensor, keys: torch.Tensor,
-                      values: torch.Tensor, position: int, rope: tuple[torch.Tensor, ...]) -> None:
-        """Run one token through every layer: hidden [H] bfloat16 in place; keys/values [L, kv_heads, max_len, d]
-        (the cache, written at `position`); rope: the (cos, sin, q_cos, q_sin) rows of `position`."""
-        status = self._lib.qe_decode_layers(
-            layers, len(layers), ctypes.byref(shape), hidden.data_ptr(), keys.data_ptr(), values.data_ptr(),
-            keys[0].numel(), keys.shape[2], position, *(table.data_ptr() for table in rope),
+    def decode_batch(self, layers: ctypes.Array, shape: DecodeShape, hidden: torch.Tensor, keys: torch.Tensor,
+                     values: torch.Tensor, strides: tuple[int, int, int], positions: torch.Tensor,
+                     rope: tuple[torch.Tensor, ...], slots: torch.Tensor | None = None,
+                     slot_starts: torch.Tensor | None = None) -> None:
+        """One token of each of B sequences through every layer (decode_layer.c): hidden [B, H] bfloat16 in place;
+        keys/values: layer 0's cache, written at each sequence's position; strides: (layer, token, kv head) in
+        elements; positions [B] int64; rope: (cos, sin, q_cos, q_sin) rows [B, d]; slots/slot_starts: a paged cache's
+        slot of every position of every sequence (concatenated, int64) and where each sequence's start."""
+        status = self._lib.qe_decode_batch(
+            layers, len(layers), ctypes.byref(shape), hidden.data_ptr(), hidden.shape[0], keys.data_ptr(),
+            values.data_ptr(), *strides, _address(slots), _address(slot_starts), positions.data_ptr(),
+            *(table.data_ptr() for table in rope),
         )
         if status:
-            raise ValueError(f"the fused decode step cannot run at position {position}")
-
+            raise ValueError(f"the fused decode step cannot take {hidden.shape[0]} rows at positions {positions.tolist()}")
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """RMSNorm(x) · weight over the last dimension, or None where these kernels do not take the tensors."""
@@ -206,7 +211,7 @@ def _build(compiler: str) -> Path:
         try:
             command = [compiler, *flags, "-o", str(partial), *map(str, SOURCES), "-lm"]
             subprocess.run(command, capture_output=True, check=True, timeout=120)
-            ctypes.CDLL(str(partial)).qe_decode_layers  # loads and links, or raises OSError/AttributeError
+            ctypes.CDLL(str(partial)).qe_decode_batch  # loads and links, or raises OSError/AttributeError
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)

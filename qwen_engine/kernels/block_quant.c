@@ -79,6 +79,47 @@ static inline __attribute__((always_inline)) void row_dots(
     for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
 }
 
+/* The same for two weight rows at once: each activation vector loaded serves both, which is what a batch of rows
+ * (the serving engine's decode steps) is bound by. One accumulator per (weight row, activation row): with several
+ * rows there are enough independent chains to hide the multiply-add latency. */
+static inline __attribute__((always_inline)) void row_pair_dots(
+    const Activations *acts, int M, int64_t K, const uint8_t *codes[2], const uint8_t *high_bits[2],
+    const uint16_t *scales[2], int five_bit, float *out[2]) {
+    __m512 acc[2][ROW_GROUP];
+    for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 512) {
+        int blocks = (K - k0) / 32 < 16 ? (int)((K - k0) / 32) : 16;
+        __mmask16 present = (__mmask16)((1u << blocks) - 1);
+        __m512 block_scale[2] = {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, scales[0] + k0 / 32)),
+                                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, scales[1] + k0 / 32))};
+        for (int pair = 0; pair < blocks / 2; pair++) {
+            int64_t k = k0 + 64 * pair;
+            __m512i c[2];
+            __m512 w_scale[2];
+            for (int r = 0; r < 2; r++) {
+                if (five_bit) {
+                    _mm_prefetch((const char *)(codes[r] + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
+                    _mm_prefetch((const char *)(high_bits[r] + k / 8) + PREFETCH_BYTES / 4, _MM_HINT_T0);
+                    c[r] = codes5(codes[r], high_bits[r], k);
+                } else {
+                    _mm_prefetch((const char *)(codes[r] + k) + PREFETCH_BYTES, _MM_HINT_T0);
+                    c[r] = codes8(codes[r], k);
+                }
+                w_scale[r] = _mm512_permutexvar_ps(_mm512_load_si512(PAIR_LANES[pair]), block_scale[r]);
+            }
+            for (int m = 0; m < M; m++) {
+                __m512i start = _mm512_loadu_si512(acts[m].lane_start + k / 4), q = _mm512_loadu_si512(acts[m].q + k);
+                __m512 lane_scale = _mm512_loadu_ps(acts[m].lane_scale + k / 4);
+                for (int r = 0; r < 2; r++)
+                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, c[r], q)),
+                                                _mm512_mul_ps(w_scale[r], lane_scale), acc[r][m]);
+            }
+        }
+    }
+    for (int r = 0; r < 2; r++)
+        for (int m = 0; m < M; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
 int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out) {
     int64_t K = w->columns, N = w->rows;
     if (M < 1 || M > MAX_ROWS || K % 64 != 0) return -1;
@@ -96,21 +137,39 @@ int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t
         quantize_row(x + m * K, K, five_bit ? 16 : 128, acts[m]);
     }
     int64_t row_bytes = five_bit ? K / 2 : K;
+    /* Weight rows go in pairs, the activation rows in groups of ROW_GROUP, so a weight row is read from memory once,
+     * then from L1. Each output's arithmetic is the same whatever M is: a row's result does not depend on the
+     * batch it came in (the serving engine relies on it). */
+    const int64_t step = 2;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float dots[MAX_ROWS];
-        /* groups of ROW_GROUP rows: the weight row is read from memory once, then from L1 */
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+        float dots[2][MAX_ROWS];
+        int64_t count = n0 + step <= N ? step : 1;
         for (int64_t g = 0; g < M; g += ROW_GROUP) {
             int rows = M - g < ROW_GROUP ? (int)(M - g) : ROW_GROUP;
-            if (five_bit)
-                row_dots(acts + g, rows, K, w->codes + n * row_bytes, w->high_bits + n * (K / 8), w->scales + n * (K / 32), 1, dots + g);
+            const uint8_t *codes[2], *high_bits[2] = {NULL, NULL};
+            const uint16_t *scales[2];
+            float *outs[2] = {dots[0] + g, dots[1] + g};
+            for (int64_t r = 0; r < count; r++) {
+                codes[r] = w->codes + (n0 + r) * row_bytes;
+                scales[r] = w->scales + (n0 + r) * (K / 32);
+                if (five_bit) high_bits[r] = w->high_bits + (n0 + r) * (K / 8);
+            }
+            if (count == 2 && five_bit)
+                row_pair_dots(acts + g, rows, K, codes, high_bits, scales, 1, outs);
+            else if (count == 2)
+                row_pair_dots(acts + g, rows, K, codes, high_bits, scales, 0, outs);
+            else if (five_bit)
+                row_dots(acts + g, rows, K, codes[0], high_bits[0], scales[0], 1, outs[0]);
             else
-                row_dots(acts + g, rows, K, w->codes + n * row_bytes, NULL, w->scales + n * (K / 32), 0, dots + g);
+                row_dots(acts + g, rows, K, codes[0], NULL, scales[0], 0, outs[0]);
         }
-        for (int m = 0; m < M; m++) {
-            uint16_t product = f32_to_bf16(dots[m]);
-            out[m * N + n] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
-        }
+        for (int64_t r = 0; r < count; r++)
+            for (int m = 0; m < M; m++) {
+                int64_t n = n0 + r;
+                uint16_t product = f32_to_bf16(dots[r][m]);
+                out[m * N + n] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
+            }
     }
     free(q), free(lane_scale), free(lane_start);
     return 0;

@@ -1,4 +1,5 @@
-/* One decoding step (a single token) through all decoder layers in one call: the layer of model/decoder.py —
+/* One decoding step (one token for each of up to MAX_ROWS sequences) through all decoder layers in one call: the layer
+ * of model/decoder.py —
  * RMSNorm, q/k/v, RoPE, the KV-cache write, GQA attention, o, residual, RMSNorm, SwiGLU, down, residual
  * (qwen-family.md §0, §3.2). Decoding is dominated by reading weights, and between those reads the PyTorch path
  * spends ~60 small operator calls a layer; here they cost nothing. Every intermediate is rounded to bfloat16 where
@@ -25,9 +26,20 @@ static inline float dot_bf16(const uint16_t *a, const __m512 *q, int64_t d) {
     return _mm512_reduce_add_ps(acc);
 }
 
-/* Softmax attention of one query head over keys first…last of its kv head (rows of [max_len][d]), in float32. */
-static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, int64_t first, int64_t last,
-                   int64_t d, float *scores, uint16_t *out) {
+/* Where a sequence keeps its keys and values: position t of kv head g is at base + slot(t)·token_stride +
+ * g·head_stride, slot(t) = slots[t] (a paged cache's block slots) or t itself when slots is NULL (a dense cache). */
+typedef struct {
+    const int64_t *slots;
+    int64_t token_stride, head_stride;
+} KVLayout;
+
+static inline int64_t kv_offset(const KVLayout *kv, int64_t t, int64_t g) {
+    return (kv->slots ? kv->slots[t] : t) * kv->token_stride + g * kv->head_stride;
+}
+
+/* Softmax attention of one query head over positions first…last of kv head g, in float32. */
+static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const KVLayout *kv, int64_t g,
+                   int64_t first, int64_t last, int64_t d, float *scores, uint16_t *out) {
     __m512 query[32], acc[32];
     float scale = 1.0f / sqrtf((float)d);
     for (int64_t i = 0; i < d / 16; i++) {
@@ -36,7 +48,7 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     }
     float top = -INFINITY;
     for (int64_t t = first; t <= last; t++) {
-        scores[t - first] = dot_bf16(keys + t * d, query, d);
+        scores[t - first] = dot_bf16(keys + kv_offset(kv, t, g), query, d);
         top = fmaxf(top, scores[t - first]);
     }
     float total = 0.0f;
@@ -44,7 +56,8 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
         float p = expf(scores[t - first] - top);
         total += p;
         __m512 weight = _mm512_set1_ps(p);
-        for (int64_t i = 0; i < d / 16; i++) acc[i] = _mm512_fmadd_ps(load_bf16x16(values + t * d + 16 * i), weight, acc[i]);
+        const uint16_t *row = values + kv_offset(kv, t, g);
+        for (int64_t i = 0; i < d / 16; i++) acc[i] = _mm512_fmadd_ps(load_bf16x16(row + 16 * i), weight, acc[i]);
     }
     for (int64_t i = 0; i < d / 16; i++) {
         float lanes[16];
@@ -53,48 +66,63 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     }
 }
 
-/* hidden [H] (bfloat16, updated in place) through `count` layers at position `pos`. keys/values: the cache of layer
- * 0, [kv_heads][max_len][head_dim] bfloat16, the next layer `layer_stride` elements on. cos/sin: the rotary rows for
- * `pos` (q_cos/q_sin for queries; they differ under LogN scaling). Returns 0, or −1 on bad arguments. */
-int qe_decode_layers(const DecodeLayer *layers, int64_t count, const DecodeShape *shape, uint16_t *hidden,
-                     uint16_t *keys, uint16_t *values, int64_t layer_stride, int64_t max_len, int64_t pos,
-                     const uint16_t *cos, const uint16_t *sin, const uint16_t *q_cos, const uint16_t *q_sin) {
+static void add_rows(uint16_t *hidden, const uint16_t *delta, int64_t n) {
+    for (int64_t i = 0; i < n; i++) hidden[i] = round_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(delta[i]));
+}
+
+/* hidden [B][H] (bfloat16, updated in place): one token of each of B sequences (B ≤ MAX_ROWS) through `count`
+ * layers, sequence b at position positions[b]. keys/values: layer 0's cache, the next layer `layer_stride` elements
+ * on; token_stride/head_stride and slots (concatenated, sequence b's from slot_starts[b]; NULL for a dense cache)
+ * say where each position lives (KVLayout). cos/sin/q_cos/q_sin: [B][d] rotary rows (q_* for queries; they differ
+ * under LogN scaling). Each sequence's arithmetic is independent of the others in the batch. Returns 0, or −1 on bad
+ * arguments. */
+int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape *shape, uint16_t *hidden, int64_t B,
+                    uint16_t *keys, uint16_t *values, int64_t layer_stride, int64_t token_stride, int64_t head_stride,
+                    const int64_t *slots, const int64_t *slot_starts, const int64_t *positions, const uint16_t *cos,
+                    const uint16_t *sin, const uint16_t *q_cos, const uint16_t *q_sin) {
     int64_t H = shape->hidden, d = shape->head_dim, heads = shape->heads, kv_heads = shape->kv_heads;
-    int64_t inter = shape->intermediate;
-    if (d % 32 || d > 512 || H % 64 || inter % 64 || pos < 0 || pos >= max_len || kv_heads < 1 || heads % kv_heads)
+    int64_t inter = shape->intermediate, longest = 0;
+    if (d % 32 || d > 512 || H % 64 || inter % 64 || kv_heads < 1 || heads % kv_heads || B < 1 || B > MAX_ROWS)
         return -1;
-    int64_t group = heads / kv_heads;
-    size_t qkv_size = (size_t)(heads + 2 * kv_heads) * d;
-    uint16_t *normed = malloc(H * 2), *qkv = malloc(qkv_size * 2), *attn = malloc(heads * d * 2), *mixed = malloc(H * 2);
-    uint16_t *gate_up = malloc(inter * 4), *act = malloc(inter * 2);
-    float *scores = malloc((size_t)heads * (pos + 1) * sizeof(float));
+    for (int64_t b = 0; b < B; b++) {
+        if (positions[b] < 0) return -1;
+        longest = positions[b] > longest ? positions[b] : longest;
+    }
+    int64_t group = heads / kv_heads, qkv_size = (heads + 2 * kv_heads) * d;
+    uint16_t *normed = malloc(B * H * 2), *qkv = malloc(B * qkv_size * 2), *attn = malloc(B * heads * d * 2);
+    uint16_t *mixed = malloc(B * H * 2), *gate_up = malloc(B * inter * 4), *act = malloc(B * inter * 2);
+    float *scores = malloc((size_t)B * heads * (longest + 1) * sizeof(float));
     int status = (normed && qkv && attn && mixed && gate_up && act && scores) ? 0 : -1;
     for (int64_t l = 0; l < count && status == 0; l++) {
         const DecodeLayer *layer = &layers[l];
         uint16_t *layer_keys = keys + l * layer_stride, *layer_values = values + l * layer_stride;
-        rms_norm_row(hidden, layer->input_norm, H, shape->eps, normed);
-        if ((status = qe_matrix_times(&layer->qkv, normed, 1, qkv))) break;
-        uint16_t *q = qkv, *k = qkv + heads * d, *v = k + kv_heads * d;
-        for (int64_t h = 0; h < heads; h++) rotate_head(q + h * d, q_cos, q_sin, d);
-        for (int64_t h = 0; h < kv_heads; h++) {
-            rotate_head(k + h * d, cos, sin, d);
-            memcpy(layer_keys + (h * max_len + pos) * d, k + h * d, (size_t)d * 2);
-            memcpy(layer_values + (h * max_len + pos) * d, v + h * d, (size_t)d * 2);
+        for (int64_t b = 0; b < B; b++) rms_norm_row(hidden + b * H, layer->input_norm, H, shape->eps, normed + b * H);
+        if ((status = qe_matrix_times(&layer->qkv, normed, B, qkv))) break;
+        for (int64_t b = 0; b < B; b++) {
+            uint16_t *q = qkv + b * qkv_size, *k = q + heads * d, *v = k + kv_heads * d;
+            KVLayout kv = {slots ? slots + slot_starts[b] : NULL, token_stride, head_stride};
+            for (int64_t h = 0; h < heads; h++) rotate_head(q + h * d, q_cos + b * d, q_sin + b * d, d);
+            for (int64_t g = 0; g < kv_heads; g++) {
+                rotate_head(k + g * d, cos + b * d, sin + b * d, d);
+                memcpy(layer_keys + kv_offset(&kv, positions[b], g), k + g * d, (size_t)d * 2);
+                memcpy(layer_values + kv_offset(&kv, positions[b], g), v + g * d, (size_t)d * 2);
+            }
         }
-        int64_t first = layer->window > 0 && pos - layer->window + 1 > 0 ? pos - layer->window + 1 : 0;
-#pragma omp parallel for schedule(static)
-        for (int64_t h = 0; h < heads; h++) {
-            int64_t g = h / group;
-            attend(q + h * d, layer_keys + g * max_len * d, layer_values + g * max_len * d, first, pos, d,
-                   scores + h * (pos + 1), attn + h * d);
+#pragma omp parallel for schedule(dynamic)
+        for (int64_t task = 0; task < B * heads; task++) {
+            int64_t b = task / heads, h = task % heads, pos = positions[b];
+            KVLayout kv = {slots ? slots + slot_starts[b] : NULL, token_stride, head_stride};
+            int64_t first = layer->window > 0 && pos - layer->window + 1 > 0 ? pos - layer->window + 1 : 0;
+            attend(qkv + b * qkv_size + h * d, layer_keys, layer_values, &kv, h / group, first, pos, d,
+                   scores + task * (longest + 1), attn + (b * heads + h) * d);
         }
-        if ((status = qe_matrix_times(&layer->o, attn, 1, mixed))) break;
-        for (int64_t i = 0; i < H; i++) hidden[i] = round_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(mixed[i]));
-        rms_norm_row(hidden, layer->post_norm, H, shape->eps, normed);
-        if ((status = qe_matrix_times(&layer->gate_up, normed, 1, gate_up))) break;
-        silu_mul_row(gate_up, gate_up + inter, inter, act);
-        if ((status = qe_matrix_times(&layer->down, act, 1, mixed))) break;
-        for (int64_t i = 0; i < H; i++) hidden[i] = round_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(mixed[i]));
+        if ((status = qe_matrix_times(&layer->o, attn, B, mixed))) break;
+        add_rows(hidden, mixed, B * H);
+        for (int64_t b = 0; b < B; b++) rms_norm_row(hidden + b * H, layer->post_norm, H, shape->eps, normed + b * H);
+        if ((status = qe_matrix_times(&layer->gate_up, normed, B, gate_up))) break;
+        for (int64_t b = 0; b < B; b++) silu_mul_row(gate_up + b * 2 * inter, gate_up + b * 2 * inter + inter, inter, act + b * inter);
+        if ((status = qe_matrix_times(&layer->down, act, B, mixed))) break;
+        add_rows(hidden, mixed, B * H);
     }
     free(normed), free(qkv), free(attn), free(mixed), free(gate_up), free(act), free(scores);
     return status ? -1 : 0;

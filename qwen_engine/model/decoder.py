@@ -9,7 +9,7 @@ launch instead of three. Every projection is a plain `nn.Linear`, so quantizatio
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,21 @@ class SequenceBatch(Protocol):
         """Store keys/values [1, n_kv, T, d] of this batch's tokens; yield for each sequence the slice of its tokens,
         the position of the first, and all of its keys/values up to its last token [1, n_kv, end, d]."""
         ...
+
+    def decode_layout(self) -> PagedLayout | None:
+        """Where the keys and values live, for a native step, when every sequence brings one token; else None."""
+        ...
+
+
+class PagedLayout(NamedTuple):
+    """A paged cache as native code reads it: keys/values [L, slots, n_kv, d]; the slot of every position of every
+    sequence (concatenated) and where each sequence's start; each sequence's position in this step."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    slots: torch.Tensor
+    slot_starts: torch.Tensor
+    positions: torch.Tensor
 
 
 class KVStore(Protocol):
@@ -220,7 +235,7 @@ class QwenDecoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         # Optional native path for one-token steps (model/fused.py): hidden after all layers, or None to decline.
-        self.fused_decode: Callable[[torch.Tensor, RotaryTables, KVStore, int], torch.Tensor | None] | None = None
+        self.fused_decode: Callable[[torch.Tensor, RotaryTables, KVStore | SequenceBatch, int], torch.Tensor | None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -260,7 +275,7 @@ class QwenDecoder(nn.Module):
             )
         rope = self.rotary(start, length, hidden.dtype) if positions is None else self.rotary.at(positions, hidden.dtype)
         fused = None
-        if self.fused_decode is not None and length == 1 and cache is not None:
+        if self.fused_decode is not None and cache is not None and (length == 1 or isinstance(cache, SequenceBatch)):
             fused = self.fused_decode(hidden, rope, cache, start)
         if fused is not None:
             hidden, residual = fused, None
@@ -271,7 +286,7 @@ class QwenDecoder(nn.Module):
         if logits_at is not None:
             if not len(logits_at):  # a prefill chunk that does not reach the end of its prompt
                 return hidden.new_empty(hidden.shape[0], 0, self.config.vocab_size)
-            hidden, residual = hidden[:, logits_at], residual[:, logits_at]
+            hidden, residual = hidden[:, logits_at], None if residual is None else residual[:, logits_at]
         return self.lm_head(self.model.norm(hidden, residual)[0])
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -2,8 +2,8 @@
 
 A decoding step reads every weight once; the PyTorch path adds ~60 small operator calls a layer around those reads,
 which on a small model cost as much as the reads themselves. The fused step runs the same layer arithmetic, with
-the same bfloat16 roundings, without them. It serves batch-1 steps on a dense KV cache; every other call takes the
-PyTorch path.
+the same bfloat16 roundings, without them. It serves one-token steps of one sequence on a dense KV cache and of up
+to 32 sequences at once on the serving engine's paged cache; every other call takes the PyTorch path.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import CpuKernels, BlockMatrix, DecodeLayer, DecodeShape, cpu_kernels, matrix
-from .decoder import KVStore, QwenDecoder
+from .decoder import KVStore, QwenDecoder, SequenceBatch
 from .quantized import BlockLinear
 from .rope import RotaryTables
 
@@ -51,23 +51,42 @@ class FusedDecodeStep:
             return None
         if config.head_dim % 32 or config.head_dim > 512:
             return None
-        for layer in decoder.model.layers:
-            projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            if not all(isinstance(p, BlockLinear) and p.in_features % 64 == 0 for p in projections):
-                return None
+        projections = [p for layer in decoder.model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                                       layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        if not all(isinstance(p, BlockLinear) and p.in_features % 64 == 0 for p in projections):
+            return None
+        for projection in projections:  # every decoding step is ours now: PyTorch runs prefills (_QuantizedLinear)
+            projection.packed_max_rows = 0
         return cls(decoder, kernels)
 
-    def __call__(self, hidden: torch.Tensor, rope: RotaryTables, cache: KVStore, start: int) -> torch.Tensor | None:
-        """hidden [1, 1, H] after every layer, or None where this step does not apply (the caller runs PyTorch)."""
-        keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or hidden.shape[:2] != (1, 1):
+    def __call__(self, hidden: torch.Tensor, rope: RotaryTables, cache: KVStore | SequenceBatch,
+                 start: int) -> torch.Tensor | None:
+        """hidden [1, B, H] after every layer — one token of one sequence in a dense cache, or one token of each
+        sequence of a paged batch — or None where this step does not apply (the caller runs PyTorch)."""
+        if any(table.dtype != torch.bfloat16 for table in rope) or hidden.shape[0] != 1:
             return None
-        shape = (self.num_layers, 1, self.shape.kv_heads, keys.shape[3] if keys.dim() == 5 else -1, self.shape.head_dim)
-        dense = all(t.shape == shape and t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu"
-                    for t in (keys, values))
-        if not dense or any(table.dtype != torch.bfloat16 for table in rope):
-            return None
-        out = hidden.to(torch.bfloat16, copy=True).contiguous()
         tables = tuple(table.contiguous() for table in (rope.cos, rope.sin, rope.q_cos, rope.q_sin))
-        self.kernels.decode_layers(self.layers, self.shape, out, keys[:, 0], values[:, 0], start, tables)
-        return out
+        out = hidden[0].to(torch.bfloat16, copy=True).contiguous()
+        d, kv_heads = self.shape.head_dim, self.shape.kv_heads
+        if isinstance(cache, SequenceBatch):
+            layout = cache.decode_layout()
+            if layout is None or not _plain(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
+                return None
+            strides = (layout.keys[0].numel(), kv_heads * d, d)
+            self.kernels.decode_batch(self.layers, self.shape, out, layout.keys, layout.values, strides, layout.positions,
+                                      tables, layout.slots, layout.slot_starts)
+            return out[None]
+        keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or hidden.shape[1] != 1:
+            return None
+        max_len = keys.shape[3] if keys.dim() == 5 else -1
+        shape = (self.num_layers, 1, kv_heads, max_len, d)
+        if keys.shape != shape or values.shape != shape or not _plain(keys, values) or not 0 <= start < max_len:
+            return None
+        strides = (keys[0].numel(), d, max_len * d)
+        self.kernels.decode_batch(self.layers, self.shape, out, keys, values, strides, torch.tensor([start]), tables)
+        return out[None]
+
+
+def _plain(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)

@@ -46,6 +46,11 @@ class _QuantizedLinear(nn.Module, ABC):
     in_features: int
     out_features: int
     bias: torch.Tensor | None
+    # Up to this many rows go to the packed kernel, more to the dense product. The fused decode step sets it to 0 on
+    # the layers it takes over: PyTorch then only runs their prefills, always on the bfloat16 product, so a
+    # sequence's prefill computes the same whether it came alone or with others (each row of the product is
+    # independent of the rest; the packed kernel's int8 activations are not the same numbers).
+    packed_max_rows: int = PACKED_MAX_ROWS
 
     @abstractmethod
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,7 @@ class _QuantizedLinear(nn.Module, ABC):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = self._packed_matmul(rows.contiguous()) if rows.shape[0] <= PACKED_MAX_ROWS else self._dense_matmul(rows)
+        out = self._packed_matmul(rows.contiguous()) if rows.shape[0] <= self.packed_max_rows else self._dense_matmul(rows)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -247,7 +252,7 @@ class BlockLinear(_QuantizedLinear):
         None where that path does not apply (few rows, a bias, no AMX): the caller then multiplies and applies it."""
         rows = x.reshape(-1, self.in_features)
         kernels = cpu_kernels()
-        if kernels is None or self.bias is not None or rows.shape[0] <= PACKED_MAX_ROWS or rows.dtype != torch.bfloat16:
+        if kernels is None or self.bias is not None or rows.shape[0] <= self.packed_max_rows or rows.dtype != torch.bfloat16:
             return None
         mixed = kernels.matmul_amx(rows, self.codes, self.high_bits, self.scales, swiglu=True)
         return None if mixed is None else mixed.view(*x.shape[:-1], -1)
