@@ -411,6 +411,9 @@ def cmd_memory(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
+    import signal
+    import threading
+    import time
 
     if not 0 < args.port < 65536:
         raise QwenError(f"--port must be in 1…65535 (got {args.port})")
@@ -426,12 +429,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     model = _load(args)
     engine = ServingEngine(model, kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs, prefill_tokens=args.prefill_tokens)
-    engine.start()
     server = Server(model, engine, name=args.served_model_name or args.model,
                     api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue)
+    # HTTP on a thread of its own, the engine on this one (the main thread: see ServingEngine.run_forever).
+    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
+                                         timeout_graceful_shutdown=5))
+    listener = threading.Thread(target=http.run, name="qwen-http", daemon=True)
+    listener.start()
+    while not http.started and listener.is_alive():
+        time.sleep(0.05)
+    if not listener.is_alive():
+        raise QwenError(f"could not listen on {args.host}:{args.port} (is the port in use?); pick another with --port")
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
     sys.stderr.write(f"qwen: serving {server.name} on http://{args.host}:{args.port}/v1 "
                      f"({engine.allocator.num_blocks} KV blocks, {engine.capacity_tokens:,} tokens)\n")
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    try:
+        engine.run_forever(keep_going=listener.is_alive)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        http.should_exit = True
+        listener.join(timeout=10)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity,

@@ -307,3 +307,33 @@ def test_fuzzed_requests_get_client_errors_never_500s(server) -> None:
             assert response.status_code == 400
     assert len(seen) >= 200 and sum(400 <= s < 500 for s in seen) >= 150
     assert chat(server.client(), "Still there?", max_tokens=4).choices[0].message.content
+
+
+def test_qwen_serve_command_serves_and_shuts_down(default_gguf) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(default_gguf), "--port", str(port),
+               "--served-model-name", NAME, "--kv-cache-gb", "0.25"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert chat(client, "Say hi.", max_tokens=4).usage.completion_tokens <= 4
+        # A second server on the same port: one clear line and a non-zero exit.
+        clash = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert clash.returncode != 0 and "could not listen" in clash.stderr and "Traceback" not in clash.stderr
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
