@@ -435,6 +435,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
                                          timeout_graceful_shutdown=5))
     listener = threading.Thread(target=http.run, name="qwen-http", daemon=True)
+    engine.own()  # requests that arrive before the loop starts wait in its queue
     listener.start()
     while not http.started and listener.is_alive():
         time.sleep(0.05)

@@ -17,7 +17,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen_engine.engine.serving import ServingEngine
+from qwen_engine.engine.serving import Request, ServingEngine
+from qwen_engine.model.rope import RotaryEmbedding
 from qwen_engine.server.app import Server, create_app
 
 NAME = "qwen2.5-coder-0.5b-instruct"
@@ -153,6 +154,7 @@ class ScriptedDecoder(torch.nn.Module):
         super().__init__()
         self.config, self.script, self.prompt_length = config, script, prompt_length
         self.dtype, self.device = torch.bfloat16, torch.device("cpu")
+        self.rotary = RotaryEmbedding(config)
 
     def forward(self, token_ids, *, positions, logits_at, **_) -> torch.Tensor:
         rows = positions[logits_at].tolist()
@@ -164,15 +166,9 @@ class ScriptedDecoder(torch.nn.Module):
 
 
 def test_tool_calls_from_a_scripted_decoder(default_model) -> None:
-    import copy
-
     messages = [{"role": "user", "content": "Weather in Oslo?"}]
     script_text = 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
-    tokenizer = default_model.tokenizer
-    script = tokenizer.encode_markup(script_text) + [tokenizer.token_to_id("<|im_end|>")]
-    scripted = copy.copy(default_model)
-    scripted.decoder = ScriptedDecoder(default_model.config, script, len(default_model.chat_prompt(messages, [WEATHER_TOOL])))
-    running = Running(scripted)
+    running = Running(scripted_model(default_model, script_text, len(default_model.chat_prompt(messages, [WEATHER_TOOL]))))
     try:
         client = running.client()
         reply = client.chat.completions.create(model=NAME, messages=messages, tools=[WEATHER_TOOL], temperature=0)
@@ -186,6 +182,47 @@ def test_tool_calls_from_a_scripted_decoder(default_model) -> None:
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         plain = client.chat.completions.create(model=NAME, messages=messages, temperature=0)  # no tools: text as is
         assert plain.choices[0].message.tool_calls is None
+    finally:
+        running.close()
+
+
+def scripted_model(default_model, text: str, prompt_length: int):
+    import copy
+
+    tokenizer = default_model.tokenizer
+    scripted = copy.copy(default_model)
+    script = tokenizer.encode_markup(text) + [tokenizer.token_to_id("<|im_end|>")]
+    scripted.decoder = ScriptedDecoder(default_model.config, script, prompt_length)
+    return scripted
+
+
+def test_text_held_for_a_stop_string_is_released_at_the_end_of_turn(default_model) -> None:
+    prompt = default_model.chat_prompt([{"role": "user", "content": "Hello"}])
+    engine = ServingEngine(scripted_model(default_model, "Hi there.\n", len(prompt)), num_blocks=64)
+    params = default_model.defaults.updated(max_tokens=32, stop=["\nUser:"], temperature=0)
+    events = engine.run([Request("r", prompt, params)])["r"][0]
+    assert "".join(e.text for e in events) == "Hi there.\n" and events[-1].finish_reason == "stop"
+
+
+class FailingDecoder(ScriptedDecoder):
+    def forward(self, token_ids, **_) -> torch.Tensor:
+        raise RuntimeError("simulated kernel failure")
+
+
+def test_an_engine_failure_is_a_500_or_an_error_event_and_the_server_lives_on(default_model) -> None:
+    import copy
+
+    broken = copy.copy(default_model)
+    broken.decoder = FailingDecoder(default_model.config, [0], 0)
+    running = Running(broken)
+    try:
+        client = running.client()
+        with pytest.raises(openai.InternalServerError, match="simulated kernel failure"):
+            chat(client, "Hi", max_tokens=4)
+        with pytest.raises(openai.APIError, match="simulated kernel failure"):
+            list(chat(client, "Hi", max_tokens=4, stream=True))
+        assert httpx.get(running.url + "/health").json() == {"status": "ok"}
+        assert running.server.in_flight == 0 and running.metric("qwen_kv_blocks_used") == 0
     finally:
         running.close()
 
@@ -270,6 +307,19 @@ def test_32_streaming_clients_with_8_disconnects_free_every_block(server) -> Non
     assert server.metric("qwen_kv_blocks_free") == free_before
     assert server.metric("qwen_requests_running") == 0
     assert chat(server.client(), "Still there?", max_tokens=4).choices[0].message.content
+
+
+def test_a_client_that_leaves_a_whole_response_cancels_it(server) -> None:
+    used_before = server.metric("qwen_kv_blocks_used")
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Write a very long story."}], "max_tokens": 3000,
+            "logit_bias": {"151645": -100, "151643": -100}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.5)
+    deadline = time.time() + 10
+    while server.metric("qwen_requests_running") and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.metric("qwen_requests_running") == 0 and server.metric("qwen_kv_blocks_used") == used_before
+    assert server.metric('qwen_sequences_finished_total{reason="abort"}') >= 1
 
 
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),

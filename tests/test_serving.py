@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_engine.engine.paged import BLOCK_SIZE, BlockAllocator
+from qwen_engine.engine.paged import BLOCK_SIZE, ROOT, BlockAllocator
 from qwen_engine.engine.serving import Request, ServingEngine
 
 GREEDY = dict(temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
@@ -49,7 +49,7 @@ def test_allocator_reuses_registered_prefixes_and_counts_references() -> None:
     allocator = BlockAllocator(8, block_size=4)
     tokens = list(range(10))
     first = [allocator.allocate() for _ in range(3)]
-    chain = 0
+    chain = ROOT
     for i in range(2):  # two full blocks registered
         chain = allocator.register(first[i], chain, tokens[i * 4 : (i + 1) * 4])
     assert allocator.cached_prefix(tokens) == first[:2]
@@ -112,3 +112,11 @@ def test_requests_that_cannot_fit_are_refused(default_model) -> None:
         engine.add(Request("big", list(range(100)), default_model.defaults.updated(max_tokens=16)))
     with pytest.raises(QwenError, match="context"):
         engine.add(Request("long", [1], default_model.defaults.updated(max_tokens=default_model.config.context_length)))
+
+
+def test_more_sequences_than_one_native_step_takes(default_model) -> None:
+    """40 decoding at once: the fused step takes them 32 at a time, each the same as alone."""
+    engine = ServingEngine(default_model, num_blocks=1024, max_seqs=40)
+    batch = prompts(default_model, 40)
+    together = outputs(engine, default_model, batch, max_tokens=3)
+    assert together[33] == outputs(ServingEngine(default_model, num_blocks=64), default_model, batch[33:34], max_tokens=3)[0]

@@ -9,6 +9,8 @@ free list hands it out again, so a prefix stays reusable after the request that 
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 
@@ -18,6 +20,7 @@ from ..config import ModelConfig
 from ..model.decoder import PagedLayout
 
 BLOCK_SIZE = 16  # tokens a block holds
+ROOT = b""  # the digest before a sequence's first block
 
 
 def block_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int = BLOCK_SIZE) -> int:
@@ -32,28 +35,29 @@ class BlockAllocator:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.ref_counts = [0] * num_blocks
         self.free: deque[int] = deque(range(num_blocks))  # least recently freed first
-        self.key_of: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
-        self.block_of: dict[tuple[int, tuple[int, ...]], int] = {}
+        self.key_of: list[bytes | None] = [None] * num_blocks
+        self.block_of: dict[bytes, int] = {}
 
     @property
     def num_free(self) -> int:
         return len(self.free)
 
     @staticmethod
-    def prefix_hash(previous: int, tokens: Sequence[int]) -> int:
-        return hash((previous, tuple(tokens)))
+    def prefix_hash(previous: bytes, tokens: Sequence[int]) -> bytes:
+        """A digest of a block's tokens and everything before them (a cryptographic hash, as vLLM's: a collision
+        would hand one request another's keys and values)."""
+        return hashlib.blake2b(previous + array("q", tokens).tobytes(), digest_size=16).digest()
 
     def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
         """Registered blocks that hold the start of `tokens`, in order (not yet taken). The block holding the last
         token is never reused: its logits must be computed."""
-        blocks, previous = [], 0
+        blocks, previous = [], ROOT
         for start in range(0, len(tokens) - self.block_size, self.block_size):
-            chunk = tuple(tokens[start : start + self.block_size])
-            block = self.block_of.get((previous, chunk))
+            previous = self.prefix_hash(previous, tokens[start : start + self.block_size])
+            block = self.block_of.get(previous)
             if block is None:
                 break
             blocks.append(block)
-            previous = self.prefix_hash(previous, chunk)
         return blocks
 
     def take(self, block: int) -> None:
@@ -76,13 +80,13 @@ class BlockAllocator:
             if self.ref_counts[block] == 0:
                 self.free.append(block)
 
-    def register(self, block: int, previous: int, tokens: Sequence[int]) -> int:
-        """Record a full block's tokens; returns the hash that the next block chains from."""
-        key = (previous, tuple(tokens))
+    def register(self, block: int, previous: bytes, tokens: Sequence[int]) -> bytes:
+        """Record a full block's tokens; returns its digest, which the next block chains from."""
+        key = self.prefix_hash(previous, tokens)
         if key not in self.block_of and self.key_of[block] is None:
             self.block_of[key] = block
             self.key_of[block] = key
-        return self.prefix_hash(previous, tokens)
+        return key
 
 
 class PagedKVCache:

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from .paged import BlockAllocator
+from .paged import ROOT, BlockAllocator
 from .sampling import Sampler, SamplingParams
 
 
@@ -43,7 +43,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache
     registered: int = 0  # full blocks recorded for prefix reuse
-    chain: int = 0  # prefix hash after the registered blocks
+    chain: bytes = ROOT  # prefix digest after the registered blocks
     finish_reason: str | None = None
     state: Any = None  # what the engine keeps per sequence (detokenizer, stop filter, logprobs, constraint)
     seq_id: int = field(default_factory=lambda: next(_ids))
@@ -82,7 +82,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Step:
-        self._admit()
+        # Decoding sequences take their blocks first: a sequence admitted now would otherwise be preempted at once.
         preempted: list[Sequence] = []
         decodes = []
         for seq in list(self.running):
@@ -94,6 +94,8 @@ class Scheduler:
                 preempted.append(victim)
             if seq.status is Status.RUNNING:
                 decodes.append(seq)
+        if not preempted:
+            self._admit()
         budget, prefills = self.prefill_tokens, []
         for seq in self.running:
             pending = len(seq) - seq.computed
@@ -116,7 +118,7 @@ class Scheduler:
                 self.allocator.take(block)
             seq.block_table = cached + [self.allocator.allocate() for _ in range(fresh)]
             size = self.allocator.block_size
-            seq.registered, seq.computed, seq.chain = len(cached), len(cached) * size, 0
+            seq.registered, seq.computed, seq.chain = len(cached), len(cached) * size, ROOT
             for i in range(len(cached)):
                 seq.chain = self.allocator.prefix_hash(seq.chain, seq.tokens[i * size : (i + 1) * size])
             seq.status = Status.RUNNING
@@ -158,4 +160,4 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.allocator.release(seq.block_table)
-        seq.block_table, seq.computed, seq.registered, seq.chain = [], 0, 0, 0
+        seq.block_table, seq.computed, seq.registered, seq.chain = [], 0, 0, ROOT

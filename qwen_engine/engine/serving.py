@@ -50,6 +50,7 @@ class Event:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: str | None = None  # with finish_reason "error": what failed (the engine, not the request)
 
 
 @dataclass
@@ -93,7 +94,8 @@ class ServingEngine:
         self._by_request: dict[str, list[Sequence]] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the thread whose loop owns the engine's state
+        self._background: threading.Thread | None = None
         self._stopping = False
         self.on_step: Callable[[Step, float], None] | None = None  # metrics hook: the step and its seconds
 
@@ -104,6 +106,11 @@ class ServingEngine:
     # ---- requests -------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         """Queue a request (any thread). Raises QwenError when it can never fit."""
+        self.check(request)
+        self._send("add", request)
+
+    def check(self, request: Request) -> None:
+        """Raise QwenError when the request can never run here (too long for the context or the KV cache)."""
         needed = len(request.prompt_ids) + request.params.max_tokens
         if not request.prompt_ids:
             raise QwenError("the prompt is empty")
@@ -112,14 +119,17 @@ class ServingEngine:
                             f"({request.params.max_tokens}) exceed the model's context of {self.model.config.context_length}")
         if needed + self.allocator.block_size > self.capacity_tokens:
             raise QwenError(f"the prompt plus max_tokens ({needed}) exceed the KV cache ({self.capacity_tokens} tokens)")
-        self._send("add", request)
+        fixed = self.decoder.rotary.fixed_frequencies_up_to
+        if fixed is not None and needed > fixed:
+            raise QwenError(f"this model changes its rotary frequencies past {fixed} tokens (dynamic NTK or YaRN for long "
+                            f"prompts), which batched serving does not do yet; keep prompt plus max_tokens within {fixed}")
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks (any thread)."""
         self._send("abort", request_id)
 
     def _send(self, command: str, payload: object) -> None:
-        """Carry out a command now when no engine thread runs, else hand it to that thread (it owns the state)."""
+        """Carry out a command now when no loop owns the engine, else hand it to the loop's thread (it owns the state)."""
         if self._thread is None:
             self._enqueue(payload) if command == "add" else self._abort(payload)
         else:
@@ -153,6 +163,19 @@ class ServingEngine:
         started = time.perf_counter()
         step = self.scheduler.schedule()
         events: list[tuple[Sequence, Event]] = []
+        try:
+            self._run(step, events)
+        finally:  # what finished before a failure still reaches its client
+            for seq, event in events:
+                if event.finish_reason is not None:
+                    self._forget_if_done(event.request_id)
+                if seq.state.request.on_event is not None:
+                    seq.state.request.on_event(event)
+        if self.on_step is not None:
+            self.on_step(step, time.perf_counter() - started)
+        return [event for _, event in events]
+
+    def _run(self, step: Step, events: list[tuple[Sequence, Event]]) -> None:
         with torch.inference_mode():
             if step.prefills:  # every prompt chunk of this step in one forward
                 seqs, counts = [seq for seq, _ in step.prefills], [count for _, count in step.prefills]
@@ -167,14 +190,6 @@ class ServingEngine:
                 for seq, row in zip(step.decodes, logits):
                     self.scheduler.computed(seq, 1)
                     events.append((seq, self._append(seq, row)))
-        for seq, event in events:
-            if event.finish_reason is not None:
-                self._forget_if_done(event.request_id)
-            if seq.state.request.on_event is not None:
-                seq.state.request.on_event(event)
-        if self.on_step is not None:
-            self.on_step(step, time.perf_counter() - started)
-        return [event for _, event in events]
 
     def _forward(self, seqs: list[Sequence], counts: list[int], wanted: list[bool]) -> torch.Tensor:
         """Run `counts[i]` tokens of each sequence in one forward; float32 logits at the last token of each sequence
@@ -212,8 +227,10 @@ class ServingEngine:
         reason = None
         stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.stop_token_ids)
         text = ""
-        if token in stop_ids:
+        if token in stop_ids:  # the end: release what was held back in case it began a stop string
             reason = "stop"
+            tail, hit = state.stops.push(state.decoder.flush())
+            text = tail if hit else tail + state.stops.flush()
         else:
             text, hit = state.stops.push(state.decoder.push(token))
             if hit or (state.constraint is not None and state.constraint.done):  # a JSON object ends the output
@@ -248,34 +265,35 @@ class ServingEngine:
     # regions started from any other thread ran at half speed here (measured: 26.5 against 18.1 ms a decoding step).
     def start(self) -> None:
         """Run the loop on a background thread (tests, embedding in another program)."""
-        self._thread = threading.Thread(target=self.run_forever, name="qwen-engine", daemon=True)
+        self._thread = self._background = threading.Thread(target=self.run_forever, name="qwen-engine", daemon=True)
         self._thread.start()
 
+    def own(self) -> None:
+        """Make this thread the engine's before `run_forever` starts, so requests that come first are queued for it."""
+        self._thread = threading.current_thread()
+
     def stop(self) -> None:
-        """End the loop (any thread); waits for a background loop to finish."""
+        """End the loop (any thread); waits for a loop that `start()` began."""
         self._stopping = True
         self._wake.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+        if self._background is not None and self._background is not threading.current_thread():
+            self._background.join()
 
     def run_forever(self, keep_going: Callable[[], bool] = lambda: True) -> None:
         """Take commands and run steps on this thread until `stop()` or until `keep_going()` turns false."""
         self._thread = threading.current_thread()
         while not self._stopping and keep_going():
-            while True:
-                try:
-                    command, payload = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if command == "add":
-                    self._enqueue(payload)
-                else:
-                    self._abort(payload)
-            if not self.has_work():
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
             try:
+                while True:
+                    try:
+                        command, payload = self._inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._enqueue(payload) if command == "add" else self._abort(payload)
+                if not self.has_work():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
                 self.step()
             except Exception as err:  # a bug must not hang every client: fail the requests in flight, keep serving
                 log.exception("engine step failed; failing the requests in flight")
@@ -290,8 +308,8 @@ class ServingEngine:
                     self.scheduler.finish(seq, "error")
                     callback = seq.state.request.on_event
                     if callback is not None:
-                        callback(Event(request_id, seq.index, None, message, None, "error", len(seq.prompt_ids),
-                                       len(seq.output_ids)))
+                        callback(Event(request_id, seq.index, None, "", None, "error", len(seq.prompt_ids),
+                                       len(seq.output_ids), error=message))
             self._by_request.pop(request_id, None)
 
     @property

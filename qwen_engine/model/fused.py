@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import CpuKernels, BlockMatrix, DecodeLayer, DecodeShape, cpu_kernels, matrix
+from ..kernels import MAX_ROWS, BlockMatrix, CpuKernels, DecodeLayer, DecodeShape, cpu_kernels, matrix
 from .decoder import KVStore, QwenDecoder, SequenceBatch
 from .quantized import BlockLinear
 from .rope import RotaryTables
@@ -73,8 +73,11 @@ class FusedDecodeStep:
             if layout is None or not _plain(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
                 return None
             strides = (layout.keys[0].numel(), kv_heads * d, d)
-            self.kernels.decode_batch(self.layers, self.shape, out, layout.keys, layout.values, strides, layout.positions,
-                                      tables, layout.slots, layout.slot_starts)
+            for rows in range(0, out.shape[0], MAX_ROWS):  # sequences are independent: any batch goes in slices
+                part = slice(rows, rows + MAX_ROWS)
+                self.kernels.decode_batch(self.layers, self.shape, out[part], layout.keys, layout.values, strides,
+                                          layout.positions[part], tuple(table[part] for table in tables), layout.slots,
+                                          layout.slot_starts[part])
             return out[None]
         keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
         if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or hidden.shape[1] != 1:

@@ -115,6 +115,14 @@ class RotaryEmbedding(torch.nn.Module):
         self._q_cos: torch.Tensor | None = None
         self._q_sin: torch.Tensor | None = None
 
+    @property
+    def fixed_frequencies_up_to(self) -> int | None:
+        """None when the frequencies never depend on the sequence; else the length up to which they do not (beyond
+        it, dynamic NTK or YaRN-for-long-prompts picks them from the prompt's length)."""
+        if not self._adaptive:
+            return None
+        return min(length for length in (self._yarn_long, self._ntk_length) if length is not None)
+
     def choose(self, length: int) -> tuple[int, bool]:
         """(α, YaRN on?) for a sequence whose prefill holds `length` tokens."""
         alpha = ntk_alpha(length, self._ntk_length) if self._ntk_length is not None else 1

@@ -78,6 +78,7 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
 
 
 class Server:
@@ -91,10 +92,10 @@ class Server:
         self.created = int(time.time())
 
     # ---- request admission ---------------------------------------------------------------------------------
-    def check_auth(self, request: Request) -> None:
+    def check_auth(self, given: str) -> None:
+        """`given`: the Authorization header ("" when absent)."""
         if self.api_key is None:
             return
-        given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), self.api_key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error",
@@ -116,7 +117,9 @@ class Server:
         return self._token_texts
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int) -> Any:
-        room = min(self.model.config.context_length, self.engine.capacity_tokens - self.engine.allocator.block_size)
+        fixed = self.model.decoder.rotary.fixed_frequencies_up_to
+        room = min(self.model.config.context_length, self.engine.capacity_tokens - self.engine.allocator.block_size,
+                   fixed if fixed is not None else self.model.config.context_length)
         limit = body.token_limit if body.token_limit is not None else max(1, room - prompt_tokens)
         try:
             return self.model.defaults.updated(max_tokens=limit, **body.sampling())
@@ -129,7 +132,13 @@ class Server:
         except ValueError as err:
             raise ApiError(400, str(err), param="logit_bias") from None
 
-    async def submit(self, request: EngineRequest) -> asyncio.Queue[Event]:
+    def queue_for(self, request: EngineRequest) -> asyncio.Queue[Event]:
+        """Check that the request can run (400 if not) and route its events, from the engine's thread, into a queue
+        of this event loop. It is added to the engine only when its response starts (see `respond`)."""
+        try:
+            self.engine.check(request)
+        except QwenError as err:
+            raise ApiError(400, str(err), param="max_tokens", code="context_length_exceeded") from None
         events: asyncio.Queue[Event] = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -140,10 +149,6 @@ class Server:
                 pass
 
         request.on_event = deliver
-        try:
-            self.engine.add(request)
-        except QwenError as err:
-            raise ApiError(400, str(err), param="max_tokens", code="context_length_exceeded") from None
         return events
 
     def finished(self, request: EngineRequest, choices: list[Choice], prompt_tokens: int) -> None:
@@ -156,13 +161,18 @@ class Server:
                      http: Request) -> AsyncIterator[Event]:
         """The request's events until every choice has finished; aborts it if the client goes away."""
         open_choices, first = n, True
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         try:
             while open_choices:
                 try:
                     event = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
                 except TimeoutError:
+                    event = None
+                if time.monotonic() >= next_check:  # tokens may keep coming: look whether anyone still waits
+                    next_check = time.monotonic() + DISCONNECT_POLL_S
                     if await http.is_disconnected():
                         return
+                if event is None:
                     continue
                 if first and event.token_id is not None:
                     self.metrics.ttft.observe(time.perf_counter() - request.arrived)
@@ -259,6 +269,9 @@ class Server:
                 parsers[index].push(forced)
         completion = 0
         async for event in events:
+            if event.error is not None:
+                yield _sse_error(event.error)
+                break
             index = event.index
             completion += event.token_id is not None
             logprobs = None
@@ -332,6 +345,9 @@ class Server:
                 yield _sse({**base, "choices": [{"index": index, "text": echo, "logprobs": None, "finish_reason": None}]})
         completion = 0
         async for event in events:
+            if event.error is not None:
+                yield _sse_error(event.error)
+                break
             completion += event.token_id is not None
             logprobs = None
             if request.logprobs is not None and event.logprob is not None:
@@ -360,11 +376,13 @@ class Server:
     # ---- shared ------------------------------------------------------------------------------------------------
     async def respond(self, request: EngineRequest, body: Any, http: Request, whole: Any, stream: Any) -> Response:
         self.admit()
-        queue = await self.submit(request)
-        self.in_flight += 1
+        queue = self.queue_for(request)
         choices = [Choice() for _ in range(body.n)]
 
         async def tracked() -> AsyncIterator[Event]:
+            # Added here, when the response starts: a stream whose client left before that never runs at all.
+            self.engine.add(request)
+            self.in_flight += 1
             try:
                 async for event in self.events(request, queue, body.n, http):
                     choice = choices[event.index]
@@ -373,8 +391,8 @@ class Server:
                     if event.logprob is not None:
                         choice.logprobs.append(event.logprob)
                     choice.text += event.text
-                    if event.finish_reason is not None:
-                        choice.finish_reason = event.finish_reason
+                    choice.finish_reason = event.finish_reason or choice.finish_reason
+                    choice.error = event.error or choice.error
                     yield event
             finally:
                 self.in_flight -= 1
@@ -385,10 +403,11 @@ class Server:
                                      headers={"Cache-Control": "no-cache"})
         async for _ in tracked():
             pass
+        failed = next((choice.error for choice in choices if choice.error), None)
+        if failed is not None:
+            raise ApiError(500, f"the engine failed while serving this request: {failed}", "server_error")
         if any(choice.finish_reason is None for choice in choices):  # the client left; nobody reads this
             return Response(status_code=499)
-        if any(choice.finish_reason == "error" for choice in choices):
-            raise ApiError(500, "the engine failed on this request: " + choices[0].text, "server_error")
         return JSONResponse(whole(choices))
 
 
@@ -421,6 +440,12 @@ def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+def _sse_error(message: str) -> str:
+    """A stream cannot change its 200 status any more: the failure goes out as an error event (as vLLM sends it)."""
+    return _sse({"error": {"message": f"the engine failed while serving this request: {message}", "type": "server_error",
+                           "param": None, "code": None}})
+
+
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -428,18 +453,6 @@ def create_app(server: Server) -> FastAPI:
         server.engine.stop()
 
     app = FastAPI(title="qwen-engine", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        try:
-            if request.url.path.startswith("/v1/"):
-                server.check_auth(request)
-            response = await call_next(request)
-        except ApiError as err:
-            response = error_response(err.status, err.message, err.kind, err.param, err.code, err.headers)
-        server.metrics.http.labels(request.url.path if request.url.path in app.state.paths else "other",
-                                   str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
@@ -484,5 +497,38 @@ def create_app(server: Server) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await server.completion(body, request)
 
-    app.state.paths = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+    app.add_middleware(Gate, server=server)
     return app
+
+
+class Gate:
+    """Checks the API key on /v1/ and counts responses by path and status. Plain ASGI: Starlette's BaseHTTPMiddleware
+    would hide client disconnects from the endpoints, and a request whose client left must be aborted."""
+
+    PATHS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+
+    def __init__(self, app: Any, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def counted(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        try:
+            if path.startswith("/v1/"):
+                headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+                self.server.check_auth(headers.get("authorization", ""))
+            await self.app(scope, receive, counted)
+        except ApiError as err:
+            await error_response(err.status, err.message, err.kind, err.param, err.code, err.headers)(scope, receive, counted)
+        finally:
+            self.server.metrics.http.labels(path if path in self.PATHS else "other", str(status)).inc()
