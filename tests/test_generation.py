@@ -392,3 +392,11 @@ def test_bad_prompt_ids_and_options_are_rejected(engine_model) -> None:
         engine_model.generate("hi", max_tokens=0)
     with pytest.raises(QwenError, match="unknown sampling option"):
         engine_model.generate("hi", max_token=1)
+
+
+def test_extreme_temperatures_and_penalties_never_break_sampling() -> None:
+    """Found by the server's fuzz test: temperature 1e-245 overflowed the logits into NaN probabilities."""
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    assert Sampler(SamplingParams(temperature=1e-245, top_k=0, top_p=1.0), [], 4, torch.device("cpu"))(logits) == 1
+    crushing = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1e-300)
+    assert Sampler(crushing, [1], 4, torch.device("cpu"))(logits) == 1  # 3 / 1e-300 overflows to inf: its limit wins

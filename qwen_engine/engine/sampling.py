@@ -11,6 +11,9 @@ import torch
 from ..errors import QwenError
 
 
+GREEDY_BELOW = 1e-5  # temperatures under this are greedy (as vLLM's): dividing by them overflows the logits
+
+
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 means greedy; top_k 0, top_p 1 and min_p 0 switch those filters off.
@@ -102,7 +105,7 @@ class Sampler:
         if p.frequency_penalty or p.presence_penalty:
             # As OpenAI/vLLM: over output tokens only.
             logits = logits - p.frequency_penalty * self.output_counts - p.presence_penalty * (self.output_counts > 0)
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             token = int(logits.argmax())
         else:
             token = self._sample(logits / p.temperature)
@@ -120,6 +123,8 @@ class Sampler:
         else:
             values, indices = torch.sort(logits, descending=True)
         probs = values.softmax(-1)
+        if not torch.isfinite(probs).all():  # extreme penalties overflowed: the limit of such a distribution is argmax
+            return int(indices[0])
         if p.top_p < 1.0:
             # Drop a token when the tokens before it already cover top_p; the first token always stays.
             probs = probs.masked_fill(probs.cumsum(-1) - probs >= p.top_p, 0.0)
