@@ -52,16 +52,16 @@ def test_allocator_reuses_registered_prefixes_and_counts_references() -> None:
     chain = ROOT
     for i in range(2):  # two full blocks registered
         chain = allocator.register(first[i], chain, tokens[i * 4 : (i + 1) * 4])
-    assert allocator.cached_prefix(tokens) == first[:2]
-    assert allocator.cached_prefix(tokens[:8]) == first[:1]  # the block holding the last token is recomputed
-    assert allocator.cached_prefix([99] + tokens[1:]) == []
+    assert allocator.cached_prefix(tokens) == (first[:2], chain)  # the blocks, and the digest to chain on from
+    assert allocator.cached_prefix(tokens[:8])[0] == first[:1]  # the block holding the last token is recomputed
+    assert allocator.cached_prefix([99] + tokens[1:])[0] == []
     allocator.release(first)
-    assert allocator.num_free == 8 and allocator.cached_prefix(tokens) == first[:2]  # freed blocks stay reusable
+    assert allocator.num_free == 8 and allocator.cached_prefix(tokens)[0] == first[:2]  # freed blocks stay reusable
     allocator.take(first[0])
     assert allocator.ref_counts[first[0]] == 1 and allocator.num_free == 7
     while allocator.num_free:  # handing blocks out again forgets what they held
         allocator.allocate()
-    assert allocator.cached_prefix(tokens) == [first[0]]
+    assert allocator.cached_prefix(tokens)[0] == [first[0]]
 
 
 def test_greedy_output_is_the_same_alone_and_batched_with_15_others(default_model) -> None:
@@ -88,7 +88,7 @@ def test_prefix_cache_chunked_prefill_and_preemption_keep_the_output(default_mod
 
     cached = ServingEngine(default_model, num_blocks=256)
     assert answers(cached, convo[:1]) == reference[:1]  # nothing cached yet: the very same computation
-    hits = cached.allocator.cached_prefix(convo[1])
+    hits, _ = cached.allocator.cached_prefix(convo[1])
     assert len(hits) >= (len(convo[0]) - 40) // BLOCK_SIZE  # the system prompt's blocks are registered
     assert_same_up_to_near_ties(answers(cached, convo[1:]), reference[1:])
 

@@ -79,6 +79,11 @@ class StopStringFilter:
         released, self.pending = self.pending, ""
         return released
 
+    def close(self, text: str) -> tuple[str, bool]:
+        """The end of the output: `text` pushed, then whatever was held back unless a stop string completed."""
+        released, hit = self.push(text)
+        return (released, True) if hit else (released + self.flush(), False)
+
 
 class Generator:
     """Runs one sequence at a time on a decoder, reusing its KV cache between calls."""
@@ -143,11 +148,9 @@ class Generator:
                 if step + 1 < budget:
                     logits = self.model(torch.tensor([[token]], device=device), start=position, cache=cache)
                     position += 1
-        tail, hit_stop = stops.push(detokenizer.flush())
+        tail, hit_stop = stops.close(detokenizer.flush())
         if hit_stop:
             result.finish_reason = "stop"
-        else:
-            tail += stops.flush()
         if tail:
             result.text += tail
             yield Delta(result.token_ids[-1] if result.token_ids else -1, tail)

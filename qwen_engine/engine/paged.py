@@ -48,17 +48,18 @@ class BlockAllocator:
         would hand one request another's keys and values)."""
         return hashlib.blake2b(previous + array("q", tokens).tobytes(), digest_size=16).digest()
 
-    def cached_prefix(self, tokens: Sequence[int]) -> list[int]:
-        """Registered blocks that hold the start of `tokens`, in order (not yet taken). The block holding the last
-        token is never reused: its logits must be computed."""
-        blocks, previous = [], ROOT
+    def cached_prefix(self, tokens: Sequence[int]) -> tuple[list[int], bytes]:
+        """Registered blocks that hold the start of `tokens`, in order (not yet taken), and the digest after the last
+        of them. The block holding the last token is never reused: its logits must be computed."""
+        blocks, chain = [], ROOT
         for start in range(0, len(tokens) - self.block_size, self.block_size):
-            previous = self.prefix_hash(previous, tokens[start : start + self.block_size])
-            block = self.block_of.get(previous)
+            digest = self.prefix_hash(chain, tokens[start : start + self.block_size])
+            block = self.block_of.get(digest)
             if block is None:
                 break
             blocks.append(block)
-        return blocks
+            chain = digest
+        return blocks, chain
 
     def take(self, block: int) -> None:
         """Hold a registered block (a prefix hit)."""

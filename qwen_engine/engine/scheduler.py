@@ -64,9 +64,6 @@ class Step:
     decodes: list[Sequence]
     preempted: list[Sequence]
 
-    def __bool__(self) -> bool:
-        return bool(self.prefills or self.decodes)
-
 
 class Scheduler:
     def __init__(self, allocator: BlockAllocator, max_seqs: int = 32, prefill_tokens: int = 256) -> None:
@@ -108,7 +105,7 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            cached = self.allocator.cached_prefix(seq.tokens)
+            cached, chain = self.allocator.cached_prefix(seq.tokens)
             fresh = -(-(len(seq) + 1) // self.allocator.block_size) - len(cached)  # room for the first new token too
             newly_free = sum(1 for block in cached if self.allocator.ref_counts[block] == 0)
             if self.allocator.num_free - newly_free < fresh:
@@ -118,9 +115,7 @@ class Scheduler:
                 self.allocator.take(block)
             seq.block_table = cached + [self.allocator.allocate() for _ in range(fresh)]
             size = self.allocator.block_size
-            seq.registered, seq.computed, seq.chain = len(cached), len(cached) * size, ROOT
-            for i in range(len(cached)):
-                seq.chain = self.allocator.prefix_hash(seq.chain, seq.tokens[i * size : (i + 1) * size])
+            seq.registered, seq.computed, seq.chain = len(cached), len(cached) * size, chain
             seq.status = Status.RUNNING
             self.running.append(seq)
 
@@ -151,10 +146,11 @@ class Scheduler:
         self._release(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
-    def abort(self, seq: Sequence) -> None:
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a sequence wherever it is (waiting or running)."""
         if seq.status is Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
-        self.finish(seq, "abort")
+        self.finish(seq, reason)
 
     def _release(self, seq: Sequence) -> None:
         if seq in self.running:

@@ -72,7 +72,7 @@ class _SequenceState:
     decoder: IncrementalDecoder
     stops: StopStringFilter
     constraint: object | None
-    first_token_at: float | None = None
+    stop_ids: frozenset[int]  # tokens that end the output
 
 
 class ServingEngine:
@@ -102,6 +102,13 @@ class ServingEngine:
     @property
     def capacity_tokens(self) -> int:
         return self.allocator.num_blocks * self.allocator.block_size
+
+    @property
+    def longest_sequence(self) -> int:
+        """The most tokens (prompt plus output) a request may ask for: what `check` accepts."""
+        fixed = self.decoder.rotary.fixed_frequencies_up_to
+        limits = (self.model.config.context_length, self.capacity_tokens - self.allocator.block_size, fixed)
+        return min(limit for limit in limits if limit is not None)
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
@@ -144,8 +151,9 @@ class ServingEngine:
                 params = params.updated(seed=params.seed + index)
             sampler = Sampler(params, request.prompt_ids, self.model.config.vocab_size, self.model.device)
             seq = Sequence(list(request.prompt_ids), params, sampler, request.request_id, index)
+            stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
             seq.state = _SequenceState(request, IncrementalDecoder(self.model.tokenizer), StopStringFilter(params.stop),
-                                       request.constraint() if request.constraint else None)
+                                       request.constraint() if request.constraint else None, stop_ids)
             sequences.append(seq)
             self.scheduler.add(seq)
         self._by_request[request.request_id] = sequences
@@ -216,8 +224,6 @@ class ServingEngine:
         seq.output_ids.append(token)
         if state.constraint is not None:
             state.constraint.advance(token)
-        if state.first_token_at is None:
-            state.first_token_at = time.perf_counter()
         logprob = None
         if request.logprobs is not None:
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -225,12 +231,9 @@ class ServingEngine:
             logprob = TokenLogprob(token, float(logprobs[token]),
                                    [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
         reason = None
-        stop_ids = frozenset(seq.params.stop_token_ids) | (frozenset() if seq.params.ignore_eos else self.stop_token_ids)
-        text = ""
-        if token in stop_ids:  # the end: release what was held back in case it began a stop string
+        if token in state.stop_ids:  # the end: release what was held back in case it began a stop string
             reason = "stop"
-            tail, hit = state.stops.push(state.decoder.flush())
-            text = tail if hit else tail + state.stops.flush()
+            text, _ = state.stops.close(state.decoder.flush())
         else:
             text, hit = state.stops.push(state.decoder.push(token))
             if hit or (state.constraint is not None and state.constraint.done):  # a JSON object ends the output
@@ -238,8 +241,8 @@ class ServingEngine:
             elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.model.config.context_length:
                 reason = "length"
             if reason is not None and not hit:
-                tail, hit = state.stops.push(state.decoder.flush())
-                text += tail if hit else tail + state.stops.flush()
+                tail, _ = state.stops.close(state.decoder.flush())
+                text += tail
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return Event(seq.request_id, seq.index, token, text, logprob, reason, len(seq.prompt_ids), len(seq.output_ids))
@@ -303,9 +306,7 @@ class ServingEngine:
         for request_id, sequences in list(self._by_request.items()):
             for seq in sequences:
                 if seq.status is not Status.FINISHED:
-                    if seq.status is Status.WAITING and seq in self.scheduler.waiting:
-                        self.scheduler.waiting.remove(seq)
-                    self.scheduler.finish(seq, "error")
+                    self.scheduler.abort(seq, "error")
                     callback = seq.state.request.on_event
                     if callback is not None:
                         callback(Event(request_id, seq.index, None, "", None, "error", len(seq.prompt_ids),

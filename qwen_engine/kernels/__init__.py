@@ -136,7 +136,7 @@ class CpuKernels:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """RMSNorm(x) · weight over the last dimension, or None where these kernels do not take the tensors."""
-        if not _rows_of(x, weight) or weight.shape != x.shape[-1:]:
+        if not plain_bf16(x, weight) or weight.shape != x.shape[-1:]:
             return None
         out = torch.empty_like(x)
         failed = self._lib.qe_rms_norm(x.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps, out.data_ptr())
@@ -145,7 +145,7 @@ class CpuKernels:
     def add_rms_norm_(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
         """x += residual in place (rounded to bfloat16), then RMSNorm(x) · weight; None (nothing changed) where these
         kernels do not take the tensors."""
-        if not _rows_of(x, residual, weight) or x.shape != residual.shape or weight.shape != x.shape[-1:]:
+        if not plain_bf16(x, residual, weight) or x.shape != residual.shape or weight.shape != x.shape[-1:]:
             return None
         out = torch.empty_like(x)
         failed = self._lib.qe_add_rms_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), x.numel() // x.shape[-1],
@@ -155,7 +155,7 @@ class CpuKernels:
     def rotate_(self, x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> bool:
         """Rotary embedding in place on the first `heads` heads of each row of x [T, ≥ heads·d] (rows may be
         strided, values within a row contiguous), with tables [T, d]; False where these kernels do not apply."""
-        if not _rows_of(cos, sin) or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
+        if not plain_bf16(cos, sin) or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 2:
             return False
         if x.stride(1) != 1 or cos.shape != (x.shape[0], head_dim) or sin.shape != cos.shape:
             return False
@@ -178,8 +178,8 @@ class CpuKernels:
         return not status
 
 
-def _rows_of(*tensors: torch.Tensor) -> bool:
-    """Contiguous bfloat16 CPU tensors: what the row kernels read."""
+def plain_bf16(*tensors: torch.Tensor) -> bool:
+    """Contiguous bfloat16 CPU tensors: what the native kernels read."""
     return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 

@@ -40,9 +40,8 @@ static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a
     }
 }
 
-/* Dot products of one weight row with M activation rows. Scales are read 16 blocks (512 weights) at a time and
- * spread over the lanes of each 64-weight step with a permute: lanes 0–7 belong to the step's first block. Two
- * accumulators a row hide the latency of the multiply-adds. */
+/* Weight scales are read 16 blocks (512 weights) at a time and spread over the lanes of each 64-weight step with a
+ * permute: lanes 0–7 belong to the step's first block. */
 static const int32_t PAIR_LANES[8][16] __attribute__((aligned(64))) = {
     {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
     {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
@@ -50,38 +49,8 @@ static const int32_t PAIR_LANES[8][16] __attribute__((aligned(64))) = {
     {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13}, {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
 };
 
-static inline __attribute__((always_inline)) void row_dots(
-    const Activations *acts, int M, int64_t K, const uint8_t *codes, const uint8_t *high_bits,
-    const uint16_t *scales, int five_bit, float *out) {
-    __m512 acc[2][ROW_GROUP];
-    for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < K; k0 += 512) {
-        int blocks = (K - k0) / 32 < 16 ? (int)((K - k0) / 32) : 16;
-        __m512 block_scale = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16((__mmask16)((1u << blocks) - 1), scales + k0 / 32));
-        for (int pair = 0; pair < blocks / 2; pair++) {
-            int64_t k = k0 + 64 * pair;
-            if (five_bit) {
-                _mm_prefetch((const char *)(codes + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
-                _mm_prefetch((const char *)(high_bits + k / 8) + PREFETCH_BYTES / 4, _MM_HINT_T0);
-            } else {
-                _mm_prefetch((const char *)(codes + k) + PREFETCH_BYTES, _MM_HINT_T0);
-            }
-            __m512i c = five_bit ? codes5(codes, high_bits, k) : codes8(codes, k);
-            __m512 w_scale = _mm512_permutexvar_ps(_mm512_load_si512(PAIR_LANES[pair]), block_scale);
-            for (int m = 0; m < M; m++) {
-                __m512i dot = _mm512_dpbusd_epi32(_mm512_loadu_si512(acts[m].lane_start + k / 4), c,
-                                                  _mm512_loadu_si512(acts[m].q + k));
-                __m512 scale = _mm512_mul_ps(w_scale, _mm512_loadu_ps(acts[m].lane_scale + k / 4));
-                acc[pair & 1][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[pair & 1][m]);
-            }
-        }
-    }
-    for (int m = 0; m < M; m++) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][m], acc[1][m]));
-}
-
-/* The same for two weight rows at once: each activation vector loaded serves both, which is what a batch of rows
- * (the serving engine's decode steps) is bound by. One accumulator per (weight row, activation row): with several
- * rows there are enough independent chains to hide the multiply-add latency. */
+/* Dot products of two weight rows with M activation rows: each activation vector loaded serves both, which is what
+ * a batch of rows (the serving engine's decode steps) is bound by. One accumulator per (weight row, activation row). */
 static inline __attribute__((always_inline)) void row_pair_dots(
     const Activations *acts, int M, int64_t K, const uint8_t *codes[2], const uint8_t *high_bits[2],
     const uint16_t *scales[2], int five_bit, float *out[2]) {
@@ -150,19 +119,16 @@ int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t
             const uint8_t *codes[2], *high_bits[2] = {NULL, NULL};
             const uint16_t *scales[2];
             float *outs[2] = {dots[0] + g, dots[1] + g};
-            for (int64_t r = 0; r < count; r++) {
-                codes[r] = w->codes + (n0 + r) * row_bytes;
-                scales[r] = w->scales + (n0 + r) * (K / 32);
-                if (five_bit) high_bits[r] = w->high_bits + (n0 + r) * (K / 8);
+            for (int64_t r = 0; r < 2; r++) {  /* an odd last row pairs with itself; its twin result is dropped */
+                int64_t n = r < count ? n0 + r : n0;
+                codes[r] = w->codes + n * row_bytes;
+                scales[r] = w->scales + n * (K / 32);
+                if (five_bit) high_bits[r] = w->high_bits + n * (K / 8);
             }
-            if (count == 2 && five_bit)
+            if (five_bit)  /* a constant per call, so each variant is compiled without the other's branch */
                 row_pair_dots(acts + g, rows, K, codes, high_bits, scales, 1, outs);
-            else if (count == 2)
-                row_pair_dots(acts + g, rows, K, codes, high_bits, scales, 0, outs);
-            else if (five_bit)
-                row_dots(acts + g, rows, K, codes[0], high_bits[0], scales[0], 1, outs[0]);
             else
-                row_dots(acts + g, rows, K, codes[0], NULL, scales[0], 0, outs[0]);
+                row_pair_dots(acts + g, rows, K, codes, high_bits, scales, 0, outs);
         }
         for (int64_t r = 0; r < count; r++)
             for (int m = 0; m < M; m++) {

@@ -18,8 +18,6 @@ typedef struct {
     float eps;
 } DecodeShape;
 
-static inline uint16_t round_bf16(float f) { return f32_to_bf16(f); }
-
 static inline float dot_bf16(const uint16_t *a, const __m512 *q, int64_t d) {
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < d / 16; i++) acc = _mm512_fmadd_ps(load_bf16x16(a + 16 * i), q[i], acc);
@@ -62,12 +60,12 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
     for (int64_t i = 0; i < d / 16; i++) {
         float lanes[16];
         _mm512_storeu_ps(lanes, _mm512_div_ps(acc[i], _mm512_set1_ps(total)));
-        for (int j = 0; j < 16; j++) out[16 * i + j] = round_bf16(lanes[j]);
+        for (int j = 0; j < 16; j++) out[16 * i + j] = f32_to_bf16(lanes[j]);
     }
 }
 
 static void add_rows(uint16_t *hidden, const uint16_t *delta, int64_t n) {
-    for (int64_t i = 0; i < n; i++) hidden[i] = round_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(delta[i]));
+    for (int64_t i = 0; i < n; i++) hidden[i] = f32_to_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(delta[i]));
 }
 
 /* hidden [B][H] (bfloat16, updated in place): one token of each of B sequences (B ≤ MAX_ROWS) through `count`

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels import MAX_ROWS, BlockMatrix, CpuKernels, DecodeLayer, DecodeShape, cpu_kernels, matrix
+from ..kernels import MAX_ROWS, BlockMatrix, CpuKernels, DecodeLayer, DecodeShape, cpu_kernels, matrix, plain_bf16
 from .decoder import KVStore, QwenDecoder, SequenceBatch
 from .quantized import BlockLinear
 from .rope import RotaryTables
@@ -70,7 +70,7 @@ class FusedDecodeStep:
         d, kv_heads = self.shape.head_dim, self.shape.kv_heads
         if isinstance(cache, SequenceBatch):
             layout = cache.decode_layout()
-            if layout is None or not _plain(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
+            if layout is None or not plain_bf16(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
                 return None
             strides = (layout.keys[0].numel(), kv_heads * d, d)
             for rows in range(0, out.shape[0], MAX_ROWS):  # sequences are independent: any batch goes in slices
@@ -84,12 +84,9 @@ class FusedDecodeStep:
             return None
         max_len = keys.shape[3] if keys.dim() == 5 else -1
         shape = (self.num_layers, 1, kv_heads, max_len, d)
-        if keys.shape != shape or values.shape != shape or not _plain(keys, values) or not 0 <= start < max_len:
+        if keys.shape != shape or values.shape != shape or not plain_bf16(keys, values) or not 0 <= start < max_len:
             return None
         strides = (keys[0].numel(), d, max_len * d)
         self.kernels.decode_batch(self.layers, self.shape, out, keys, values, strides, torch.tensor([start]), tables)
         return out[None]
 
-
-def _plain(*tensors: torch.Tensor) -> bool:
-    return all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.device.type == "cpu" for t in tensors)

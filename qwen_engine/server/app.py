@@ -117,10 +117,7 @@ class Server:
         return self._token_texts
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int) -> Any:
-        fixed = self.model.decoder.rotary.fixed_frequencies_up_to
-        room = min(self.model.config.context_length, self.engine.capacity_tokens - self.engine.allocator.block_size,
-                   fixed if fixed is not None else self.model.config.context_length)
-        limit = body.token_limit if body.token_limit is not None else max(1, room - prompt_tokens)
+        limit = body.token_limit if body.token_limit is not None else max(1, self.engine.longest_sequence - prompt_tokens)
         try:
             return self.model.defaults.updated(max_tokens=limit, **body.sampling())
         except QwenError as err:
@@ -234,7 +231,7 @@ class Server:
         )
         tools_on = bool(body.tools) and body.tool_choice != "none"
         return await self.respond(request, body, http, lambda choices: self._chat_body(request, body, choices, forced, tools_on),
-                                  lambda events: self._chat_stream(request, body, events, forced, tools_on))
+                                  lambda events, choices: self._chat_stream(request, body, events, choices, forced, tools_on))
 
     def _chat_body(self, request: EngineRequest, body: ChatCompletionRequest, choices: list[Choice], forced: str,
                    tools_on: bool) -> dict[str, Any]:
@@ -249,12 +246,11 @@ class Server:
             entry: dict[str, Any] = {"index": index, "message": message, "finish_reason": finish}
             entry["logprobs"] = {"content": [self._chat_logprob(lp) for lp in choice.logprobs]} if request.logprobs is not None else None
             out.append(entry)
-        completion = sum(len(c.token_ids) for c in choices)
         return {"id": request.request_id, "object": "chat.completion", "created": int(time.time()), "model": self.name,
-                "choices": out, "usage": _usage(len(request.prompt_ids), completion)}
+                "choices": out, "usage": _usage(request, choices)}
 
     async def _chat_stream(self, request: EngineRequest, body: ChatCompletionRequest, events: AsyncIterator[Event],
-                           forced: str, tools_on: bool) -> AsyncIterator[str]:
+                           choices: list[Choice], forced: str, tools_on: bool) -> AsyncIterator[str]:
         base = {"id": request.request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": self.name}
 
         def chunk(index: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
@@ -267,13 +263,11 @@ class Server:
             yield chunk(index, {"role": "assistant", "content": ""})
             if forced and tools_on:
                 parsers[index].push(forced)
-        completion = 0
         async for event in events:
             if event.error is not None:
                 yield _sse_error(event.error)
                 break
             index = event.index
-            completion += event.token_id is not None
             logprobs = None
             if request.logprobs is not None and event.logprob is not None:
                 logprobs = {"content": [self._chat_logprob(event.logprob)]}
@@ -294,16 +288,21 @@ class Server:
                 finish = "tool_calls" if tool_counts[index] else event.finish_reason
                 yield chunk(index, {}, finish)
         if body.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(len(request.prompt_ids), completion)})
+            yield _sse({**base, "choices": [], "usage": _usage(request, choices)})
         yield "data: [DONE]\n\n"
 
     @staticmethod
     def tool_names(body: ChatCompletionRequest) -> frozenset[str]:
         return frozenset(tool.function.name for tool in body.tools or ())
 
+    def token_bytes(self, token: int) -> bytes:
+        """A token's bytes, as logprobs report it (b"" for an id beyond the tokenizer's)."""
+        table = self.model.tokenizer.token_bytes
+        return table[token] if token < len(table) else b""
+
     def _chat_logprob(self, entry: Any) -> dict[str, Any]:
         def item(token: int, logprob: float) -> dict[str, Any]:
-            raw = self.model.tokenizer.token_bytes[token] if token < len(self.model.tokenizer.token_bytes) else b""
+            raw = self.token_bytes(token)
             return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
         return {**item(entry.token_id, entry.logprob), "top_logprobs": [item(t, lp) for t, lp in entry.top]}
@@ -326,29 +325,26 @@ class Server:
                                 logit_bias=self.bias(body))
         echo = tokenizer.decode(prompt_ids) if body.echo else ""
         return await self.respond(request, body, http, lambda choices: self._completion_body(request, choices, echo),
-                                  lambda events: self._completion_stream(request, body, events, echo))
+                                  lambda events, choices: self._completion_stream(request, body, events, choices, echo))
 
     def _completion_body(self, request: EngineRequest, choices: list[Choice], echo: str) -> dict[str, Any]:
         out = []
         for index, choice in enumerate(choices):
             logprobs = self._completion_logprobs(choice.logprobs, len(echo)) if request.logprobs is not None else None
             out.append({"index": index, "text": echo + choice.text, "logprobs": logprobs, "finish_reason": choice.finish_reason})
-        completion = sum(len(c.token_ids) for c in choices)
         return {"id": request.request_id, "object": "text_completion", "created": int(time.time()), "model": self.name,
-                "choices": out, "usage": _usage(len(request.prompt_ids), completion)}
+                "choices": out, "usage": _usage(request, choices)}
 
     async def _completion_stream(self, request: EngineRequest, body: CompletionRequest, events: AsyncIterator[Event],
-                                 echo: str) -> AsyncIterator[str]:
+                                 choices: list[Choice], echo: str) -> AsyncIterator[str]:
         base = {"id": request.request_id, "object": "text_completion", "created": int(time.time()), "model": self.name}
         if echo:
             for index in range(body.n):
                 yield _sse({**base, "choices": [{"index": index, "text": echo, "logprobs": None, "finish_reason": None}]})
-        completion = 0
         async for event in events:
             if event.error is not None:
                 yield _sse_error(event.error)
                 break
-            completion += event.token_id is not None
             logprobs = None
             if request.logprobs is not None and event.logprob is not None:
                 logprobs = self._completion_logprobs([event.logprob], 0)
@@ -356,14 +352,12 @@ class Server:
                 choice = {"index": event.index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
                 yield _sse({**base, "choices": [choice]})
         if body.include_usage:
-            yield _sse({**base, "choices": [], "usage": _usage(len(request.prompt_ids), completion)})
+            yield _sse({**base, "choices": [], "usage": _usage(request, choices)})
         yield "data: [DONE]\n\n"
 
     def _completion_logprobs(self, entries: list[Any], offset: int) -> dict[str, Any]:
-        table = self.model.tokenizer.token_bytes
-
         def text(token: int) -> str:
-            return table[token].decode("utf-8", errors="replace") if token < len(table) else ""
+            return self.token_bytes(token).decode("utf-8", errors="replace")
 
         tokens, offsets = [], []
         for entry in entries:
@@ -399,7 +393,7 @@ class Server:
                 self.finished(request, choices, len(request.prompt_ids))
 
         if body.stream:
-            return StreamingResponse(stream(tracked()), media_type="text/event-stream",
+            return StreamingResponse(stream(tracked(), choices), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         async for _ in tracked():
             pass
@@ -432,7 +426,8 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
     return out
 
 
-def _usage(prompt: int, completion: int) -> dict[str, int]:
+def _usage(request: EngineRequest, choices: list[Choice]) -> dict[str, int]:
+    prompt, completion = len(request.prompt_ids), sum(len(choice.token_ids) for choice in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
