@@ -53,8 +53,8 @@ def test_gguf_blocks_read_and_quantized_bit_for_bit(bits: int) -> None:
 @pytest.mark.parametrize("bits", [8, 5])
 def test_kernel_layout_round_trips(bits: int) -> None:
     torch.manual_seed(3)
-    codes = torch.randint(0, 256 if bits == 8 else 32, (16, 192), dtype=torch.uint8)
-    blocks = BlockCodes(codes, torch.rand(16, 6).half(), bits)
+    codes = torch.randint(0, 256 if bits == 8 else 32, (16, 960), dtype=torch.uint8)  # superblocks of 8, 4, 2 and 1 steps
+    blocks = BlockCodes(codes, torch.rand(16, 30).half(), bits)
     packed, high_bits = pack_blocks(blocks)
     assert (high_bits is None) == (bits == 8)
     assert packed.numel() == codes.numel() * (1 if bits == 8 else 0.5)
@@ -65,7 +65,7 @@ def test_kernel_layout_round_trips(bits: int) -> None:
 @pytest.mark.parametrize("bits", [8, 5])
 def test_kernel_dequantize_is_exact(bits: int, default_checkpoint) -> None:
     name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"  # Q8_0, Q5_0
-    for blocks in (quantize_blocks(random_weights(96, 320, seed=4), bits), real_blocks(default_checkpoint, name)):
+    for blocks in (quantize_blocks(random_weights(96, 448, seed=4), bits), real_blocks(default_checkpoint, name)):
         assert blocks.bits == bits
         packed, high_bits = pack_blocks(blocks)
         ours = cpu_kernels().dequantize(packed, high_bits, blocks.scales)
@@ -86,8 +86,9 @@ def int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_checkpoint) -> None:
     name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
     torch.manual_seed(rows)
-    odd = quantize_blocks(random_weights(255, 640, seed=9), bits)  # weight rows go in pairs: the last one alone
-    for blocks in (quantize_blocks(random_weights(256, 640, seed=5), bits), odd, real_blocks(default_checkpoint, name)):
+    # Rows of 704 and 896 columns take superblocks of every size (512 + 128 + 64; 512 + 256 + 128).
+    odd = quantize_blocks(random_weights(255, 704, seed=9), bits)  # weight rows go in pairs: the last one alone
+    for blocks in (quantize_blocks(random_weights(256, 704, seed=5), bits), odd, real_blocks(default_checkpoint, name)):
         weight = blocks.dequantized()
         x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
         ours = cpu_kernels().matmul(x, *pack_blocks(blocks), blocks.scales)

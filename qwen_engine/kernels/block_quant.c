@@ -5,18 +5,20 @@
  *   5-bit: nibbles[n][k/2]: byte j of a 64-weight chunk holds weight j (low nibble) and weight 32 + j (high);
  *          high_bits[n][k/8]: bit i of a chunk's 64-bit word is the fifth bit of weight i;  w = d · (code − 16)
  *
- * Decoding (a few rows of activations) quantizes the activations the way llama.cpp does for these formats (int8
- * in blocks of 32 with a float scale) and takes integer dot products with AVX-512 VNNI; prefill dequantizes to
- * bfloat16 for a regular matmul. Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's,
+ * Along a row, the columns are kept in the order block_quant.h describes (superblocks whose lanes each stay within one
+ * block). Decoding (a few rows of activations) quantizes the activations the way llama.cpp does for these formats
+ * (int8 in blocks of 32 with a float scale), in the same order, and takes integer dot products with AVX-512 VNNI;
+ * prefill dequantizes to bfloat16 for a regular matmul. Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's,
  * which is PyTorch's own pool (same libgomp), sized by torch.set_num_threads.
  */
 #include "block_quant.h"
 
 #define PREFETCH_BYTES 4096  /* how far ahead of the rows being read to ask for memory (measured: 2–8 KiB best) */
 
-/* One row of activations quantized for the dot products: int8 values, each 4-value lane's block scale, and
- * −offset · (sum of the lane's 4 values), which starts each dot product so that codes need no unpacking of the
- * offset: Σ (code − offset)·x = offset-free VNNI dot + that start value. */
+/* One row of activations quantized for the dot products, in the codes' order (block_quant.h): int8 values, and for
+ * each superblock lane its block's scale and −offset · (sum of the lane's values), which starts the lane's dot
+ * product so that codes need no unpacking of the offset: Σ (code − offset)·x = offset-free VNNI dot + that start.
+ * A superblock's 16 lanes sit at its first column / 4. */
 typedef struct {
     int8_t *q;
     float *lane_scale;
@@ -25,64 +27,91 @@ typedef struct {
 
 static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a) {
     const __m512i ones = _mm512_set1_epi8(1);
-    for (int64_t k = 0; k < K; k += 32) {
-        __m512 lo = load_bf16x16(x + k), hi = load_bf16x16(x + k + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-        float d = amax / 127.0f, inv = amax > 0 ? 127.0f / amax : 0.0f;
-        __m512 scale = _mm512_set1_ps(inv);
-        _mm_storeu_si128((__m128i *)(a.q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale))));
-        _mm_storeu_si128((__m128i *)(a.q + k + 16), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))));
-        _mm256_storeu_ps(a.lane_scale + k / 4, _mm256_set1_ps(d));
-    }
-    for (int64_t k = 0; k < K; k += 64) {
-        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(a.q + k));
-        _mm512_storeu_si512(a.lane_start + k / 4, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-offset)));
+    for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
+        S = superblock_steps(K - k0);
+        int32_t plain[128];
+        float block_scale[16];
+        for (int b = 0; b < 2 * S; b++) {
+            const uint16_t *block = x + k0 + 32 * b;
+            __m512 lo = load_bf16x16(block), hi = load_bf16x16(block + 16);
+            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+            float inv = amax > 0 ? 127.0f / amax : 0.0f;
+            __m512 scale = _mm512_set1_ps(inv);
+            block_scale[b] = amax / 127.0f;
+            _mm_storeu_si128((__m128i *)(plain + 8 * b), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale))));
+            _mm_storeu_si128((__m128i *)(plain + 8 * b + 4), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))));
+        }
+        int32_t *stored = (int32_t *)(a.q + k0);
+        __m512i sums = _mm512_setzero_si512();
+        for (int s = 0; s < S; s++) {
+            for (int l = 0; l < 16; l++) stored[16 * s + l] = plain[plain_dword((int)S, s, l)];
+            sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(stored + 16 * s));
+        }
+        for (int l = 0; l < 16; l++) a.lane_scale[k0 / 4 + l] = block_scale[l / (8 / S)];
+        _mm512_storeu_si512(a.lane_start + k0 / 4, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-offset)));
     }
 }
 
-/* Weight scales are read 16 blocks (512 weights) at a time and spread over the lanes of each 64-weight step with a
- * permute: lanes 0–7 belong to the step's first block. */
-static const int32_t PAIR_LANES[8][16] __attribute__((aligned(64))) = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},         {2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3},
-    {4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5},         {6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7},
-    {8, 8, 8, 8, 8, 8, 8, 8, 9, 9, 9, 9, 9, 9, 9, 9},         {10, 10, 10, 10, 10, 10, 10, 10, 11, 11, 11, 11, 11, 11, 11, 11},
-    {12, 12, 12, 12, 12, 12, 12, 12, 13, 13, 13, 13, 13, 13, 13, 13}, {14, 14, 14, 14, 14, 14, 14, 14, 15, 15, 15, 15, 15, 15, 15, 15},
+/* Lane l of an S-step superblock belongs to its block l / (8 / S): the permutation that spreads the superblock's
+ * block scales over the lanes, by S = 1, 2, 4, 8. */
+static const int32_t LANE_BLOCK[4][16] __attribute__((aligned(64))) = {
+    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
+    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
+    {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
 };
 
-/* Dot products of two weight rows with M activation rows: each activation vector loaded serves both, which is what
- * a batch of rows (the serving engine's decode steps) is bound by. One accumulator per (weight row, activation row). */
+/* One superblock (S steps from column k0) of two weight rows against M activation rows: each activation vector loaded
+ * serves both weight rows, which is what a batch of rows (the serving engine's decode steps) is bound by. Integer
+ * sums run through all S steps; then one conversion and one scaled add per lane. */
+static inline __attribute__((always_inline)) void superblock_dots(
+    const Activations *acts, int M, int64_t k0, int S, const uint8_t *codes[2], const uint8_t *high_bits[2],
+    const uint16_t *scales[2], int five_bit, __m512 acc[2][ROW_GROUP]) {
+    const __m512i lane_block = _mm512_load_si512(LANE_BLOCK[__builtin_ctz(S)]);
+    const __mmask16 present = (__mmask16)((1u << (2 * S)) - 1);
+    __m512 w_scale[2];
+    __m512i c[2][8];
+    for (int r = 0; r < 2; r++) {
+        w_scale[r] = _mm512_permutexvar_ps(lane_block, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, scales[r] + k0 / 32)));
+        for (int s = 0; s < S; s++) {
+            int64_t k = k0 + 64 * s;
+            if (five_bit) {
+                _mm_prefetch((const char *)(codes[r] + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
+                _mm_prefetch((const char *)(high_bits[r] + k / 8) + PREFETCH_BYTES / 4, _MM_HINT_T0);
+                c[r][s] = codes5(codes[r], high_bits[r], k);
+            } else {
+                _mm_prefetch((const char *)(codes[r] + k) + PREFETCH_BYTES, _MM_HINT_T0);
+                c[r][s] = codes8(codes[r], k);
+            }
+        }
+    }
+    for (int m = 0; m < M; m++) {
+        __m512i dot[2];
+        dot[0] = dot[1] = _mm512_loadu_si512(acts[m].lane_start + k0 / 4);
+        for (int s = 0; s < S; s++) {
+            __m512i q = _mm512_loadu_si512(acts[m].q + k0 + 64 * s);
+            for (int r = 0; r < 2; r++) dot[r] = _mm512_dpbusd_epi32(dot[r], c[r][s], q);
+        }
+        __m512 lane_scale = _mm512_loadu_ps(acts[m].lane_scale + k0 / 4);
+        for (int r = 0; r < 2; r++)
+            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(w_scale[r], lane_scale), acc[r][m]);
+    }
+}
+
+/* Dot products of two weight rows with M ≤ ROW_GROUP activation rows, one accumulator per (weight row, activation
+ * row); S is a constant in each call of superblock_dots, so its loops unroll. */
 static inline __attribute__((always_inline)) void row_pair_dots(
     const Activations *acts, int M, int64_t K, const uint8_t *codes[2], const uint8_t *high_bits[2],
     const uint16_t *scales[2], int five_bit, float *out[2]) {
     __m512 acc[2][ROW_GROUP];
     for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < K; k0 += 512) {
-        int blocks = (K - k0) / 32 < 16 ? (int)((K - k0) / 32) : 16;
-        __mmask16 present = (__mmask16)((1u << blocks) - 1);
-        __m512 block_scale[2] = {_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, scales[0] + k0 / 32)),
-                                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, scales[1] + k0 / 32))};
-        for (int pair = 0; pair < blocks / 2; pair++) {
-            int64_t k = k0 + 64 * pair;
-            __m512i c[2];
-            __m512 w_scale[2];
-            for (int r = 0; r < 2; r++) {
-                if (five_bit) {
-                    _mm_prefetch((const char *)(codes[r] + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
-                    _mm_prefetch((const char *)(high_bits[r] + k / 8) + PREFETCH_BYTES / 4, _MM_HINT_T0);
-                    c[r] = codes5(codes[r], high_bits[r], k);
-                } else {
-                    _mm_prefetch((const char *)(codes[r] + k) + PREFETCH_BYTES, _MM_HINT_T0);
-                    c[r] = codes8(codes[r], k);
-                }
-                w_scale[r] = _mm512_permutexvar_ps(_mm512_load_si512(PAIR_LANES[pair]), block_scale[r]);
-            }
-            for (int m = 0; m < M; m++) {
-                __m512i start = _mm512_loadu_si512(acts[m].lane_start + k / 4), q = _mm512_loadu_si512(acts[m].q + k);
-                __m512 lane_scale = _mm512_loadu_ps(acts[m].lane_scale + k / 4);
-                for (int r = 0; r < 2; r++)
-                    acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(start, c[r], q)),
-                                                _mm512_mul_ps(w_scale[r], lane_scale), acc[r][m]);
-            }
+    for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
+        S = superblock_steps(K - k0);
+        switch (S) {
+            case 8: superblock_dots(acts, M, k0, 8, codes, high_bits, scales, five_bit, acc); break;
+            case 4: superblock_dots(acts, M, k0, 4, codes, high_bits, scales, five_bit, acc); break;
+            case 2: superblock_dots(acts, M, k0, 2, codes, high_bits, scales, five_bit, acc); break;
+            default: superblock_dots(acts, M, k0, 1, codes, high_bits, scales, five_bit, acc);
         }
     }
     for (int r = 0; r < 2; r++)

@@ -128,6 +128,21 @@ typedef struct {
     int64_t rows, columns;
 } BlockMatrix;
 
+/* The order codes (and quantized activations) are kept in along a row. The columns go in superblocks of S steps of
+ * 64 (S = 8, 4, 2 or 1: the largest that fits what is left of the row). In step s of a superblock, lane l (4 bytes)
+ * holds dword (l % L)·S + s of the superblock's block l / L, where L = 8 / S lanes share a block. A lane therefore
+ * meets one block only, through all S steps: integer dot products run on over the whole superblock and are converted
+ * and scaled once per lane, not once per step. (S = 1 is the plain order.) */
+static inline int superblock_steps(int64_t remaining) {
+    return remaining >= 512 ? 8 : remaining >= 256 ? 4 : remaining >= 128 ? 2 : 1;
+}
+
+/* Where lane l of step s of an S-step superblock comes from, in dwords from the superblock's start. */
+static inline int plain_dword(int S, int s, int l) {
+    int lanes_per_block = 8 / S;
+    return 8 * (l / lanes_per_block) + (l % lanes_per_block) * S + s;
+}
+
 static inline __m512i codes8(const uint8_t *codes, int64_t k) {
     return _mm512_loadu_si512(codes + k);
 }
@@ -142,21 +157,30 @@ static inline __m512i codes5(const uint8_t *nibbles, const uint8_t *high_bits, i
     return _mm512_mask_add_epi8(c, (__mmask64)fifth, c, _mm512_set1_epi8(16));
 }
 
-/* Row n of W as bfloat16 (rounded to nearest even); columns a multiple of 64. */
+/* Row n of W as bfloat16 in the plain column order (rounded to nearest even); columns a multiple of 64. */
 static inline void dequantize_row(const BlockMatrix *w, int64_t n, uint16_t *out) {
     int64_t K = w->columns;
     int five_bit = w->high_bits != NULL;
     const uint8_t *row = w->codes + n * (five_bit ? K / 2 : K);
     const uint16_t *row_scales = w->scales + n * (K / 32);
     const __m512i offset = _mm512_set1_epi8(five_bit ? 16 : (char)128);
-    for (int64_t k = 0; k < K; k += 64) {
-        __m512i c = five_bit ? codes5(row, w->high_bits + n * (K / 8), k) : codes8(row, k);
-        __m512i q = _mm512_sub_epi8(c, offset);
-        __m512 part[4];
-        for (int p = 0; p < 4; p++)
-            part[p] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, p))),
-                                    _mm512_set1_ps(_cvtsh_ss(row_scales[k / 32 + p / 2])));
-        for (int p = 0; p < 4; p++) _mm256_storeu_si256((__m256i *)(out + k + 16 * p), round_bf16x16(part[p]));
+    for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
+        S = superblock_steps(K - k0);
+        uint32_t stored[16], plain[128];  /* the superblock's int8 weights, as 4-byte lanes */
+        for (int s = 0; s < S; s++) {
+            __m512i c = five_bit ? codes5(row, w->high_bits + n * (K / 8), k0 + 64 * s) : codes8(row, k0 + 64 * s);
+            _mm512_storeu_si512(stored, _mm512_sub_epi8(c, offset));
+            for (int l = 0; l < 16; l++) plain[plain_dword((int)S, s, l)] = stored[l];
+        }
+        for (int64_t step = 0; step < S; step++) {
+            int64_t k = k0 + 64 * step;
+            __m512i q = _mm512_loadu_si512(plain + 16 * step);
+            __m512 part[4];
+            for (int p = 0; p < 4; p++)
+                part[p] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, p))),
+                                        _mm512_set1_ps(_cvtsh_ss(row_scales[k / 32 + p / 2])));
+            for (int p = 0; p < 4; p++) _mm256_storeu_si256((__m256i *)(out + k + 16 * p), round_bf16x16(part[p]));
+        }
     }
 }
 

@@ -11,6 +11,7 @@ regular matmul instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from abc import ABC, abstractmethod
@@ -153,13 +154,31 @@ def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return q.view(rows, columns), scale, low + 8.0 * scale
 
 
+@functools.lru_cache(maxsize=64)
+def kernel_column_order(columns: int) -> torch.Tensor:
+    """For each position of a row in the kernel's column order (block_quant.h: superblocks of S = 8, 4, 2 or 1 steps
+    of 64, lane l of step s holding dword (l % L)·S + s of block l / L, L = 8 / S), the plain column it holds."""
+    order, start = [], 0
+    while start < columns:
+        remaining = columns - start
+        steps = 8 if remaining >= 512 else 4 if remaining >= 256 else 2 if remaining >= 128 else 1
+        lanes_per_block = 8 // steps
+        for step in range(steps):
+            for lane in range(16):
+                dword = 8 * (lane // lanes_per_block) + (lane % lanes_per_block) * steps + step
+                order.extend(range(start + 4 * dword, start + 4 * dword + 4))
+        start += 64 * steps
+    return torch.tensor(order)
+
+
 def pack_blocks(blocks: BlockCodes) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Codes in the kernel's layout (kernels/block_quant.c): 8-bit as they are; 5-bit as nibbles plus a 64-bit mask
-    of fifth bits for every 64 weights."""
-    if blocks.bits == 8:
-        return blocks.codes.contiguous(), None
+    """Codes in the kernel's layout (kernels/block_quant.c): columns in `kernel_column_order`; 8-bit codes as they
+    are, 5-bit as nibbles plus a 64-bit mask of fifth bits for every 64 weights."""
     rows, columns = blocks.codes.shape
-    chunks = blocks.codes.view(rows, columns // 64, 64)
+    ordered = blocks.codes[:, kernel_column_order(columns)] if columns % 64 == 0 else blocks.codes
+    if blocks.bits == 8:
+        return ordered.contiguous(), None
+    chunks = ordered.view(rows, columns // 64, 64)
     low = chunks & 15
     nibbles = (low[..., :32] | (low[..., 32:] << 4)).reshape(rows, columns // 2)
     fifth = ((chunks >> 4) & 1).view(rows, columns // 64, 8, 8) << torch.arange(8, dtype=torch.uint8)
@@ -168,13 +187,19 @@ def pack_blocks(blocks: BlockCodes) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def unpack_blocks(codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> BlockCodes:
     """The inverse of `pack_blocks`."""
+    rows, columns = scales.shape[0], scales.shape[1] * 32
     if high_bits is None:
-        return BlockCodes(codes, scales, 8)
-    rows, columns = codes.shape[0], codes.shape[1] * 2
-    nibbles = codes.view(rows, columns // 64, 32)
-    low = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)
-    fifth = (high_bits.view(rows, columns // 64, 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
-    return BlockCodes((low | (fifth.view(rows, columns // 64, 64) << 4)).view(rows, columns), scales, 5)
+        ordered, bits = codes, 8
+    else:
+        nibbles = codes.view(rows, columns // 64, 32)
+        low = torch.cat([nibbles & 15, nibbles >> 4], dim=-1)
+        fifth = (high_bits.view(rows, columns // 64, 8, 1) >> torch.arange(8, dtype=torch.uint8)) & 1
+        ordered, bits = (low | (fifth.view(rows, columns // 64, 64) << 4)).view(rows, columns), 5
+    if columns % 64:
+        return BlockCodes(ordered, scales, bits)
+    plain = torch.empty_like(ordered)
+    plain[:, kernel_column_order(columns)] = ordered
+    return BlockCodes(plain, scales, bits)
 
 
 def quantize_blocks(weight: torch.Tensor, bits: int = 8) -> BlockCodes:
