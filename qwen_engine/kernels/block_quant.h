@@ -157,29 +157,52 @@ static inline __m512i codes5(const uint8_t *nibbles, const uint8_t *high_bits, i
     return _mm512_mask_add_epi8(c, (__mmask64)fifth, c, _mm512_set1_epi8(16));
 }
 
-/* Row n of W as bfloat16 in the plain column order (rounded to nearest even); columns a multiple of 64. */
-static inline void dequantize_row(const BlockMatrix *w, int64_t n, uint16_t *out) {
+/* Dwords 0–7 (row 0) and 8–15 (row 1) of two vectors, interleaved: a perfect shuffle. */
+static const int32_t INTERLEAVE[2][16] __attribute__((aligned(64))) = {
+    {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23},
+    {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31},
+};
+
+/* One superblock of row n's weights (S steps from column k0) as bfloat16 in the plain column order. Its stored
+ * steps form an S × 16 matrix of dwords (step × lane) whose transpose is the plain order: log2(S) rounds of perfect
+ * shuffles, step j with step j + S/2, transpose it. */
+static inline __attribute__((always_inline)) void dequantize_superblock(const BlockMatrix *w, int64_t n, int64_t k0,
+                                                                        int S, uint16_t *out) {
     int64_t K = w->columns;
     int five_bit = w->high_bits != NULL;
     const uint8_t *row = w->codes + n * (five_bit ? K / 2 : K);
     const uint16_t *row_scales = w->scales + n * (K / 32);
     const __m512i offset = _mm512_set1_epi8(five_bit ? 16 : (char)128);
-    for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
-        S = superblock_steps(K - k0);
-        uint32_t stored[16], plain[128];  /* the superblock's int8 weights, as 4-byte lanes */
-        for (int s = 0; s < S; s++) {
-            __m512i c = five_bit ? codes5(row, w->high_bits + n * (K / 8), k0 + 64 * s) : codes8(row, k0 + 64 * s);
-            _mm512_storeu_si512(stored, _mm512_sub_epi8(c, offset));
-            for (int l = 0; l < 16; l++) plain[plain_dword((int)S, s, l)] = stored[l];
+    const __m512i lo = _mm512_load_si512(INTERLEAVE[0]), hi = _mm512_load_si512(INTERLEAVE[1]);
+    __m512i v[8], shuffled[8];
+    for (int s = 0; s < S; s++)
+        v[s] = _mm512_sub_epi8(five_bit ? codes5(row, w->high_bits + n * (K / 8), k0 + 64 * s) : codes8(row, k0 + 64 * s), offset);
+    for (int round = 1; round < S; round *= 2) {
+        for (int j = 0; j < S / 2; j++) {
+            shuffled[2 * j] = _mm512_permutex2var_epi32(v[j], lo, v[j + S / 2]);
+            shuffled[2 * j + 1] = _mm512_permutex2var_epi32(v[j], hi, v[j + S / 2]);
         }
-        for (int64_t step = 0; step < S; step++) {
-            int64_t k = k0 + 64 * step;
-            __m512i q = _mm512_loadu_si512(plain + 16 * step);
-            __m512 part[4];
-            for (int p = 0; p < 4; p++)
-                part[p] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(q, p))),
-                                        _mm512_set1_ps(_cvtsh_ss(row_scales[k / 32 + p / 2])));
-            for (int p = 0; p < 4; p++) _mm256_storeu_si256((__m256i *)(out + k + 16 * p), round_bf16x16(part[p]));
+        for (int j = 0; j < S; j++) v[j] = shuffled[j];
+    }
+    for (int step = 0; step < S; step++) {
+        int64_t k = k0 + 64 * step;
+        __m512 part[4];
+        for (int p = 0; p < 4; p++)
+            part[p] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(v[step], p))),
+                                    _mm512_set1_ps(_cvtsh_ss(row_scales[k / 32 + p / 2])));
+        for (int p = 0; p < 4; p++) _mm256_storeu_si256((__m256i *)(out + k + 16 * p), round_bf16x16(part[p]));
+    }
+}
+
+/* Row n of W as bfloat16 in the plain column order (rounded to nearest even); columns a multiple of 64. */
+static inline void dequantize_row(const BlockMatrix *w, int64_t n, uint16_t *out) {
+    for (int64_t k0 = 0, S; k0 < w->columns; k0 += 64 * S) {
+        S = superblock_steps(w->columns - k0);
+        switch (S) {  /* S a constant in each, so the rounds unroll */
+            case 8: dequantize_superblock(w, n, k0, 8, out); break;
+            case 4: dequantize_superblock(w, n, k0, 4, out); break;
+            case 2: dequantize_superblock(w, n, k0, 2, out); break;
+            default: dequantize_superblock(w, n, k0, 1, out);
         }
     }
 }
