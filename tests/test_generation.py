@@ -49,6 +49,9 @@ def test_temperature_zero_is_argmax() -> None:
     for _ in range(50):
         logits = torch.randn(1000) * 3
         assert sampler(logits) == int(logits.argmax())
+    assert sampler(torch.tensor([1.0, 3.0, -2.0, 3.0])) == 1  # the first of equals, as torch.argmax
+    strided = torch.randn(1000, 2)[:, 1]  # a column of the batch's logits
+    assert sampler(strided) == int(strided.argmax())
 
 
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 5.0, 100.0])
