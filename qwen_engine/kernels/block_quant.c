@@ -66,7 +66,7 @@ static const int32_t LANE_BLOCK[4][16] __attribute__((aligned(64))) = {
  * sums run through all S steps; then one conversion and one scaled add per lane. */
 static inline __attribute__((always_inline)) void superblock_dots(
     const Activations *acts, int M, int64_t k0, int S, const uint8_t *codes[2], const uint8_t *high_bits[2],
-    const uint16_t *scales[2], int five_bit, __m512 acc[2][ROW_GROUP]) {
+    const uint16_t *scales[2], int five_bit, __m512 acc[2][MAX_ROWS]) {
     const __m512i lane_block = _mm512_load_si512(LANE_BLOCK[__builtin_ctz(S)]);
     const __mmask16 present = (__mmask16)((1u << (2 * S)) - 1);
     __m512 w_scale[2];
@@ -98,12 +98,14 @@ static inline __attribute__((always_inline)) void superblock_dots(
     }
 }
 
-/* Dot products of two weight rows with M ≤ ROW_GROUP activation rows, one accumulator per (weight row, activation
- * row); S is a constant in each call of superblock_dots, so its loops unroll. */
+/* Dot products of two weight rows with M ≤ MAX_ROWS activation rows, one accumulator per (weight row, activation
+ * row): the weight codes are decoded once for all M. The accumulators are touched once per superblock, so those
+ * that do not fit in registers cost little in L1. S is a constant in each call of superblock_dots, so its loops
+ * unroll. */
 static inline __attribute__((always_inline)) void row_pair_dots(
     const Activations *acts, int M, int64_t K, const uint8_t *codes[2], const uint8_t *high_bits[2],
     const uint16_t *scales[2], int five_bit, float *out[2]) {
-    __m512 acc[2][ROW_GROUP];
+    __m512 acc[2][MAX_ROWS];
     for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
     for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
         S = superblock_steps(K - k0);
@@ -135,30 +137,27 @@ int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t
         quantize_row(x + m * K, K, five_bit ? 16 : 128, acts[m]);
     }
     int64_t row_bytes = five_bit ? K / 2 : K;
-    /* Weight rows go in pairs, the activation rows in groups of ROW_GROUP, so a weight row is read from memory once,
-     * then from L1. Each output's arithmetic is the same whatever M is: a row's result does not depend on the
-     * batch it came in (the serving engine relies on it). */
+    /* Weight rows go in pairs, so each activation vector loaded serves two, and a weight row is read from memory
+     * once. Each output's arithmetic is the same whatever M is: a row's result does not depend on the batch it came
+     * in (the serving engine relies on it). */
     const int64_t step = 2;
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += step) {
         float dots[2][MAX_ROWS];
         int64_t count = n0 + step <= N ? step : 1;
-        for (int64_t g = 0; g < M; g += ROW_GROUP) {
-            int rows = M - g < ROW_GROUP ? (int)(M - g) : ROW_GROUP;
-            const uint8_t *codes[2], *high_bits[2] = {NULL, NULL};
-            const uint16_t *scales[2];
-            float *outs[2] = {dots[0] + g, dots[1] + g};
-            for (int64_t r = 0; r < 2; r++) {  /* an odd last row pairs with itself; its twin result is dropped */
-                int64_t n = r < count ? n0 + r : n0;
-                codes[r] = w->codes + n * row_bytes;
-                scales[r] = w->scales + n * (K / 32);
-                if (five_bit) high_bits[r] = w->high_bits + n * (K / 8);
-            }
-            if (five_bit)  /* a constant per call, so each variant is compiled without the other's branch */
-                row_pair_dots(acts + g, rows, K, codes, high_bits, scales, 1, outs);
-            else
-                row_pair_dots(acts + g, rows, K, codes, high_bits, scales, 0, outs);
+        const uint8_t *codes[2], *high_bits[2] = {NULL, NULL};
+        const uint16_t *scales[2];
+        float *outs[2] = {dots[0], dots[1]};
+        for (int64_t r = 0; r < 2; r++) {  /* an odd last row pairs with itself; its twin result is dropped */
+            int64_t n = r < count ? n0 + r : n0;
+            codes[r] = w->codes + n * row_bytes;
+            scales[r] = w->scales + n * (K / 32);
+            if (five_bit) high_bits[r] = w->high_bits + n * (K / 8);
         }
+        if (five_bit)  /* a constant per call, so each variant is compiled without the other's branch */
+            row_pair_dots(acts, (int)M, K, codes, high_bits, scales, 1, outs);
+        else
+            row_pair_dots(acts, (int)M, K, codes, high_bits, scales, 0, outs);
         for (int64_t r = 0; r < count; r++)
             for (int m = 0; m < M; m++) {
                 int64_t n = n0 + r;

@@ -9,7 +9,6 @@
 #include <string.h>
 
 #define MAX_ROWS 32 /* rows of activations one product takes (a serving batch's decoding steps) */
-#define ROW_GROUP 8 /* rows whose dot products run together, their accumulators in registers */
 
 static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch's .to(torch.bfloat16) */
     uint32_t u;
