@@ -1,8 +1,8 @@
 """Side-by-side benchmark: qwen-engine, transformers (bfloat16) and llama.cpp (llama-cpp-python) on the default GGUF.
 
 Every measurement runs in a fresh process (so load time and peak RSS are each engine's own), the engines
-alternate over several rounds (so drift on a noisy machine hits all of them alike), and RESULTS.md reports medians
-and ratios. The workload is the same for all: a random-token prompt (seeded) for prefill, greedy decoding that
+alternate over several rounds (so drift on a noisy machine hits all of them alike), and its section of RESULTS.md
+reports medians and ratios. The workload is the same for all: a random-token prompt (seeded) for prefill, greedy decoding that
 ignores end-of-sequence, and perplexity on benchmarks/data/corpus.md with llama-perplexity's method.
 
     pip install -e ".[bench]"   (llama-cpp-python builds from source; see the README for the CMAKE_ARGS used here)
@@ -23,6 +23,8 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from results import RESULTS, update_section  # noqa: E402  (benchmarks/results.py, beside this script)
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "data" / "corpus.md"
@@ -178,7 +180,7 @@ def main() -> None:
     parser.add_argument("--decode-chunks", type=int, default=8,
                         help="chunks scored through decoding steps (slow: one step per token)")
     parser.add_argument("--worker", choices=WORKERS)
-    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.model is None:
         from qwen_engine.default_model import default_model_path
@@ -213,15 +215,16 @@ def main() -> None:
             "qwen-engine float32": spawn(args, "ppl:qwen-engine", quant="none", dtype="float32", max_chunks=first),
             "llama.cpp": spawn(args, "ppl:llama.cpp", max_chunks=first),
         }
-    args.output.write_text(report(args, medians, runs, quality), encoding="utf-8")
-    print(args.output.read_text(encoding="utf-8"))
+    text = report(args, medians, runs, quality)
+    update_section("engines", text, args.output)
+    print(text)
 
 
 def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -> str:
     ours, tf, llama = medians["qwen-engine"], medians["transformers-bf16"], medians["llama.cpp"]
     quant = runs["qwen-engine"][0].get("quant", "?")
     lines = [
-        "# Benchmark results",
+        "## Engines side by side",
         "",
         f"Produced by `python benchmarks/run.py --rounds {args.rounds}` on {time.strftime('%Y-%m-%d')}.",
         "",
@@ -240,7 +243,7 @@ def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -
         lines.append(f"| {engine} | {m['start_to_first_token_s']:.2f} | {m['prefill_tok_s']:.0f} | {m['decode_tok_s']:.1f} | {m['peak_rss_mb']:.0f} |")
     lines += [
         "",
-        "## Ratios (qwen-engine ÷ peer; targets of issue 6)",
+        "### Ratios (qwen-engine ÷ peer; targets of issue 6)",
         "",
         "| measure | vs llama.cpp | vs transformers bf16 | target | met |",
         "|---|---|---|---|---|",
@@ -261,7 +264,7 @@ def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -
         lines.append(f"| {name} | {vs_llama:.2f}× | {vs_tf:.2f}× | {target} | {'yes' if met else 'no'} |")
     if quality:
         decode_path = quality.pop("decode path")
-        lines += ["", f"## Perplexity ({CORPUS.name}, {args.context}-token chunks, second halves scored)", "",
+        lines += ["", f"### Perplexity ({CORPUS.name}, {args.context}-token chunks, second halves scored)", "",
                   "| engine | perplexity | tokens scored |", "|---|---|---|"]
         for engine, q in quality.items():
             lines.append(f"| {engine} | {q['perplexity']:.4f} | {q['tokens_scored']} |")
@@ -278,7 +281,7 @@ def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -
         vs_f32 = ours_ppl / quality["qwen-engine float32"]["perplexity"] - 1
         lines += ["", f"qwen-engine's default format: {vs_llama:+.2%} against llama.cpp, {vs_f32:+.2%} against its own "
                   f"float32 path (target: within ±1% of both: {'met' if abs(vs_llama) <= 0.01 and abs(vs_f32) <= 0.01 else 'not met'})."]
-    lines += ["", "## Every run", "", "```", json.dumps(runs, indent=1), "```", ""]
+    lines += ["", "### Every run", "", "```", json.dumps(runs, indent=1), "```", ""]
     return "\n".join(lines)
 
 

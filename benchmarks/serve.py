@@ -4,7 +4,7 @@ For each server and each concurrency (1 and 16 by default), every round starts t
 at once, each asking for exactly --max-tokens tokens (the end-of-turn tokens are banned through logit_bias, which
 both servers take), and records the time to first token of each and the generated tokens per second of wall time
 for the round as a whole. Servers run one after the other, never together, with --threads threads each; each round
-is repeated --rounds times and medians are reported. Results go to benchmarks/SERVING.md.
+is repeated --rounds times and medians are reported, in the serving section of benchmarks/RESULTS.md.
 
 llama-cpp-python's server (0.3.x) has no parallel slots: it serves one request at a time under a lock, and the
 others wait (with --interrupt_requests False; its default instead cuts off a streaming request when the next one
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
+from results import RESULTS, update_section  # benchmarks/results.py, beside this script
 
-HERE = Path(__file__).parent
 END_OF_TURN = {"151643": -100, "151644": -100, "151645": -100}  # <|endoftext|>, <|im_start|>, <|im_end|>
 TOPICS = ["binary search", "hash tables", "TCP handshakes", "garbage collection", "B-trees", "regular expressions",
           "unicode normalisation", "virtual memory", "consensus protocols", "bloom filters", "public-key cryptography",
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--servers", nargs="+", default=["qwen-engine", "llama.cpp"])
-    parser.add_argument("--output", type=Path, default=HERE / "SERVING.md")
+    parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.model is None:
         from qwen_engine.default_model import default_model_path
@@ -133,7 +133,7 @@ def main() -> None:
 def write(args: argparse.Namespace, runs: dict[str, dict[int, list[dict[str, float]]]]) -> None:
     median = lambda rows, key: statistics.median(row[key] for row in rows)  # noqa: E731
     lines = [
-        "# Serving benchmark", "",
+        "## Serving (issue 5)", "",
         f"Produced by `python benchmarks/serve.py --rounds {args.rounds}` on {time.strftime('%Y-%m-%d')}.", "",
         f"- Machine: {platform.processor() or platform.machine()}; {args.threads} threads per server; Python {platform.python_version()}",
         f"- Workload: the default GGUF; streaming chat requests started together, {args.max_tokens} tokens each "
@@ -153,10 +153,8 @@ def write(args: argparse.Namespace, runs: dict[str, dict[int, list[dict[str, flo
         if "llama.cpp" in runs and high in runs["llama.cpp"]:
             lines.append(f"qwen-engine ÷ llama.cpp at {high} concurrent: "
                          f"{median(ours[high], 'tok_s') / median(runs['llama.cpp'][high], 'tok_s'):.2f}× (target ≥ 1.5×)")
-    lines += ["", "## Every round", "", "```", json.dumps(runs, indent=1), "```", ""]
-    temporary = args.output.with_suffix(".md.partial")
-    temporary.write_text("\n".join(lines))
-    os.replace(temporary, args.output)
+    lines += ["", "### Every round", "", "```", json.dumps(runs, indent=1), "```", ""]
+    update_section("serving", "\n".join(lines), args.output)
 
 
 if __name__ == "__main__":
