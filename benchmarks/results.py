@@ -1,5 +1,5 @@
 """benchmarks/RESULTS.md holds every benchmark's latest results, one section per script; each script rewrites only
-its own section, so running one never drops another's figures."""
+its own section, so running one never drops another's figures. (Benchmarks run one at a time, never together.)"""
 
 from __future__ import annotations
 
@@ -23,5 +23,8 @@ def update_section(name: str, text: str, path: Path = RESULTS) -> None:
     else:
         updated = current.rstrip("\n") + "\n\n" + block + "\n"
     temporary = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    temporary.write_text(updated, encoding="utf-8")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(updated, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

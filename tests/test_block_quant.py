@@ -82,7 +82,7 @@ def int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 5])
-@pytest.mark.parametrize("rows", [1, 3, 8, 21])
+@pytest.mark.parametrize("rows", [1, 3, 8, 21, 32])
 def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_checkpoint) -> None:
     name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
     torch.manual_seed(rows)
@@ -96,6 +96,22 @@ def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_
         assert relative_error(ours, int8_activation_reference(x, weight)) <= 2**-7
         # … which stays within 1% of the exact product with the same weights.
         assert relative_error(ours, x.float() @ weight.t()) <= 0.01
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 5])
+def test_kernel_row_results_do_not_depend_on_the_batch(bits: int, default_checkpoint) -> None:
+    """Bit for bit, a row's product is the same alone as among 31 others (the serving engine's alone-or-batched
+    identity rests on it)."""
+    name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
+    torch.manual_seed(bits)
+    for blocks in (quantize_blocks(random_weights(64, 704, seed=6), bits), real_blocks(default_checkpoint, name)):
+        packed, high_bits = pack_blocks(blocks)
+        x = torch.randn(32, blocks.scales.shape[1] * 32).to(torch.bfloat16)
+        together = cpu_kernels().matmul(x, packed, high_bits, blocks.scales)
+        for row in (0, 7, 8, 19, 31):
+            alone = cpu_kernels().matmul(x[row : row + 1].contiguous(), packed, high_bits, blocks.scales)
+            assert torch.equal(alone[0], together[row])
 
 
 @pytest.mark.skipif("amx_bf16" not in cpu_flags(), reason="the AMX product needs a CPU with AMX-BF16")

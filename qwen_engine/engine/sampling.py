@@ -80,7 +80,7 @@ def _largest(logits: torch.Tensor) -> int:
     """The index of the largest logit (the first of equals). On the CPU through NumPy: torch's argmax took 0.2 ms over
     a 150k vocabulary, NumPy's under 0.01 (a serving step of 16 sequences spent 3.4 ms in it)."""
     if logits.device.type == "cpu":
-        return int(logits.numpy().argmax())
+        return int(logits.detach().numpy().argmax())
     return int(logits.argmax())
 
 

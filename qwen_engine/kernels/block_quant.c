@@ -5,8 +5,8 @@
  *   5-bit: nibbles[n][k/2]: byte j of a 64-weight chunk holds weight j (low nibble) and weight 32 + j (high);
  *          high_bits[n][k/8]: bit i of a chunk's 64-bit word is the fifth bit of weight i;  w = d · (code − 16)
  *
- * Along a row, the columns are kept in the order block_quant.h describes (superblocks whose lanes each stay within one
- * block). Decoding (a few rows of activations) quantizes the activations the way llama.cpp does for these formats
+ * where k counts positions in the order block_quant.h describes, not columns: along a row the columns go in
+ * superblocks whose lanes each stay within one block. Decoding (a few rows of activations) quantizes the activations the way llama.cpp does for these formats
  * (int8 in blocks of 32 with a float scale), in the same order, and takes integer dot products with AVX-512 VNNI;
  * prefill dequantizes to bfloat16 for a regular matmul. Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's,
  * which is PyTorch's own pool (same libgomp), sized by torch.set_num_threads.
@@ -44,22 +44,13 @@ static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a
         int32_t *stored = (int32_t *)(a.q + k0);
         __m512i sums = _mm512_setzero_si512();
         for (int s = 0; s < S; s++) {
-            for (int l = 0; l < 16; l++) stored[16 * s + l] = plain[plain_dword((int)S, s, l)];
+            for (int l = 0; l < 16; l++) stored[16 * s + l] = plain[S * l + s];
             sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(stored + 16 * s));
         }
-        for (int l = 0; l < 16; l++) a.lane_scale[k0 / 4 + l] = block_scale[l / (8 / S)];
+        for (int l = 0; l < 16; l++) a.lane_scale[k0 / 4 + l] = block_scale[S * l / 8];
         _mm512_storeu_si512(a.lane_start + k0 / 4, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-offset)));
     }
 }
-
-/* Lane l of an S-step superblock belongs to its block l / (8 / S): the permutation that spreads the superblock's
- * block scales over the lanes, by S = 1, 2, 4, 8. */
-static const int32_t LANE_BLOCK[4][16] __attribute__((aligned(64))) = {
-    {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1},
-    {0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3},
-    {0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7},
-    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
-};
 
 /* One superblock (S steps from column k0) of two weight rows against M activation rows: each activation vector loaded
  * serves both weight rows, which is what a batch of rows (the serving engine's decode steps) is bound by. Integer
@@ -67,7 +58,9 @@ static const int32_t LANE_BLOCK[4][16] __attribute__((aligned(64))) = {
 static inline __attribute__((always_inline)) void superblock_dots(
     const Activations *acts, int M, int64_t k0, int S, const uint8_t *codes[2], const uint8_t *high_bits[2],
     const uint16_t *scales[2], int five_bit, __m512 acc[2][MAX_ROWS]) {
-    const __m512i lane_block = _mm512_load_si512(LANE_BLOCK[__builtin_ctz(S)]);
+    /* lane l belongs to the superblock's block S·l / 8: spread the block scales over the lanes */
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i lane_block = _mm512_srli_epi32(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(S)), 3);
     const __mmask16 present = (__mmask16)((1u << (2 * S)) - 1);
     __m512 w_scale[2];
     __m512i c[2][8];

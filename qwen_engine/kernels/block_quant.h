@@ -128,18 +128,12 @@ typedef struct {
 } BlockMatrix;
 
 /* The order codes (and quantized activations) are kept in along a row. The columns go in superblocks of S steps of
- * 64 (S = 8, 4, 2 or 1: the largest that fits what is left of the row). In step s of a superblock, lane l (4 bytes)
- * holds dword (l % L)·S + s of the superblock's block l / L, where L = 8 / S lanes share a block. A lane therefore
- * meets one block only, through all S steps: integer dot products run on over the whole superblock and are converted
- * and scaled once per lane, not once per step. (S = 1 is the plain order.) */
+ * 64 (S = 8, 4, 2 or 1: the largest that fits what is left of the row). Seen as 16 lanes of S dwords each (lane l:
+ * plain dwords S·l … S·l + S − 1), a superblock is stored transposed: step s, lane l holds plain dword S·l + s. As S
+ * divides a block's 8 dwords, a lane meets one block only, through all S steps: integer dot products run on over the
+ * whole superblock and are converted and scaled once per lane, not once per step. (S = 1 is the plain order.) */
 static inline int superblock_steps(int64_t remaining) {
     return remaining >= 512 ? 8 : remaining >= 256 ? 4 : remaining >= 128 ? 2 : 1;
-}
-
-/* Where lane l of step s of an S-step superblock comes from, in dwords from the superblock's start. */
-static inline int plain_dword(int S, int s, int l) {
-    int lanes_per_block = 8 / S;
-    return 8 * (l / lanes_per_block) + (l % lanes_per_block) * S + s;
 }
 
 static inline __m512i codes8(const uint8_t *codes, int64_t k) {
@@ -164,7 +158,7 @@ static const int32_t INTERLEAVE[2][16] __attribute__((aligned(64))) = {
 
 /* One superblock of row n's weights (S steps from column k0) as bfloat16 in the plain column order. Its stored
  * steps form an S × 16 matrix of dwords (step × lane) whose transpose is the plain order: log2(S) rounds of perfect
- * shuffles, step j with step j + S/2, transpose it. */
+ * shuffles, step j with step j + S/2, transpose it back. */
 static inline __attribute__((always_inline)) void dequantize_superblock(const BlockMatrix *w, int64_t n, int64_t k0,
                                                                         int S, uint16_t *out) {
     int64_t K = w->columns;

@@ -31,10 +31,11 @@ from ..weights.quants import BlockCodes
 # Rows of activations above which dequantize-then-matmul beats the packed kernels (measured on a 2-core AVX-512
 # machine for the 0.5B model's shapes: the packed kernels are ~10x slower than bf16 matmul at 660 rows).
 PACKED_MAX_ROWS = MAX_ROWS
-# Identifies the converter (this module and the GGUF block reader): caches of converted weights are keyed by it.
-CONVERTER_ID = hashlib.sha256(
-    Path(__file__).read_bytes() + (Path(__file__).parents[1] / "weights" / "quants.py").read_bytes()
-).hexdigest()[:16]
+# Identifies the converter (this module, the GGUF block reader and the kernels' layout): caches of converted weights
+# are keyed by it.
+CONVERTER_ID = hashlib.sha256(b"".join(
+    (Path(__file__).parents[1] / part).read_bytes() for part in ("model/quantized.py", "weights/quants.py", "kernels/block_quant.h")
+)).hexdigest()[:16]
 INT4_GROUP = 32
 _ROWS_PER_STEP = 4096  # bounds the float temporaries when quantizing large matrices (the 151936-row head)
 _DENSE_PIECE_WEIGHTS = 1 << 24  # most weights prefill dequantizes at once (32 MiB of bfloat16; measured: smaller
@@ -156,19 +157,15 @@ def _int4_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
 
 @functools.lru_cache(maxsize=64)
 def kernel_column_order(columns: int) -> torch.Tensor:
-    """For each position of a row in the kernel's column order (block_quant.h: superblocks of S = 8, 4, 2 or 1 steps
-    of 64, lane l of step s holding dword (l % L)·S + s of block l / L, L = 8 / S), the plain column it holds."""
-    order, start = [], 0
+    """For each position of a row in the kernel's column order, the plain column it holds (block_quant.h: superblocks
+    of S = 8, 4, 2 or 1 steps of 64, each the transpose of its 16 lanes × S dwords)."""
+    parts, start = [], 0
     while start < columns:
         remaining = columns - start
         steps = 8 if remaining >= 512 else 4 if remaining >= 256 else 2 if remaining >= 128 else 1
-        lanes_per_block = 8 // steps
-        for step in range(steps):
-            for lane in range(16):
-                dword = 8 * (lane // lanes_per_block) + (lane % lanes_per_block) * steps + step
-                order.extend(range(start + 4 * dword, start + 4 * dword + 4))
+        parts.append(start + torch.arange(64 * steps).view(16, steps, 4).transpose(0, 1).reshape(-1))
         start += 64 * steps
-    return torch.tensor(order)
+    return torch.cat(parts)
 
 
 def pack_blocks(blocks: BlockCodes) -> tuple[torch.Tensor, torch.Tensor | None]:
