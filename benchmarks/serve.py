@@ -1,14 +1,17 @@
-"""Serving throughput: qwen-engine's `qwen serve` against llama-cpp-python's server on the same GGUF.
+"""Serving throughput: qwen-engine's `qwen serve` against llama.cpp's servers on the same GGUF.
 
 For each server and each concurrency (1 and 16 by default), every round starts that many streaming chat requests
 at once, each asking for exactly --max-tokens tokens (the end-of-turn tokens are banned through logit_bias, which
-both servers take), and records the time to first token of each and the generated tokens per second of wall time
+every server takes), and records the time to first token of each and the generated tokens per second of wall time
 for the round as a whole. Servers run one after the other, never together, with --threads threads each; each round
 is repeated --rounds times and medians are reported, in the serving section of benchmarks/RESULTS.md.
 
-llama-cpp-python's server (0.3.x) has no parallel slots: it serves one request at a time under a lock, and the
-others wait (with --interrupt_requests False; its default instead cuts off a streaming request when the next one
-arrives). That is the configuration measured here.
+The llama.cpp peers, both the llama.cpp that llama-cpp-python vendors:
+- `llama-server`: llama.cpp's own server, with as many parallel slots as the highest concurrency (continuous
+  batching). Build it with benchmarks/build_llama_server.sh; --llama-server names the binary.
+- `llama-cpp-python`: `python -m llama_cpp.server`. It has no parallel slots (0.3.x): it serves one request at a
+  time under a lock and the others wait (with --interrupt_requests False; its default instead cuts off a streaming
+  request when the next one arrives).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from pathlib import Path
 import httpx
 from results import RESULTS, update_section  # benchmarks/results.py, beside this script
 
+SERVERS = ("qwen-engine", "llama-server", "llama-cpp-python")
+LLAMA_SERVER = Path.home() / ".cache" / "qwen-engine" / "llama-server" / "llama-server"
+
 END_OF_TURN = {"151643": -100, "151644": -100, "151645": -100}  # <|endoftext|>, <|im_start|>, <|im_end|>
 TOPICS = ["binary search", "hash tables", "TCP handshakes", "garbage collection", "B-trees", "regular expressions",
           "unicode normalisation", "virtual memory", "consensus protocols", "bloom filters", "public-key cryptography",
@@ -42,14 +48,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start(kind: str, model: Path, threads: int, port: int) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+def start(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, str]:
+    threads, model = str(args.threads), str(args.model)
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     if kind == "qwen-engine":
-        command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(model), "--port", str(port),
-                   "--threads", str(threads), "--served-model-name", "bench", "--kv-cache-gb", "1"]
+        command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", model, "--port", str(port),
+                   "--threads", threads, "--served-model-name", "bench", "--kv-cache-gb", "1"]
+    elif kind == "llama-server":
+        slots = max(args.concurrency)  # each slot gets 1024 tokens of context: prompt and reply fit
+        command = [str(args.llama_server), "--model", model, "--port", str(port), "--host", "127.0.0.1",
+                   "--threads", threads, "--threads-batch", threads, "--parallel", str(slots),
+                   "--ctx-size", str(1024 * slots), "--alias", "bench"]
     else:
-        command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
-                   "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", "8192",
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--port", str(port),
+                   "--n_threads", threads, "--n_threads_batch", threads, "--n_ctx", "8192",
                    "--model_alias", "bench", "--host", "127.0.0.1", "--interrupt_requests", "False"]
     log = tempfile.TemporaryFile()  # a pipe nobody reads would fill up and stall the server's logging
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -107,16 +119,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--servers", nargs="+", default=["qwen-engine", "llama.cpp"])
+    parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
+    parser.add_argument("--llama-server", type=Path, default=LLAMA_SERVER, help=f"llama.cpp's server binary ({LLAMA_SERVER})")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if "llama-server" in args.servers and not os.access(args.llama_server, os.X_OK):
+        raise SystemExit(f"no llama-server at {args.llama_server}: build it with benchmarks/build_llama_server.sh, "
+                         "or leave it out with --servers qwen-engine llama-cpp-python")
     if args.model is None:
         from qwen_engine.default_model import default_model_path
 
         args.model = default_model_path()
     runs: dict[str, dict[int, list[dict[str, float]]]] = {}
     for kind in args.servers:
-        process, url = start(kind, args.model, args.threads, free_port())
+        process, url = start(kind, args, free_port())
         try:
             asyncio.run(round_of(url, 2, 8, 100))  # warm-up: first-call costs stay out of the figures
             runs[kind] = {}
@@ -139,7 +155,9 @@ def write(args: argparse.Namespace, runs: dict[str, dict[int, list[dict[str, flo
         f"- Workload: the default GGUF; streaming chat requests started together, {args.max_tokens} tokens each "
         "(end-of-turn tokens banned through logit_bias), greedy; medians of the rounds. Throughput is all generated "
         "tokens over the wall time of the round, prefill included.",
-        "- llama-cpp-python's server serves one request at a time (it has no parallel slots); the others queue.", "",
+        f"- llama-server: llama.cpp's own server (from the sources llama-cpp-python vendors), {max(args.concurrency)} "
+        "parallel slots, continuous batching. llama-cpp-python: `python -m llama_cpp.server`, which serves one "
+        "request at a time (it has no parallel slots); the others queue.", "",
         "| server | concurrency | tokens/s (all requests) | median time to first token (s) |", "|---|---|---|---|",
     ]
     for kind, by_concurrency in runs.items():
@@ -150,9 +168,10 @@ def write(args: argparse.Namespace, runs: dict[str, dict[int, list[dict[str, flo
         low, high = min(ours), max(ours)
         lines += ["", f"qwen-engine at {high} concurrent ÷ at {low}: "
                   f"{median(ours[high], 'tok_s') / median(ours[low], 'tok_s'):.2f}× (target ≥ 4×)"]
-        if "llama.cpp" in runs and high in runs["llama.cpp"]:
-            lines.append(f"qwen-engine ÷ llama.cpp at {high} concurrent: "
-                         f"{median(ours[high], 'tok_s') / median(runs['llama.cpp'][high], 'tok_s'):.2f}× (target ≥ 1.5×)")
+        for peer, target in (("llama-server", " (target ≥ 1.5×)"), ("llama-cpp-python", "")):
+            if high in runs.get(peer, {}):
+                lines.append(f"qwen-engine ÷ {peer} at {high} concurrent: "
+                             f"{median(ours[high], 'tok_s') / median(runs[peer][high], 'tok_s'):.2f}×{target}")
     lines += ["", "### Every round", "", "```", json.dumps(runs, indent=1), "```", ""]
     update_section("serving", "\n".join(lines), args.output)
 
