@@ -113,10 +113,15 @@ class QwenV1ChatFormat(ChatFormat):
 
     Role names and contents are encoded one by one and joined with "\n" and control ids, as v1 was trained. Encoding
     the same layout as one text would differ wherever a content starts with a line break: it would merge with the
-    "\n" after the role name into a token the model never saw there.
+    "\n" after the role name into a token the model never saw there. As `make_context` does, history goes oldest
+    first once system and history reach the checkpoint's `max_window_size` tokens.
     """
 
     DEFAULT_SYSTEM = "You are a helpful assistant."
+    DEFAULT_WINDOW = 6144  # make_context's default, and every v1 chat model's generation_config (§1.7)
+
+    def __init__(self, max_window_size: int = DEFAULT_WINDOW) -> None:
+        self.max_window_size = max_window_size
 
     def prompt_ids(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> list[int]:
         if tools:
@@ -131,15 +136,26 @@ class QwenV1ChatFormat(ChatFormat):
             return [im_start, *tokenizer.encode(role), *newline, *tokenizer.encode(content), im_end]
 
         has_system = messages[0]["role"] == "system"
-        ids = turn("system", _content(messages, 0) if has_system else self.DEFAULT_SYSTEM)
+        system = turn("system", _content(messages, 0) if has_system else self.DEFAULT_SYSTEM)
+        turns = []
         for i in range(1 if has_system else 0, len(messages)):
             role = messages[i]["role"]
             if role == "system":
                 raise QwenError(f"message {i} is a system message: Qwen (v1) chat takes one, as the first message")
             if role not in ("user", "assistant"):
                 raise QwenError(f"message {i} has role {role!r}: Qwen (v1) chat knows only system, user and assistant")
-            ids += [*newline, *turn(role, _content(messages, i))]
-        return [*ids, *newline, im_start, *tokenizer.encode("assistant"), *newline]
+            turns.append((role, [*newline, *turn(role, _content(messages, i))]))
+        # make_context's history is (query, response) pairs, kept newest first while they fit; a message outside such
+        # a pair goes alone. The last message is the query: always kept.
+        history: list[int] = []
+        end = len(turns) - 1
+        while end > 0:
+            start = end - 2 if end >= 2 and turns[end - 2][0] == "user" and turns[end - 1][0] == "assistant" else end - 1
+            unit = [token for _, ids in turns[start:end] for token in ids]
+            if len(system) + len(unit) + len(history) >= self.max_window_size:
+                break
+            history, end = unit + history, start
+        return [*system, *history, *turns[-1][1], *newline, im_start, *tokenizer.encode("assistant"), *newline]
 
 
 def _content(messages: list[Message], i: int) -> str:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ class Checkpoint(ABC):
     format: str
     config: ModelConfig
     chat_template_source: str | None
+    generation_config: Mapping[str, Any] = MappingProxyType({})  # generation_config.json, where the checkpoint has one
 
     @abstractmethod
     def tokenizer(self) -> Tokenizer:
@@ -55,7 +57,7 @@ class Checkpoint(ABC):
     def chat_template(self, tokenizer: Tokenizer) -> ChatFormat:
         """The checkpoint's jinja template; Qwen v1 ships none and has its own layout (qwen-family.md §1.7)."""
         if self.chat_template_source is None and self.config.architecture == "qwen":
-            return QwenV1ChatFormat()
+            return QwenV1ChatFormat(self.generation_config.get("max_window_size", QwenV1ChatFormat.DEFAULT_WINDOW))
         return ChatTemplate(self.chat_template_source, self.template_tokens(tokenizer))
 
     @abstractmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 from tiny import write_qwen_tiktoken
@@ -70,6 +71,33 @@ def test_history_follows_the_token_level_rule(chat: QwenV1ChatFormat, tok: Token
     assert chat.prompt_ids(messages, tok) == expected
     # For contents without leading newlines the layout is the ChatML text, encoded as markup.
     assert ChatTemplate(None).prompt_ids(messages, tok) == expected
+
+
+def test_history_goes_oldest_first_past_the_window(chat: QwenV1ChatFormat, tok: Tokenizer) -> None:
+    """§1.7: (query, response) pairs are kept newest first while system + history stay under max_window_size; the
+    query always stays."""
+    pairs = [("first question", "first answer"), ("second question", "second answer"), ("third", "third answer")]
+    messages = [{"role": "system", "content": "Be brief."}]
+    for question, answer in pairs:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    messages.append({"role": "user", "content": "and now?"})
+    full = chat.prompt_ids(messages, tok)
+    system = [IM_START, SYSTEM, NEWLINE, *tok.encode("Be brief."), IM_END]
+    newest = chat.prompt_ids([messages[0], *messages[-3:]], tok)  # system, the newest pair, the query
+    newest_pair = len(newest) - len(chat.prompt_ids([messages[0], messages[-1]], tok))
+    for window, expected in [
+        (len(full), full),  # everything fits: the whole conversation
+        (len(system) + newest_pair + 1, newest),  # room for the newest pair only
+        (len(system) + newest_pair, chat.prompt_ids([messages[0], messages[-1]], tok)),  # not even that: "<" is strict
+    ]:
+        assert QwenV1ChatFormat(window).prompt_ids(messages, tok) == expected
+
+
+def test_the_window_comes_from_generation_config(tmp_path, checkpoint: Checkpoint, tok: Tokenizer) -> None:
+    shutil.copytree(checkpoint.path, tmp_path / "v1", dirs_exist_ok=True)
+    (tmp_path / "v1" / "generation_config.json").write_text(json.dumps({"max_window_size": 100}), encoding="utf-8")
+    assert open_checkpoint(tmp_path / "v1").chat_template(tok).max_window_size == 100
+    assert checkpoint.chat_template(tok).max_window_size == QwenV1ChatFormat.DEFAULT_WINDOW == 6144
 
 
 def test_contents_are_encoded_separately(chat: QwenV1ChatFormat, tok: Tokenizer) -> None:
