@@ -63,8 +63,8 @@ class FusedDecodeStep:
                  start: int) -> torch.Tensor | None:
         """hidden [1, B, H] after every layer — one token of one sequence in a dense cache, or one token of each
         sequence of a paged batch — or None where this step does not apply (the caller runs PyTorch)."""
-        if any(table.dtype != torch.bfloat16 for table in rope) or hidden.shape[0] != 1:
-            return None
+        if hidden.device.type != "cpu" or any(table.dtype != torch.bfloat16 for table in rope) or hidden.shape[0] != 1:
+            return None  # (a decoder moved off the CPU after loading: the raw addresses would not be host memory)
         tables = tuple(table.contiguous() for table in (rope.cos, rope.sin, rope.q_cos, rope.q_sin))
         out = hidden[0].to(torch.bfloat16, copy=True).contiguous()
         d, kv_heads = self.shape.head_dim, self.shape.kv_heads
