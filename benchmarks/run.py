@@ -2,8 +2,8 @@
 
 Every measurement runs in a fresh process (so load time and peak RSS are each engine's own), the engines
 alternate over several rounds (so drift on a noisy machine hits all of them alike), and its section of RESULTS.md
-reports medians and ratios. The workload is the same for all: a random-token prompt (seeded) for prefill, greedy decoding that
-ignores end-of-sequence, and perplexity on benchmarks/data/corpus.md with llama-perplexity's method.
+reports medians and ratios. The workload is the same for all: a random-token prompt (seeded) for prefill, greedy
+decoding that ignores end-of-sequence, and perplexity on benchmarks/data/corpus.md with llama-perplexity's method.
 
     pip install -e ".[bench]"   (llama-cpp-python builds from source; see the README for the CMAKE_ARGS used here)
     python benchmarks/run.py --rounds 3

@@ -150,7 +150,8 @@ class QwenV1ChatFormat(ChatFormat):
         history: list[int] = []
         end = len(turns) - 1
         while end > 0:
-            start = end - 2 if end >= 2 and turns[end - 2][0] == "user" and turns[end - 1][0] == "assistant" else end - 1
+            paired = end >= 2 and (turns[end - 2][0], turns[end - 1][0]) == ("user", "assistant")
+            start = end - 2 if paired else end - 1
             unit = [token for _, ids in turns[start:end] for token in ids]
             if len(system) + len(unit) + len(history) >= self.max_window_size:
                 break

@@ -6,10 +6,11 @@
  *          high_bits[n][k/8]: bit i of a chunk's 64-bit word is the fifth bit of weight i;  w = d · (code − 16)
  *
  * where k counts positions in the order block_quant.h describes, not columns: along a row the columns go in
- * superblocks whose lanes each stay within one block. Decoding (a few rows of activations) quantizes the activations the way llama.cpp does for these formats
- * (int8 in blocks of 32 with a float scale), in the same order, and takes integer dot products with AVX-512 VNNI;
- * prefill dequantizes to bfloat16 for a regular matmul. Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's,
- * which is PyTorch's own pool (same libgomp), sized by torch.set_num_threads.
+ * superblocks whose lanes each stay within one block. Decoding (a few rows of activations) quantizes the activations
+ * the way llama.cpp does for these formats (int8 in blocks of 32 with a float scale), in the same order, and takes
+ * integer dot products with AVX-512 VNNI; prefill takes amx_matmul.c or dequantizes to bfloat16 for PyTorch's matmul.
+ * Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's, which is PyTorch's own pool (same
+ * libgomp), sized by torch.set_num_threads.
  */
 #include "block_quant.h"
 
