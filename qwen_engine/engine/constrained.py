@@ -2,7 +2,9 @@
 JSON object, and the sequence ends when the object closes, so a finished output always parses.
 
 A small pushdown automaton reads the output character by character. Its state is an immutable tuple, so trying a
-token is feeding its characters to a copy. At each step the most likely candidates are tried in order and only
+token is feeding its characters to a copy. A token that is not whole UTF-8 (a byte-level piece of a rare character)
+is fed byte by byte: such bytes may only stand inside a string, and only as a valid UTF-8 sequence, so the text
+decodes whole once the sequence completes. At each step the most likely candidates are tried in order and only
 those that keep the output valid stay allowed (a vocabulary-wide scan only when none of the first thousand
 does). An output cut short by max_tokens is the one case that can still end unclosed (finish_reason "length"),
 as with OpenAI's and vLLM's JSON modes.
@@ -22,6 +24,7 @@ CANDIDATES = (64, 1024)  # how many of the likeliest tokens to try before scanni
 #   "key"    a key is expected (after ,)     ":"      the colon after a key      ",|end"  , or the closing bracket
 #   "str"    inside a string (aux: 1 if key) "esc"    after a backslash          "u"      aux: hex digits left (+key)
 #   "num"    inside a number (aux: its part) "lit"    inside true/false/null (aux: the rest)   "done"
+#   "utf8"   inside a string, within a multi-byte UTF-8 sequence (aux: bytes left, key, the next byte's range)
 State = tuple[str, tuple[str, ...], object, int]
 START: State = ("start", (), None, 0)
 
@@ -29,6 +32,8 @@ START: State = ("start", (), None, 0)
 def step(state: State, char: str) -> State | None:
     """The state after `char`, or None when the output would no longer be a JSON object's prefix."""
     mode, stack, aux, run = state
+    if mode == "utf8":  # a character cannot come in the middle of another one's bytes
+        return None
     if mode == "num":
         after = _number(aux, char)
         if after is not None:
@@ -78,6 +83,36 @@ def step(state: State, char: str) -> State | None:
     return None
 
 
+def step_byte(state: State, byte: int) -> State | None:
+    """The state after one byte of a token that is not whole UTF-8: ASCII as its character; above that, only bytes
+    that continue a valid UTF-8 sequence (RFC 3629: no overlong forms, surrogates or code points past U+10FFFF)
+    inside a string."""
+    mode, stack, aux, _ = state
+    if mode == "utf8":
+        left, key, low, high = aux
+        if not low <= byte <= high:
+            return None
+        return ("utf8", stack, (left - 1, key, 0x80, 0xBF), 0) if left > 1 else ("str", stack, key, 0)
+    if byte < 0x80:
+        return step(state, chr(byte))
+    lead = _UTF8_LEADS.get(byte)
+    if mode != "str" or lead is None:
+        return None
+    return ("utf8", stack, (lead[0], aux, lead[1], lead[2]), 0)
+
+
+# A UTF-8 lead byte → (continuation bytes, range of the first of them).
+_UTF8_LEADS = {
+    **{b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)},
+    0xE0: (2, 0xA0, 0xBF),
+    **{b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)},
+    0xED: (2, 0x80, 0x9F),
+    0xF0: (3, 0x90, 0xBF),
+    **{b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)},
+    0xF4: (3, 0x80, 0x8F),
+}
+
+
 def _close_value(stack: tuple[str, ...]) -> State:
     return ("done", (), None, 0) if not stack else (",|end", stack, None, 0)
 
@@ -121,9 +156,9 @@ def _number(part: str, char: str) -> str | None:
 class JsonObjectConstraint:
     """Per-sequence state; `allowed(logits)` is the mask of tokens that may come next, `advance` records one."""
 
-    def __init__(self, token_texts: list[str | None], prefix: str = "") -> None:
+    def __init__(self, token_texts: list[str | bytes | None], prefix: str = "") -> None:
         """`prefix`: the start of the object, already written (a forced tool call's name), that the output goes on from."""
-        self.token_texts = token_texts  # None: a token that can never appear (control tokens, broken UTF-8)
+        self.token_texts = token_texts  # bytes: not whole UTF-8; None: a token that can never appear (control tokens)
         self.state: State = START
         for char in prefix:
             state = step(self.state, char)
@@ -135,12 +170,13 @@ class JsonObjectConstraint:
     def done(self) -> bool:
         return self.state[0] == "done"
 
-    def _after(self, text: str | None) -> State | None:
+    def _after(self, text: str | bytes | None) -> State | None:
         if not text:
             return None
         state: State | None = self.state
-        for char in text:
-            state = step(state, char)
+        advance = step_byte if isinstance(text, bytes) else step
+        for unit in text:
+            state = advance(state, unit)
             if state is None:
                 return None
         return state
@@ -165,12 +201,13 @@ class JsonObjectConstraint:
             self.state = after
 
 
-def token_texts(token_bytes: list[bytes], control_ids: frozenset[int]) -> list[str | None]:
-    """Each token's text for the automaton (None for control tokens and tokens that are not whole UTF-8)."""
-    texts: list[str | None] = []
+def token_texts(token_bytes: list[bytes], control_ids: frozenset[int]) -> list[str | bytes | None]:
+    """Each token's text for the automaton: a string, the raw bytes of a token that is not whole UTF-8, or None for a
+    control token."""
+    texts: list[str | bytes | None] = []
     for token, raw in enumerate(token_bytes):
         try:
             texts.append(None if token in control_ids else raw.decode("utf-8"))
         except UnicodeDecodeError:
-            texts.append(None)
+            texts.append(raw)
     return texts

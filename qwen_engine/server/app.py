@@ -88,7 +88,7 @@ class Server:
         self.api_key, self.max_queue = api_key, max_queue
         self.in_flight = 0
         self.metrics = Metrics(engine, lambda: self.in_flight)
-        self._token_texts: list[str | None] | None = None
+        self._token_texts: list[str | bytes | None] | None = None
         self.created = int(time.time())
 
     # ---- request admission ---------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class Server:
             raise ApiError(429, f"the queue is full ({self.in_flight} requests in flight); retry shortly",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
-    def token_texts(self) -> list[str | None]:
+    def token_texts(self) -> list[str | bytes | None]:
         if self._token_texts is None:
             self._token_texts = token_texts(self.model.tokenizer.token_bytes, self.model.tokenizer.control_ids)
         return self._token_texts
