@@ -45,15 +45,22 @@ static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *valu
         acc[i] = _mm512_setzero_ps();
     }
     float top = -INFINITY;
+    int64_t count = last - first + 1;
     for (int64_t t = first; t <= last; t++) {
         scores[t - first] = dot_bf16(keys + kv_offset(kv, t, g), query, d);
         top = fmaxf(top, scores[t - first]);
     }
-    float total = 0.0f;
+    /* the exponentials 16 at a time (exp16; a masked last group), summed lane-wise */
+    __m512 sums = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
+    for (int64_t t = 0; t < count; t += 16) {
+        __mmask16 present = count - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count - t)) - 1);
+        __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(present, scores + t), shift));
+        _mm512_mask_storeu_ps(scores + t, present, p);
+        sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(present, p));
+    }
+    float total = _mm512_reduce_add_ps(sums);
     for (int64_t t = first; t <= last; t++) {
-        float p = expf(scores[t - first] - top);
-        total += p;
-        __m512 weight = _mm512_set1_ps(p);
+        __m512 weight = _mm512_set1_ps(scores[t - first]);
         const uint16_t *row = values + kv_offset(kv, t, g);
         for (int64_t i = 0; i < d / 16; i++) acc[i] = _mm512_fmadd_ps(load_bf16x16(row + 16 * i), weight, acc[i]);
     }
