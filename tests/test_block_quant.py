@@ -256,6 +256,24 @@ def test_fused_decode_honours_the_sliding_window(tmp_path, tokenizer_files) -> N
 
 
 @needs_kernels
+@pytest.mark.parametrize(("heads", "kv_heads"), [(12, 1), (4, 4)])
+def test_fused_decode_attends_any_grouping_of_heads(tmp_path, tokenizer_files, heads: int, kv_heads: int) -> None:
+    """The native step attends the query heads of a kv head together, in chunks of up to 8: a group of 12 takes two
+    chunks, plain multi-head attention one head each. Both agree with the PyTorch path."""
+    from tiny import hf_config, random_model, write_hf_checkpoint
+
+    config = hf_config("qwen2.5-0.5b", hidden_size=32 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       head_dim=32, intermediate_size=192, num_hidden_layers=2)
+    directory = write_hf_checkpoint(tmp_path / f"heads{heads}", random_model(config), tokenizer_files)
+    model = qwen_engine.load(directory, quant="q8_0")
+    assert model.decoder.fused_decode is not None and model.config.head_dim == 32
+    prompt, steps = list(range(100, 140)), list(range(300, 310))
+    fused = decode_logits(model, prompt, steps)
+    model.decoder.fused_decode = None
+    assert relative_error(fused, decode_logits(model, prompt, steps)) <= 0.02
+
+
+@needs_kernels
 def test_default_model_greedy_text_is_the_same_fused_or_not() -> None:
     model = qwen_engine.load("default")
     assert model.quant == "auto" and model.decoder.fused_decode is not None

@@ -7,6 +7,8 @@
  */
 #include "block_quant.h"
 
+#include <omp.h>
+
 typedef struct {
     BlockMatrix qkv, o, gate_up, down;
     const uint16_t *input_norm, *post_norm; /* RMSNorm weights [hidden] */
@@ -17,12 +19,6 @@ typedef struct {
     int64_t hidden, heads, kv_heads, head_dim, intermediate;
     float eps;
 } DecodeShape;
-
-static inline float dot_bf16(const uint16_t *a, const __m512 *q, int64_t d) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d / 16; i++) acc = _mm512_fmadd_ps(load_bf16x16(a + 16 * i), q[i], acc);
-    return _mm512_reduce_add_ps(acc);
-}
 
 /* Where a sequence keeps its keys and values: position t of kv head g is at base + slot(t)·token_stride +
  * g·head_stride, slot(t) = slots[t] (a paged cache's block slots) or t itself when slots is NULL (a dense cache). */
@@ -35,40 +31,60 @@ static inline int64_t kv_offset(const KVLayout *kv, int64_t t, int64_t g) {
     return (kv->slots ? kv->slots[t] : t) * kv->token_stride + g * kv->head_stride;
 }
 
-/* Softmax attention of one query head over positions first…last of kv head g, in float32. */
-static void attend(const uint16_t *q, const uint16_t *keys, const uint16_t *values, const KVLayout *kv, int64_t g,
-                   int64_t first, int64_t last, int64_t d, float *scores, uint16_t *out) {
-    __m512 query[32], acc[32];
-    float scale = 1.0f / sqrtf((float)d);
-    for (int64_t i = 0; i < d / 16; i++) {
-        query[i] = _mm512_mul_ps(load_bf16x16(q + 16 * i), _mm512_set1_ps(scale));
-        acc[i] = _mm512_setzero_ps();
+#define TASK_HEADS 8 /* most query heads of one KV head attended together */
+
+/* Softmax attention, in float32, of n ≤ TASK_HEADS query heads that share kv head g (GQA) over positions
+ * first…last: each key and value row is loaded and widened once for all n. Head j's query is at q + j·d, its
+ * scores at scores + j·score_stride, its output at out + j·d; its arithmetic is the same whatever n is. */
+static void attend(const uint16_t *q, int64_t n, const uint16_t *keys, const uint16_t *values, const KVLayout *kv,
+                   int64_t g, int64_t first, int64_t last, int64_t d, float *scores, int64_t score_stride,
+                   uint16_t *out) {
+    __m512 query[TASK_HEADS][32], acc[TASK_HEADS][32], row[32];
+    float scale = 1.0f / sqrtf((float)d), top[TASK_HEADS], total[TASK_HEADS];
+    int64_t count = last - first + 1, vectors = d / 16;
+    for (int64_t j = 0; j < n; j++) {
+        for (int64_t i = 0; i < vectors; i++) {
+            query[j][i] = _mm512_mul_ps(load_bf16x16(q + j * d + 16 * i), _mm512_set1_ps(scale));
+            acc[j][i] = _mm512_setzero_ps();
+        }
+        top[j] = -INFINITY;
     }
-    float top = -INFINITY;
-    int64_t count = last - first + 1;
     for (int64_t t = first; t <= last; t++) {
-        scores[t - first] = dot_bf16(keys + kv_offset(kv, t, g), query, d);
-        top = fmaxf(top, scores[t - first]);
+        const uint16_t *key = keys + kv_offset(kv, t, g);
+        for (int64_t i = 0; i < vectors; i++) row[i] = load_bf16x16(key + 16 * i);
+        for (int64_t j = 0; j < n; j++) {
+            __m512 dot = _mm512_setzero_ps();
+            for (int64_t i = 0; i < vectors; i++) dot = _mm512_fmadd_ps(row[i], query[j][i], dot);
+            float score = _mm512_reduce_add_ps(dot);
+            scores[j * score_stride + t - first] = score;
+            top[j] = fmaxf(top[j], score);
+        }
     }
-    /* the exponentials 16 at a time (exp16; a masked last group), summed lane-wise */
-    __m512 sums = _mm512_setzero_ps(), shift = _mm512_set1_ps(top);
-    for (int64_t t = 0; t < count; t += 16) {
-        __mmask16 present = count - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count - t)) - 1);
-        __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(present, scores + t), shift));
-        _mm512_mask_storeu_ps(scores + t, present, p);
-        sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(present, p));
+    for (int64_t j = 0; j < n; j++) {  /* the exponentials 16 at a time (a masked last group), summed lane-wise */
+        float *head_scores = scores + j * score_stride;
+        __m512 sums = _mm512_setzero_ps(), shift = _mm512_set1_ps(top[j]);
+        for (int64_t t = 0; t < count; t += 16) {
+            __mmask16 present = count - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count - t)) - 1);
+            __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(present, head_scores + t), shift));
+            _mm512_mask_storeu_ps(head_scores + t, present, p);
+            sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(present, p));
+        }
+        total[j] = _mm512_reduce_add_ps(sums);
     }
-    float total = _mm512_reduce_add_ps(sums);
     for (int64_t t = first; t <= last; t++) {
-        __m512 weight = _mm512_set1_ps(scores[t - first]);
-        const uint16_t *row = values + kv_offset(kv, t, g);
-        for (int64_t i = 0; i < d / 16; i++) acc[i] = _mm512_fmadd_ps(load_bf16x16(row + 16 * i), weight, acc[i]);
+        const uint16_t *value = values + kv_offset(kv, t, g);
+        for (int64_t i = 0; i < vectors; i++) row[i] = load_bf16x16(value + 16 * i);
+        for (int64_t j = 0; j < n; j++) {
+            __m512 weight = _mm512_set1_ps(scores[j * score_stride + t - first]);
+            for (int64_t i = 0; i < vectors; i++) acc[j][i] = _mm512_fmadd_ps(row[i], weight, acc[j][i]);
+        }
     }
-    for (int64_t i = 0; i < d / 16; i++) {
-        float lanes[16];
-        _mm512_storeu_ps(lanes, _mm512_div_ps(acc[i], _mm512_set1_ps(total)));
-        for (int j = 0; j < 16; j++) out[16 * i + j] = f32_to_bf16(lanes[j]);
-    }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < vectors; i++) {
+            float lanes[16];
+            _mm512_storeu_ps(lanes, _mm512_div_ps(acc[j][i], _mm512_set1_ps(total[j])));
+            for (int k = 0; k < 16; k++) out[j * d + 16 * i + k] = f32_to_bf16(lanes[k]);
+        }
 }
 
 static void add_rows(uint16_t *hidden, const uint16_t *delta, int64_t n) {
@@ -94,6 +110,10 @@ int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape 
         longest = positions[b] > longest ? positions[b] : longest;
     }
     int64_t group = heads / kv_heads, qkv_size = (heads + 2 * kv_heads) * d;
+    /* Attention tasks: the query heads of a kv head in chunks of per_task, enough chunks to give every thread work */
+    int64_t wanted = (omp_get_max_threads() + B * kv_heads - 1) / (B * kv_heads);
+    int64_t per_task = (group + wanted - 1) / wanted < TASK_HEADS ? (group + wanted - 1) / wanted : TASK_HEADS;
+    int64_t chunks = (group + per_task - 1) / per_task;
     uint16_t *normed = malloc(B * H * 2), *qkv = malloc(B * qkv_size * 2), *attn = malloc(B * heads * d * 2);
     uint16_t *mixed = malloc(B * H * 2), *gate_up = malloc(B * inter * 4), *act = malloc(B * inter * 2);
     float *scores = malloc((size_t)B * heads * (longest + 1) * sizeof(float));
@@ -114,12 +134,13 @@ int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape 
             }
         }
 #pragma omp parallel for schedule(dynamic)
-        for (int64_t task = 0; task < B * heads; task++) {
-            int64_t b = task / heads, h = task % heads, pos = positions[b];
+        for (int64_t task = 0; task < B * kv_heads * chunks; task++) {
+            int64_t b = task / (kv_heads * chunks), g = task / chunks % kv_heads, h = g * group + task % chunks * per_task;
+            int64_t pos = positions[b], n = group - (h - g * group) < per_task ? group - (h - g * group) : per_task;
             KVLayout kv = {slots ? slots + slot_starts[b] : NULL, token_stride, head_stride};
             int64_t first = layer->window > 0 && pos - layer->window + 1 > 0 ? pos - layer->window + 1 : 0;
-            attend(qkv + b * qkv_size + h * d, layer_keys, layer_values, &kv, h / group, first, pos, d,
-                   scores + task * (longest + 1), attn + (b * heads + h) * d);
+            attend(qkv + b * qkv_size + h * d, n, layer_keys, layer_values, &kv, g, first, pos, d,
+                   scores + (b * heads + h) * (longest + 1), longest + 1, attn + (b * heads + h) * d);
         }
         if ((status = qe_matrix_times(&layer->o, attn, B, mixed))) break;
         add_rows(hidden, mixed, B * H);
