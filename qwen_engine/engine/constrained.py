@@ -160,6 +160,7 @@ class JsonObjectConstraint:
         """`prefix`: the start of the object, already written (a forced tool call's name), that the output goes on from."""
         self.token_texts = token_texts  # bytes: not whole UTF-8; None: a token that can never appear (control tokens)
         self.state: State = START
+        self._accepted: dict[int, State] = {}  # the tokens the last `allowed` let through, and where each leads
         for char in prefix:
             state = step(self.state, char)
             if state is None:
@@ -182,23 +183,28 @@ class JsonObjectConstraint:
         return state
 
     def allowed(self, logits: torch.Tensor) -> torch.Tensor:
-        mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         likeliest = torch.topk(logits, min(CANDIDATES[-1], logits.shape[-1])).indices.tolist()
-        tried = 0
+        tried, self._accepted = 0, {}
         for count in (*CANDIDATES, logits.shape[-1]):
             order = likeliest if count <= len(likeliest) else torch.argsort(logits, descending=True).tolist()
             for token in order[tried:count]:
-                if token < len(self.token_texts) and self._after(self.token_texts[token]) is not None:
-                    mask[token] = True
+                after = self._after(self.token_texts[token]) if token < len(self.token_texts) else None
+                if after is not None:
+                    self._accepted[token] = after
             tried = count
-            if mask.any():
+            if self._accepted:
+                mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                mask[list(self._accepted)] = True
                 return mask
         raise RuntimeError("no token continues the JSON output")  # unreachable: a space or a digit always does
 
     def advance(self, token: int) -> None:
-        after = self._after(self.token_texts[token]) if token < len(self.token_texts) else None
+        after = self._accepted.get(token)
+        if after is None:  # not chosen through `allowed` (or not a token that fits): computed here
+            after = self._after(self.token_texts[token]) if token < len(self.token_texts) else None
         if after is not None:
             self.state = after
+        self._accepted = {}
 
 
 def token_texts(token_bytes: list[bytes], control_ids: frozenset[int]) -> list[str | bytes | None]:

@@ -51,6 +51,17 @@ class GenerationResult:
         return len(self.token_ids)
 
 
+def held_back(text: str, markers: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins one of `markers` (and may still grow into it)."""
+    hold = 0
+    for marker in markers:
+        for n in range(min(len(marker) - 1, len(text)), hold, -1):
+            if text.endswith(marker[:n]):
+                hold = n
+                break
+    return hold
+
+
 class StopStringFilter:
     """Holds back text that might still turn into a stop string; reports where one completes."""
 
@@ -65,13 +76,7 @@ class StopStringFilter:
         if hits:
             released, self.pending = self.pending[: min(hits)], ""
             return released, True
-        hold = 0  # the longest end of the pending text that begins some stop string
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(stop[:n]):
-                    hold = n
-                    break
-        released = self.pending[: len(self.pending) - hold]
+        released = self.pending[: len(self.pending) - held_back(self.pending, self.stops)]
         self.pending = self.pending[len(released):]
         return released, False
 
@@ -116,7 +121,7 @@ class Generator:
         sampler = Sampler(params, prompt_ids, self.model.config.vocab_size, device)
         detokenizer = IncrementalDecoder(self.tokenizer)
         stops = StopStringFilter(params.stop)
-        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
+        stop_ids = params.stop_ids(self.stop_token_ids)
         timings = result.timings
 
         started = time.perf_counter()

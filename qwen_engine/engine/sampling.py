@@ -64,6 +64,10 @@ class SamplingParams:
                 changes[key] = tuple(changes[key])
         return dataclasses.replace(self, **changes)
 
+    def stop_ids(self, model_stop_ids: frozenset[int]) -> frozenset[int]:
+        """The tokens that end the output: the request's own, and the model's end-of-turn ones unless ignore_eos."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else model_stop_ids)
+
     def with_generation_config(self, raw: dict[str, Any]) -> SamplingParams:
         """Apply a checkpoint's generation_config.json (a config without do_sample means plain greedy decoding)."""
         if not raw.get("do_sample", False):

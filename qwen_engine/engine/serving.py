@@ -73,6 +73,7 @@ class _SequenceState:
     stops: StopStringFilter
     constraint: object | None
     stop_ids: frozenset[int]  # tokens that end the output
+    bias: tuple[torch.Tensor, torch.Tensor] | None  # the request's logit_bias as (token ids, values)
 
 
 class ServingEngine:
@@ -145,15 +146,18 @@ class ServingEngine:
 
     def _enqueue(self, request: Request) -> None:
         sequences = []
+        bias = None
+        if request.logit_bias:
+            bias = torch.tensor(list(request.logit_bias)), torch.tensor(list(request.logit_bias.values()))
         for index in range(request.n):
             params = request.params
             if params.seed is not None and index:
                 params = params.updated(seed=params.seed + index)
             sampler = Sampler(params, request.prompt_ids, self.model.config.vocab_size, self.model.device)
             seq = Sequence(list(request.prompt_ids), params, sampler, request.request_id, index)
-            stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.stop_token_ids)
             seq.state = _SequenceState(request, IncrementalDecoder(self.model.tokenizer), StopStringFilter(params.stop),
-                                       request.constraint() if request.constraint else None, stop_ids)
+                                       request.constraint() if request.constraint else None,
+                                       params.stop_ids(self.stop_token_ids), bias)
             sequences.append(seq)
             self.scheduler.add(seq)
         self._by_request[request.request_id] = sequences
@@ -215,9 +219,9 @@ class ServingEngine:
         state: _SequenceState = seq.state
         request = state.request
         steered = logits
-        if request.logit_bias:
+        if state.bias is not None:
             steered = logits.clone()
-            steered[list(request.logit_bias)] += torch.tensor(list(request.logit_bias.values()))
+            steered[state.bias[0]] += state.bias[1]
         if state.constraint is not None:
             steered = steered.masked_fill(~state.constraint.allowed(steered), float("-inf"))
         token = seq.sampler(steered)
@@ -230,19 +234,18 @@ class ServingEngine:
             top = torch.topk(logprobs, request.logprobs) if request.logprobs else None
             logprob = TokenLogprob(token, float(logprobs[token]),
                                    [] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
-        reason = None
-        if token in state.stop_ids:  # the end: release what was held back in case it began a stop string
+        reason, text, hit = None, "", False
+        if token in state.stop_ids:
             reason = "stop"
-            text, _ = state.stops.close(state.decoder.flush())
         else:
             text, hit = state.stops.push(state.decoder.push(token))
             if hit or (state.constraint is not None and state.constraint.done):  # a JSON object ends the output
                 reason = "stop"
             elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.model.config.context_length:
                 reason = "length"
-            if reason is not None and not hit:
-                tail, _ = state.stops.close(state.decoder.flush())
-                text += tail
+        if reason is not None and not hit:  # the end: release what was held back in case it began a stop string
+            tail, _ = state.stops.close(state.decoder.flush())
+            text += tail
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return Event(seq.request_id, seq.index, token, text, logprob, reason, len(seq.prompt_ids), len(seq.output_ids))

@@ -1,8 +1,8 @@
 /* The element-wise parts of a decoder layer over many rows (prefill): RMSNorm, rotary embedding and SwiGLU's
  * silu·up. In PyTorch each is several bfloat16 operator calls that convert every element to float32 and back and
  * write a temporary; together they cost a 660-token prefill about a quarter of its time. Here each is one pass
- * with the same bfloat16 roundings (a residual add joins the norm after it) (the helpers in block_quant.h, shared with the fused decoding step), with rows
- * spread over OpenMP threads. Each function returns 0, or −1 when its sizes are not ones it handles (the caller
+ * with the same bfloat16 roundings (a residual add joins the norm after it), with rows spread over OpenMP threads;
+ * the per-row helpers are block_quant.h's, shared with the fused decoding step. Each function returns 0, or −1 when its sizes are not ones it handles (the caller
  * then uses PyTorch).
  */
 #include "block_quant.h"

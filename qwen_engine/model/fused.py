@@ -65,28 +65,30 @@ class FusedDecodeStep:
         sequence of a paged batch — or None where this step does not apply (the caller runs PyTorch)."""
         if hidden.device.type != "cpu" or any(table.dtype != torch.bfloat16 for table in rope) or hidden.shape[0] != 1:
             return None  # (a decoder moved off the CPU after loading: the raw addresses would not be host memory)
-        tables = tuple(table.contiguous() for table in (rope.cos, rope.sin, rope.q_cos, rope.q_sin))
-        out = hidden[0].to(torch.bfloat16, copy=True).contiguous()
         d, kv_heads = self.shape.head_dim, self.shape.kv_heads
-        if isinstance(cache, SequenceBatch):
+        if isinstance(cache, SequenceBatch):  # whether this step applies is settled before anything is copied
             layout = cache.decode_layout()
             if layout is None or not plain_bf16(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
                 return None
+        else:
+            keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
+            if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or hidden.shape[1] != 1:
+                return None
+            max_len = keys.shape[3] if keys.dim() == 5 else -1
+            shape = (self.num_layers, 1, kv_heads, max_len, d)
+            if keys.shape != shape or values.shape != shape or not plain_bf16(keys, values) or not 0 <= start < max_len:
+                return None
+        tables = tuple(table.contiguous() for table in (rope.cos, rope.sin, rope.q_cos, rope.q_sin))
+        out = hidden[0].to(torch.bfloat16, copy=True).contiguous()
+        if isinstance(cache, SequenceBatch):
             strides = (layout.keys[0].numel(), kv_heads * d, d)
             for rows in range(0, out.shape[0], MAX_ROWS):  # sequences are independent: any batch goes in slices
                 part = slice(rows, rows + MAX_ROWS)
                 self.kernels.decode_batch(self.layers, self.shape, out[part], layout.keys, layout.values, strides,
                                           layout.positions[part], tuple(table[part] for table in tables), layout.slots,
                                           layout.slot_starts[part])
-            return out[None]
-        keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
-        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or hidden.shape[1] != 1:
-            return None
-        max_len = keys.shape[3] if keys.dim() == 5 else -1
-        shape = (self.num_layers, 1, kv_heads, max_len, d)
-        if keys.shape != shape or values.shape != shape or not plain_bf16(keys, values) or not 0 <= start < max_len:
-            return None
-        strides = (keys[0].numel(), d, max_len * d)
-        self.kernels.decode_batch(self.layers, self.shape, out, keys, values, strides, torch.tensor([start]), tables)
+        else:
+            self.kernels.decode_batch(self.layers, self.shape, out, keys, values, (keys[0].numel(), d, max_len * d),
+                                      torch.tensor([start]), tables)
         return out[None]
 

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import cached_property, partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -75,7 +76,7 @@ class Choice:
     """What one choice of a request collected."""
 
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
@@ -88,7 +89,6 @@ class Server:
         self.api_key, self.max_queue = api_key, max_queue
         self.in_flight = 0
         self.metrics = Metrics(engine, lambda: self.in_flight)
-        self._token_texts: list[str | bytes | None] | None = None
         self.created = int(time.time())
 
     # ---- request admission ---------------------------------------------------------------------------------
@@ -111,10 +111,10 @@ class Server:
             raise ApiError(429, f"the queue is full ({self.in_flight} requests in flight); retry shortly",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
 
+    @cached_property
     def token_texts(self) -> list[str | bytes | None]:
-        if self._token_texts is None:
-            self._token_texts = token_texts(self.model.tokenizer.token_bytes, self.model.tokenizer.control_ids)
-        return self._token_texts
+        """Every token's text for the JSON constraint, built on the first request that needs it."""
+        return token_texts(self.model.tokenizer.token_bytes, self.model.tokenizer.control_ids)
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int) -> Any:
         limit = body.token_limit if body.token_limit is not None else max(1, self.engine.longest_sequence - prompt_tokens)
@@ -148,8 +148,8 @@ class Server:
         request.on_event = deliver
         return events
 
-    def finished(self, request: EngineRequest, choices: list[Choice], prompt_tokens: int) -> None:
-        self.metrics.prompt_tokens.inc(prompt_tokens)
+    def finished(self, request: EngineRequest, choices: list[Choice]) -> None:
+        self.metrics.prompt_tokens.inc(len(request.prompt_ids))
         for choice in choices:
             self.metrics.finished.labels(choice.finish_reason or "abort").inc()
         self.metrics.latency.observe(time.perf_counter() - request.arrived)
@@ -222,11 +222,10 @@ class Server:
         if json_mode and forced:
             raise ApiError(400, "response_format json_object and a forced tool call cannot go together", param="response_format")
         top = body.top_logprobs or 0 if body.logprobs else None
-        texts = self.token_texts() if json_mode or forced else None
         object_start = forced[len(OPEN) + 1 :]  # a forced call goes on as a JSON object after its tag
         request = EngineRequest(
             f"chatcmpl-{uuid.uuid4().hex}", prompt_ids, params, n=body.n, logprobs=top,
-            constraint=(lambda: JsonObjectConstraint(texts, object_start)) if json_mode or forced else None,
+            constraint=partial(JsonObjectConstraint, self.token_texts, object_start) if json_mode or forced else None,
             logit_bias=self.bias(body),
         )
         tools_on = bool(body.tools) and body.tool_choice != "none"
@@ -261,7 +260,7 @@ class Server:
         tool_counts = [0] * body.n
         for index in range(body.n):
             yield chunk(index, {"role": "assistant", "content": ""})
-            if forced and tools_on:
+            if forced:  # (only with tools: chat_prompt refuses a forced call without them)
                 parsers[index].push(forced)
         async for event in events:
             if event.error is not None:
@@ -380,8 +379,7 @@ class Server:
             try:
                 async for event in self.events(request, queue, body.n, http):
                     choice = choices[event.index]
-                    if event.token_id is not None:
-                        choice.token_ids.append(event.token_id)
+                    choice.completion_tokens = event.completion_tokens
                     if event.logprob is not None:
                         choice.logprobs.append(event.logprob)
                     choice.text += event.text
@@ -390,7 +388,7 @@ class Server:
                     yield event
             finally:
                 self.in_flight -= 1
-                self.finished(request, choices, len(request.prompt_ids))
+                self.finished(request, choices)
 
         if body.stream:
             return StreamingResponse(stream(tracked(), choices), media_type="text/event-stream",
@@ -427,7 +425,7 @@ def _template_message(message: ChatMessage) -> dict[str, Any]:
 
 
 def _usage(request: EngineRequest, choices: list[Choice]) -> dict[str, int]:
-    prompt, completion = len(request.prompt_ids), sum(len(choice.token_ids) for choice in choices)
+    prompt, completion = len(request.prompt_ids), sum(choice.completion_tokens for choice in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -14,19 +14,21 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.generate import held_back
+
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
 BARE = re.compile(r"\s*(?:```(?:json)?\s*)?(\{.*\})\s*(?:```)?\s*", re.S)
 
 
-def parse_call(body: str) -> dict[str, Any] | None:
-    """An OpenAI tool call from one block's JSON, or None when it is not a call."""
+def _json(text: str) -> Any:
     try:
-        call = json.loads(body)
+        return json.loads(text)
     except json.JSONDecodeError:
         return None
-    if not isinstance(call, dict) or not isinstance(call.get("name"), str):
-        return None
+
+
+def _as_call(call: dict[str, Any]) -> dict[str, Any]:
     arguments = call.get("arguments", {})
     return {
         "id": f"call_{uuid.uuid4().hex[:24]}",
@@ -36,18 +38,19 @@ def parse_call(body: str) -> dict[str, Any] | None:
     }
 
 
+def parse_call(body: str) -> dict[str, Any] | None:
+    """An OpenAI tool call from one block's JSON, or None when it is not a call."""
+    call = _json(body)
+    return _as_call(call) if isinstance(call, dict) and isinstance(call.get("name"), str) else None
+
+
 def bare_call(text: str, names: frozenset[str]) -> dict[str, Any] | None:
     """The call when the whole reply is one JSON object naming a tool of the request, else None."""
     match = BARE.fullmatch(text)
-    if match is None:
-        return None
-    try:
-        raw = json.loads(match.group(1))
-    except json.JSONDecodeError:
-        return None
+    raw = None if match is None else _json(match.group(1))
     if not isinstance(raw, dict) or raw.get("name") not in names or "arguments" not in raw:
         return None
-    return parse_call(match.group(1))
+    return _as_call(raw)
 
 
 def split_tool_calls(text: str, names: frozenset[str] = frozenset()) -> tuple[str | None, list[dict[str, Any]]]:
@@ -104,8 +107,7 @@ class StreamingToolParser:
                 content += self.pending[:start]
                 self.pending, self.inside = self.pending[start + len(OPEN) :], True
                 continue
-            hold = next((n for n in range(min(len(OPEN) - 1, len(self.pending)), 0, -1)
-                         if self.pending.endswith(OPEN[:n])), 0)
+            hold = held_back(self.pending, (OPEN,))
             content += self.pending[: len(self.pending) - hold]
             self.pending = self.pending[len(self.pending) - hold :]
             return content, found
