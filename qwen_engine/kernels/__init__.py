@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..default_model import cache_dir
+from ..cache_dir import cache_dir
 
 HERE = Path(__file__).parent
 SOURCES = (HERE / "block_quant.c", HERE / "decode_layer.c", HERE / "layer_ops.c", HERE / "amx_matmul.c")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..default_model import cache_dir
+from ..cache_dir import cache_dir
 
 # Bump when the layout of the cache file itself changes.
 FORMAT_VERSION = 1
