@@ -1,8 +1,9 @@
 """Byte-level BPE tokenizer for every Qwen generation, built on `tokenizers`.
 
 Three ways in: a Hugging Face checkpoint directory (Qwen2's files), Qwen v1's `qwen.tiktoken`, or the tokenizer
-arrays of a GGUF file. Control tokens (`<|im_start|>` ...) never come from user text: `encode` keeps their surface
-forms plain text, so a user cannot forge a turn boundary by typing one.
+arrays of a GGUF file. Control tokens (`<|im_start|>` ...) never come from chat content: `encode` keeps their surface
+forms plain text unless asked (`special=True`, for a raw prompt whose author writes the markup), so a user cannot
+forge a turn boundary by typing one.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import base64
 import codecs
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -121,7 +122,8 @@ class Tokenizer:
     """Qwen2 byte-level BPE with user text and template markup kept apart.
 
     `encode` treats control-token surface forms as plain text (qwen-family.md §1.6: the chat helper encodes contents
-    with `allowed_special=set()`); `encode_markup` turns the ones a chat template wrote into control ids.
+    with `allowed_special=set()`) unless `special=True`; `encode_markup` turns the ones a chat template wrote into
+    control ids.
     """
 
     def __init__(self, backend: _HFTokenizer, unused_ids: frozenset[int] = frozenset()) -> None:
@@ -210,24 +212,36 @@ class Tokenizer:
         backend.add_tokens([AddedToken(token, special=True, normalized=False) for token in V1_CONTROL_TOKENS])
         return cls(backend)
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of user text: NFC, control-token look-alikes stay plain text, non-special added tokens match."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        """Ids of text: NFC, non-special added tokens (`<tool_call>`) match. Control-token surface forms stay plain
+        text, or with `special` become their ids, as transformers, vLLM, llama.cpp and Qwen v1's tokenizer
+        (`allowed_special="all"`, qwen-family.md §1.6) encode a raw prompt."""
+        if special:
+            return self._encode_with_controls(text, self._encode_text)
+        return self._encode_text(text)
 
     def encode_markup(self, text: str) -> list[int]:
         """Ids of a rendered chat template: control-token surface forms become control ids unless `defuse`d."""
+        return self._encode_with_controls(text, self._encode_defused)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids if text else []
+
+    def _encode_with_controls(self, text: str, encode_between: Callable[[str], list[int]]) -> list[int]:
+        """Control-token surface forms as their ids (leftmost-longest, before normalization, as the backend matches
+        added tokens), the text between them through `encode_between`."""
         ids: list[int] = []
         start = 0
         for match in self._control_re.finditer(text):
-            ids += self._encode_defused(text[start : match.start()])
+            ids += encode_between(text[start : match.start()])
             ids.append(self._control_by_text[match.group()])
             start = match.end()
-        ids += self._encode_defused(text[start:])
+        ids += encode_between(text[start:])
         return ids
 
     def _encode_defused(self, text: str) -> list[int]:
         """Ids of markup between control tokens, with `defuse`'s markers taken out (a doubled one stays single)."""
-        return self.encode(_UNMARK.sub(r"\1", text)) if text else []
+        return self._encode_text(_UNMARK.sub(r"\1", text))
 
     def defuse(self, text: str) -> str:
         """Make control-token surface forms in a user string inert for `encode_markup`, which undoes the change.

@@ -86,6 +86,39 @@ def test_encode_markup_matches_transformers(tok: Tokenizer, ref, text: str) -> N
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=IDS)
+def test_encode_special_matches_transformers(tok: Tokenizer, ref, text: str) -> None:
+    """A raw prompt's control-token surface forms become their ids, as transformers encodes any text by default."""
+    assert tok.encode(nfc(text), special=True) == ref.encode(nfc(text), add_special_tokens=False)
+
+
+RAW_CHATML = (
+    "<|im_start|>system\nBe brief.<|im_end|>\n"
+    "<|im_start|>user\nWrite <tool_call> in Python. 你好 👋<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+RAW_CHATML_MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Write <tool_call> in Python. 你好 👋"},
+]
+
+
+def test_raw_chatml_prompt_with_special_is_the_chat_template(tok: Tokenizer, default_checkpoint) -> None:
+    """A hand-written ChatML prompt means what it says with `special=True`, and stays text without it."""
+    template_ids = default_checkpoint.chat_template(tok).prompt_ids(RAW_CHATML_MESSAGES, tok)
+    assert tok.encode(RAW_CHATML, special=True) == template_ids
+    plain = tok.encode(RAW_CHATML)
+    assert plain == tok.encode(RAW_CHATML, special=False) and not tok.control_ids & set(plain)
+    assert tok.decode(plain) == RAW_CHATML
+
+
+def test_special_keeps_the_noncharacter_that_markup_reads_as_a_marker(tok: Tokenizer) -> None:
+    """U+FFFF is `defuse`'s marker only in rendered markup; a raw prompt keeps it as text."""
+    text = "<|im_start|>x\uffffy"
+    assert tok.encode(text, special=True) == [IM_START, *tok.encode("x\uffffy")]
+    assert tok.encode_markup(text) == [IM_START, *tok.encode("xy")]
+
+
+@pytest.mark.parametrize("text", TEXTS, ids=IDS)
 def test_decode_roundtrip(tok: Tokenizer, text: str) -> None:
     assert tok.decode(tok.encode(text)) == nfc(text)
 

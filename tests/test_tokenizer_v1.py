@@ -12,6 +12,7 @@ from test_tokenizer import CORPUS
 from tiktoken.load import load_tiktoken_bpe
 from tiny import write_qwen_tiktoken
 
+from qwen_engine.chat import QwenV1ChatFormat
 from qwen_engine.errors import QwenError
 from qwen_engine.tokenizer import IncrementalDecoder, Tokenizer, _merges_from_ranks, _read_tiktoken
 
@@ -113,7 +114,18 @@ def test_control_surface_forms(v1: Tokenizer, reference) -> None:
     assert v1.encode(text) == reference.encode(text, disallowed_special=())
     assert not v1.control_ids & set(v1.encode(text))
     assert v1.encode_markup(text) == reference.encode(text, allowed_special="all")
+    assert v1.encode(text, special=True) == reference.encode(text, allowed_special="all")
     assert v1.encode_markup(v1.defuse(text)) == v1.encode(text)
+
+
+def test_raw_make_context_prompt_with_special_is_the_v1_chat_format(v1: Tokenizer) -> None:
+    """A raw prompt written as make_context lays it out (qwen-family.md §1.7) encodes to the chat format's ids."""
+    raw = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+           "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    expected = [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198, 151644, 872, 198, 9707, 151645, 198,
+                151644, 77091, 198]  # §1.7's example
+    assert v1.encode(raw, special=True) == expected
+    assert QwenV1ChatFormat().prompt_ids([{"role": "user", "content": "Hello"}], v1) == expected
 
 
 @pytest.mark.parametrize("text", TEXTS, ids=IDS)
