@@ -1,4 +1,7 @@
-"""GGUF checkpoints: metadata, tensor names mapped to the HF layout, and dequantized tensors (qwen-family.md §9)."""
+"""GGUF checkpoints: metadata, tensor names mapped to the HF layout, and dequantized tensors (qwen-family.md §9).
+
+Reading the header needs no torch (`qwen info`); torch and the dequantizers are imported where tensors are made.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,17 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..errors import QwenError
 from .names import LayerNameMap
-from .quants import dequantize
 from .v1 import FUSED_QKV
+
+if TYPE_CHECKING:
+    import torch
 
 # qwen-family.md §9.1: GGUF name → HF (qwen2) name; `{}` is the layer index. Arch qwen (v1) uses the same names
 # except its fused attn_qkv, mapped to the name that split_fused_qkv divides into q/k/v.
@@ -128,6 +132,10 @@ class GGUFCheckpoint:
     ) -> dict[str, torch.Tensor]:
         """Every tensor dequantized, cast to `dtype` on `device`, under its HF name; those named in `placeholders`
         (HF names) become meta tensors of the right shape instead, for a caller that reads them another way."""
+        import torch
+
+        from .quants import dequantize
+
         loaded = {}
         for entry in progress(self.entries):
             name = hf_name(entry.name)
@@ -154,6 +162,8 @@ class StoredRows:
 
     def __call__(self, ids: list[int]) -> torch.Tensor:
         """float32 [len(ids), columns]."""
+        from .quants import dequantize
+
         columns = self.entry.shape[-1]
         block_size, type_size = GGML_QUANT_SIZES[self.entry.qtype]
         row_bytes = columns // block_size * type_size

@@ -1,4 +1,7 @@
-"""HF checkpoint directories: `config.json` plus one `model.safetensors` or shards listed in its index."""
+"""HF checkpoint directories: `config.json` plus one `model.safetensors` or shards listed in its index.
+
+Headers are read through safetensors' NumPy binding, so `qwen info` never imports torch; tensors through PyTorch's.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,14 @@ import json
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from ..errors import QwenError
+
+if TYPE_CHECKING:
+    import torch
 
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
@@ -43,9 +48,9 @@ def shard_files(directory: Path) -> list[Path]:
 
 
 @contextmanager
-def _open_shard(file: Path) -> Iterator[Any]:
+def _open_shard(file: Path, framework: str) -> Iterator[Any]:
     try:
-        with safe_open(file, framework="pt", device="cpu") as shard:
+        with safe_open(file, framework=framework, device="cpu") as shard:
             yield shard
     except (SafetensorError, OSError) as err:
         raise QwenError(f"cannot read {file} ({err}); the file is truncated or corrupt — download it again") from None
@@ -57,7 +62,7 @@ def load_safetensors(
     """All tensors of the checkpoint (memory-mapped, copied only where dtype or device change)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in progress(shard_files(directory)):
-        with _open_shard(file) as shard:
+        with _open_shard(file, "pt") as shard:
             for name in shard.keys():
                 tensors[name] = shard.get_tensor(name).to(device=device, dtype=dtype)
     return tensors
@@ -67,7 +72,7 @@ def stored_dtypes(directory: Path) -> dict[str, str]:
     """The stored dtype of every tensor (read from the headers only)."""
     dtypes: dict[str, str] = {}
     for file in shard_files(directory):
-        with _open_shard(file) as shard:
+        with _open_shard(file, "numpy") as shard:
             for name in shard.keys():
                 dtypes[name] = shard.get_slice(name).get_dtype()
     return dtypes

@@ -7,10 +7,12 @@ The math is the same as Qwen2's (qwen-family.md §0, §1.3); only names differ, 
 from __future__ import annotations
 
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .names import LayerNameMap
+
+if TYPE_CHECKING:
+    import torch
 
 # The intermediate name both v1 formats map their fused projection to, before `split_fused_qkv`.
 FUSED_QKV = "model.layers.{}.self_attn.c_attn"
