@@ -1,10 +1,10 @@
-"""Chat prompts: a conversation becomes prompt ids through the checkpoint's chat format.
+"""Chat prompts: a conversation becomes a `Prompt` through the checkpoint's chat format.
 
-Two formats share one interface (`ChatFormat.prompt_ids`): the checkpoint's own jinja template (qwen-family.md
-§8.3), rendered in a sandbox, and Qwen v1's `make_context` (§1.7), assembled from ids because v1 ships no template.
-Either way no string from the caller (message contents, names, tool definitions) can become a control token: the
-template path defuses them before rendering, the v1 path encodes them as plain text.
-"""
+Two formats share one interface (`ChatFormat.prompt`, from contents given as strings or content parts): the
+checkpoint's own jinja template (qwen-family.md §8.3), rendered in a sandbox, and Qwen v1's `make_context` (§1.7),
+assembled from ids because v1 ships no template. Either way no string from the caller (message contents, names,
+tool definitions) can become a control token: the template path defuses them before rendering, the v1 path encodes
+them as plain text."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import QwenError
+from .prompt import Prompt
 from .tokenizer import Tokenizer
 
 # Used when a checkpoint ships no template: the ChatML layout every Qwen chat model is trained on.
@@ -63,9 +64,16 @@ def _check_roles(messages: list[Message]) -> None:
 class ChatFormat(ABC):
     """How a checkpoint turns a conversation into the prompt for the assistant's reply."""
 
+    def prompt(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> Prompt:
+        """The prompt for a conversation whose contents are strings or lists of content parts (OpenAI's
+        `{"type": "text", "text": …}`; image and audio parts come with the checkpoints that read them)."""
+        _check_roles(messages)
+        return Prompt(self.prompt_ids([_with_text_content(m, i) for i, m in enumerate(messages)], tokenizer, tools))
+
     @abstractmethod
     def prompt_ids(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> list[int]:
-        """Prompt ids ending where the assistant's reply begins; caller strings never become control ids."""
+        """Prompt ids ending where the assistant's reply begins (string contents); caller strings never become
+        control ids."""
 
 
 class ChatTemplate(ChatFormat):
@@ -157,6 +165,22 @@ class QwenV1ChatFormat(ChatFormat):
                 break
             history, end = unit + history, start
         return [*system, *history, *turns[-1][1], *newline, im_start, *tokenizer.encode("assistant"), *newline]
+
+
+def _with_text_content(message: Message, i: int) -> Message:
+    """The message with a list of text parts joined into one string content (as transformers' templates see it)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" or not isinstance(part.get("text"), str):
+            shown = kind if isinstance(kind, str) else repr(part)[:60]
+            raise QwenError(f"message {i} has a content part of type {shown}; this model reads text parts only "
+                            "({'type': 'text', 'text': …})")
+        texts.append(part["text"])
+    return {**message, "content": "".join(texts)}
 
 
 def _content(messages: list[Message], i: int) -> str:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ctypes
+import itertools
+import threading
 import time
 from collections.abc import Iterator
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +16,14 @@ from tqdm import tqdm
 
 from .chat import ChatFormat, Message
 from .checkpoint import ModelInfo, open_checkpoint
-from .engine.generate import Delta, GenerationResult, Generator
-from .engine.kv_cache import StaticKVCache
-from .engine.sampling import SamplingParams
+from .engine.constrained import JsonObjectConstraint, token_texts
+from .engine.paged import BLOCK_SIZE, block_bytes
+from .engine.runner import ModelRunner
+from .engine.serving import DEFAULT_PREFILL_TOKENS, Request, ServingEngine
 from .errors import QwenError
+from .kernels import cpu_kernels
 from .model.decoder import QwenDecoder
 from .model.fused import FusedDecodeStep
-from .kernels import cpu_kernels
 from .model.quantized import (
     CONVERTER_ID,
     QUANT_CHOICES,
@@ -30,6 +33,9 @@ from .model.quantized import (
     quantize_modules,
     read_as_stored,
 )
+from .prompt import Prompt
+from .results import Completion, Delta, GenerationResult
+from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
 
@@ -39,6 +45,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 # Chosen by measurement (benchmarks/RESULTS.md): the fastest format whose perplexity stays within 1% of float32.
 DEFAULT_CPU_QUANT = "auto"
+
+DEFAULT_KV_SHARE = 0.3  # of the memory available at start: the most a server's KV cache takes by default
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,7 +106,12 @@ def pick_quant(quant: str | None, dtype: torch.dtype, device: torch.device) -> s
 
 
 class Model:
-    """A loaded checkpoint: config, tokenizer, chat template, decoder and generation defaults."""
+    """A loaded checkpoint: config, tokenizer, chat format, decoder and generation defaults.
+
+    Every generation runs on the engine (engine/serving.py): a call gets an engine sized for its own request, on
+    the calling thread, so calls from several threads at once are safe (their steps take turns on the decoder);
+    `serving_engine` makes the long-lived one `qwen serve` runs.
+    """
 
     def __init__(
         self,
@@ -120,7 +134,7 @@ class Model:
         stop_ids = set(decoder.config.eos_token_ids)
         stop_ids.update(i for i in map(tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None)
         self.stop_token_ids = frozenset(stop_ids)
-        self._generator = Generator(decoder, tokenizer, self.stop_token_ids)
+        self._compute = threading.Lock()  # one forward at a time on this decoder, whichever engine asks
 
     @property
     def device(self) -> torch.device:
@@ -130,54 +144,169 @@ class Model:
     def dtype(self) -> torch.dtype:
         return self.decoder.dtype
 
+    @cached_property
+    def token_texts(self) -> list[str | bytes | None]:
+        """Every token's text for the JSON constraint, built on the first request that needs it."""
+        return token_texts(self.tokenizer.token_bytes, self.tokenizer.control_ids)
+
+    # ---- engines ------------------------------------------------------------------------------------------
+    def runner(self, num_blocks: int) -> ModelRunner:
+        """A model runner over a KV cache of `num_blocks` blocks (touched only as they are used)."""
+        return ModelRunner(self.decoder, num_blocks, lock=self._compute)
+
+    def serving_engine(self, *, kv_cache_gb: float | None = None, num_blocks: int | None = None, max_seqs: int = 32,
+                       prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> ServingEngine:
+        """The engine `qwen serve` runs. Its KV cache takes `kv_cache_gb` (or `num_blocks` blocks), by default what
+        `max_seqs` sequences of the full context need, at most 30% of the memory available now."""
+        if num_blocks is None:
+            per_block = block_bytes(self.config, self.dtype)
+            full = max_seqs * -(-self.config.context_length // BLOCK_SIZE) * per_block
+            budget = kv_cache_gb * 2**30 if kv_cache_gb is not None else min(DEFAULT_KV_SHARE * available_memory(), full)
+            num_blocks = int(budget // per_block)
+        return ServingEngine(self.runner(num_blocks), self.tokenizer, self.stop_token_ids, max_seqs=max_seqs,
+                             prefill_tokens=prefill_tokens)
+
+    def _engine_for(self, request: Request) -> ServingEngine:
+        """An engine with blocks for this request's sequences at their longest and nothing more."""
+        tokens = len(request.prompt_ids) + request.params.max_tokens + 1
+        blocks = request.n * -(-tokens // BLOCK_SIZE) + 1
+        return ServingEngine(self.runner(blocks), self.tokenizer, self.stop_token_ids, max_seqs=request.n)
+
+    # ---- scoring ------------------------------------------------------------------------------------------
     def logits(self, ids: list[int]) -> torch.Tensor:
         """Float32 logits [len(ids), V] from one full forward pass without a cache."""
         if not ids:
             raise QwenError("logits() needs at least one token id")
-        with torch.inference_mode():
+        with self._compute, torch.inference_mode():
             return self.decoder(torch.tensor([ids], device=self.device))[0].to(torch.float32)
 
     def stepwise_logits(self, ids: list[int], prefill: int) -> torch.Tensor:
-        """Float32 logits [len(ids), V] computed the way generation computes them: one prefill of the first `prefill`
-        ids, then one decoding step per later id through the KV cache (the fused decode path where it applies).
+        """Float32 logits [len(ids), V] computed the way generation computes them: the first `prefill` ids as a
+        prompt, then one decoding step per later id (the fused decode path where it applies), on the engine.
         Rows before prefill − 1 are not computed (zeros)."""
         if not 0 < prefill <= len(ids):
             raise QwenError(f"stepwise_logits needs 0 < prefill ≤ {len(ids)} (got {prefill})")
-        cache = StaticKVCache(self.config, len(ids), self.dtype, self.device)
+        params = SamplingParams(max_tokens=len(ids) - prefill + 1, temperature=0.0, repetition_penalty=1.0,
+                                ignore_eos=True)
+        request = Request("stepwise", ids[:prefill], params, forced=ids[prefill:], keep_logits=True)
         out = torch.zeros(len(ids), self.config.vocab_size)
-        with torch.inference_mode():
-            out[prefill - 1] = self.decoder(torch.tensor([ids[:prefill]], device=self.device), cache=cache, last_only=True)[0, -1]
-            for position in range(prefill, len(ids)):
-                token = torch.tensor([[ids[position]]], device=self.device)
-                out[position] = self.decoder(token, start=position, cache=cache, last_only=True)[0, -1]
+        events = self._engine_for(request).run([request])["stepwise"][0]
+        for position, event in enumerate(events, start=prefill - 1):
+            out[position] = event.logits
         return out
 
-    def chat_prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> list[int]:
-        """Token ids of a conversation in the checkpoint's chat format, ready for the assistant's reply."""
-        return self.chat_template.prompt_ids(messages, self.tokenizer, tools)
+    # ---- generation ---------------------------------------------------------------------------------------
+    def chat_prompt(self, messages: list[Message], tools: list[dict[str, Any]] | None = None) -> Prompt:
+        """A conversation in the checkpoint's chat format, ready for the assistant's reply (contents are text or
+        lists of content parts)."""
+        return self.chat_template.prompt(messages, self.tokenizer, tools)
 
-    def stream_deltas(self, prompt: str | list[int], result: GenerationResult | None = None, **sampling: Any) -> Iterator[Delta]:
-        """Token-by-token deltas; pass a `GenerationResult` to collect ids, counts, finish reason and timings."""
+    def request(self, prompt: str | list[int] | Prompt, *, special: bool = True, n: int = 1,
+                logprobs: bool | int | None = None, top_logprobs: int | None = None,
+                logit_bias: dict[int, float] | None = None, response_format: dict[str, Any] | None = None,
+                **sampling: Any) -> Request:
+        """The engine request for a prompt and options. A raw string prompt is encoded with its control tokens
+        (`<|im_start|>` …) parsed, as transformers, vLLM and llama.cpp do; `special=False` keeps every character as
+        text. A `max_tokens` not given is what the context leaves, at most the default's."""
+        if isinstance(prompt, str):
+            prompt = Prompt(self.tokenizer.encode(prompt, special=special))
+        elif not isinstance(prompt, Prompt):
+            prompt = Prompt(list(prompt))
+        if sampling.get("max_tokens") is None:
+            room = self.config.context_length - len(prompt)
+            sampling["max_tokens"] = max(1, min(self.defaults.max_tokens, room))
         params = self.defaults.updated(**sampling)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not isinstance(n, int) or n < 1:
+            raise QwenError(f"n must be an integer ≥ 1 (got {n!r})")
+        top = top_logprobs if top_logprobs is not None else (logprobs if type(logprobs) is int else 0)
+        if not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise QwenError(f"top_logprobs must be an integer in 0…{MAX_TOP_LOGPROBS} (got {top!r})")
+        if logit_bias is not None and any(not 0 <= int(token) < self.config.vocab_size for token in logit_bias):
+            raise QwenError(f"logit_bias keys must be token ids in [0, {self.config.vocab_size})")
+        constraint = None
+        if response_format is not None:
+            kind = response_format.get("type") if isinstance(response_format, dict) else None
+            if kind == "json_object":
+                constraint = partial(JsonObjectConstraint, self.token_texts)
+            elif kind != "text":
+                raise QwenError(f"response_format must be {{'type': 'json_object'}} or {{'type': 'text'}} (got {response_format!r})")
+        bias = None if logit_bias is None else {int(token): float(value) for token, value in logit_bias.items()}
+        wants_logprobs = logprobs not in (None, False) or top_logprobs is not None
+        return Request(f"call-{next(_calls)}", prompt, params, n=n, logprobs=top if wants_logprobs else None,
+                       constraint=constraint, logit_bias=bias)
+
+    def stream_deltas(self, prompt: str | list[int] | Prompt, result: GenerationResult | None = None,
+                      **options: Any) -> Iterator[Delta]:
+        """Token-by-token deltas of choice 0 (with n > 1 the others are collected in `result` as they come); pass a
+        `GenerationResult` to collect ids, counts, finish reasons, logprobs and timings. Options: those of
+        `request`."""
+        called = time.perf_counter()
+        request = self.request(prompt, **options)
+        engine = self._engine_for(request)
+        engine.add(request)  # checks it first: a bad request fails here, before the first delta
         result = GenerationResult() if result is None else result
-        result.prompt_tokens = len(ids)
-        return self._generator.stream(ids, params, result)
+        return self._deltas(engine, request, result, called)
 
-    def stream(self, prompt: str | list[int], **sampling: Any) -> Iterator[str]:
-        """Text pieces as they are generated."""
-        return (delta.text for delta in self.stream_deltas(prompt, **sampling) if delta.text)
+    def _deltas(self, engine: ServingEngine, request: Request, result: GenerationResult, called: float) -> Iterator[Delta]:
+        result.prompt_tokens = len(request.prompt_ids)
+        result.choices = [Completion(logprobs=None if request.logprobs is None else []) for _ in range(request.n)]
+        timings, first_at = result.timings, None
+        started = time.perf_counter()
+        try:
+            while engine.has_work():
+                for event in engine.step():
+                    choice = result.choices[event.index]
+                    if event.token_id is not None:
+                        choice.token_ids.append(event.token_id)
+                        if event.logprob is not None:
+                            choice.logprobs.append(event.logprob)
+                        now = time.perf_counter()
+                        if first_at is None:
+                            first_at = now
+                            timings.ttft_s, timings.prefill_s = now - called, now - started
+                        elif event.index == 0:
+                            timings.decode_s, timings.decode_tokens = now - first_at, len(choice.token_ids) - 1
+                    choice.text += event.text
+                    if event.finish_reason is not None:
+                        choice.finish_reason = event.finish_reason
+                    if event.index == 0 and (event.text or event.token_id is not None):
+                        yield Delta(-1 if event.token_id is None else event.token_id, event.text)
+        finally:  # a consumer that stops early frees the engine's sequences
+            engine.abort(request.request_id)
 
-    def generate(self, prompt: str | list[int], **sampling: Any) -> GenerationResult:
-        """Complete a raw prompt (no chat template)."""
+    def stream(self, prompt: str | list[int] | Prompt, **options: Any) -> Iterator[str]:
+        """Text pieces as they are generated (of one choice: n > 1 is for `generate`)."""
+        if options.get("n", 1) != 1:
+            raise QwenError("stream() yields one choice; use generate(…, n=…) for several")
+        return (delta.text for delta in self.stream_deltas(prompt, **options) if delta.text)
+
+    def generate(self, prompt: str | list[int] | Prompt, **options: Any) -> GenerationResult:
+        """Complete a prompt (no chat template). Options: sampling (`max_tokens`, `temperature`, `top_p`, …, `seed`,
+        `stop`), `n`, `logprobs`/`top_logprobs`, `logit_bias`, `response_format={"type": "json_object"}` and
+        `special`."""
         result = GenerationResult()
-        for _ in self.stream_deltas(prompt, result, **sampling):
+        for _ in self.stream_deltas(prompt, result, **options):
             pass
         return result
 
-    def chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None, **sampling: Any) -> GenerationResult:
+    def chat(self, messages: list[Message], tools: list[dict[str, Any]] | None = None, **options: Any) -> GenerationResult:
         """The assistant's reply to a conversation, through the checkpoint's chat template."""
-        return self.generate(self.chat_prompt(messages, tools), **sampling)
+        return self.generate(self.chat_prompt(messages, tools), **options)
+
+
+_calls = itertools.count()
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
 
 
 def load(

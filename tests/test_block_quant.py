@@ -11,7 +11,6 @@ from gguf import quants as gguf_quants
 
 import qwen_engine
 import qwen_engine.model.quantized as quantized
-from qwen_engine.engine.kv_cache import StaticKVCache
 from qwen_engine.kernels import cpu_flags, cpu_kernels
 from qwen_engine.model.quantized import BlockLinear, pack_blocks, quant_plan, quantize_blocks, unpack_blocks
 from qwen_engine.weights.quants import BlockCodes, block_codes
@@ -207,15 +206,8 @@ def tiny_blocks_gguf(tiny_gguf_factory):
 
 
 def decode_logits(model, prompt: list[int], steps: list[int]) -> torch.Tensor:
-    """Logits of each decoding step after `prompt`, through the model's own forward (fused where it applies)."""
-    decoder = model.decoder
-    cache = StaticKVCache(decoder.config, len(prompt) + len(steps), decoder.dtype, decoder.device)
-    out = []
-    with torch.inference_mode():
-        decoder(torch.tensor([prompt]), cache=cache, last_only=True)
-        for i, token in enumerate(steps):
-            out.append(decoder(torch.tensor([[token]]), cache=cache, start=len(prompt) + i, last_only=True)[0, -1])
-    return torch.stack(out).float()
+    """Logits of each decoding step after `prompt`, through the model's own engine (fused where it applies)."""
+    return model.stepwise_logits(prompt + steps, len(prompt))[len(prompt) :]
 
 
 @needs_kernels
@@ -233,7 +225,7 @@ def test_tiny_gguf_keeps_its_blocks_and_decodes_fused(tiny_blocks_gguf) -> None:
     fused = decode_logits(model, ids, steps)
     # Activations off the CPU (a decoder moved after loading) are declined: the step holds host addresses.
     off_cpu = torch.zeros(1, 1, model.config.hidden_size, dtype=torch.bfloat16, device="meta")
-    assert model.decoder.fused_decode(off_cpu, None, None, 0) is None
+    assert model.decoder.fused_decode(off_cpu, None, None) is None
     model.decoder.fused_decode = None
     unfused = decode_logits(model, ids, steps)
     assert relative_error(fused, unfused) <= 0.02

@@ -1,4 +1,4 @@
-"""Sampling (qwen_engine.engine.sampling), stop strings (engine.generate.StopStringFilter) on small fake logits,
+"""Sampling (qwen_engine.engine.sampling), stop strings (engine.text.StopStringFilter) on small fake logits,
 and a few short end-to-end generations on the default model (qwen-family.md §8.4 for the defaults)."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from qwen_engine.engine.generate import GenerationResult, StopStringFilter
-from qwen_engine.engine.sampling import Sampler, SamplingParams
+from qwen_engine.engine.text import StopStringFilter
+from qwen_engine.results import GenerationResult
+from qwen_engine.engine.sampling import Sampler
+from qwen_engine.sampling_params import SamplingParams
 from qwen_engine.errors import QwenError
 
 CPU = torch.device("cpu")

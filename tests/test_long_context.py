@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import qwen_engine
 from qwen_engine.config import ModelConfig, RopeScaling
-from qwen_engine.engine.kv_cache import StaticKVCache
+from qwen_engine.engine.paged import BLOCK_SIZE, PagedBatch, PagedKVCache
 from qwen_engine.model.decoder import QwenDecoder
 from qwen_engine.model.rope import (
     inverse_frequencies,
@@ -67,12 +67,16 @@ def run(decoder: QwenDecoder, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
 
 
 def cached(decoder: QwenDecoder, tokens: torch.Tensor, chunks: list[int]) -> torch.Tensor:
-    """Logits from a prefill of chunks[0] tokens, further chunks through the cache, then one token at a time."""
-    cache = StaticKVCache(decoder.config, max_len=tokens.shape[1], dtype=torch.float32, device=torch.device("cpu"))
+    """Logits of every position from a prompt of chunks[0] tokens (which chooses the rotary frequencies), further
+    chunks through the engine's paged cache, then one token at a time."""
+    blocks = -(-tokens.shape[1] // BLOCK_SIZE)
+    cache = PagedKVCache(decoder.config, blocks, torch.float32, torch.device("cpu"))
+    choice = decoder.rotary.choose(chunks[0])
     outputs, start = [], 0
     with torch.inference_mode():
         for size in chunks + [1] * (tokens.shape[1] - sum(chunks)):
-            outputs.append(decoder(tokens[:, start : start + size], start=start, cache=cache)[0])
+            batch = PagedBatch(cache, [list(range(blocks))], [start], [size], [choice])
+            outputs.append(decoder(tokens[:, start : start + size], batch=batch)[0])
             start += size
     return torch.cat(outputs)
 
@@ -228,17 +232,17 @@ def test_dynamic_ntk_prefill_uses_the_enlarged_base() -> None:
     for length, alpha in ((17, 3), (32, 3), (33, 7), (40, 7)):
         base = theta * alpha ** (d / (d - 2))
         logits = run(decoder, tokens[:, :length])
-        assert decoder.rotary.choice == (alpha, False)
-        torch.testing.assert_close(decoder.rotary.frequencies(decoder.rotary.choice)[0],
+        assert decoder.rotary.choose(length) == (alpha, False)
+        torch.testing.assert_close(decoder.rotary.frequencies(decoder.rotary.choose(length))[0],
                                    1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         # The same as a model whose θ is base' — and as the float64 reference with base'.
         torch.testing.assert_close(logits, run(twin(decoder, use_dynamic_ntk=False, rope_theta=base), tokens[:, :length]),
                                    rtol=1e-5, atol=1e-5)
         assert_matches(logits, reference_logits(decoder, tokens[:, :length], base=base))
         assert not torch.allclose(logits[16:], run(plain, tokens[:, :length])[16:], atol=1e-3)
-    # A new short sequence goes back to α = 1 (the tables are rebuilt).
+    # A new short sequence is on α = 1 again: nothing of the long ones stays behind.
     torch.testing.assert_close(run(decoder, tokens[:, :10]), run(plain, tokens[:, :10]), rtol=0, atol=0)
-    assert decoder.rotary.choice == (1, False)
+    assert decoder.rotary.choose(10) == (1, False)
 
 
 def test_dynamic_ntk_keeps_the_prefill_alpha_while_decoding() -> None:
@@ -247,7 +251,6 @@ def test_dynamic_ntk_keeps_the_prefill_alpha_while_decoding() -> None:
     tokens = ids(40)
     # Prefill 20 tokens (α = 3), then decode to 40, where a fresh prefill would pick α = 7.
     stepped = cached(decoder, tokens, [20])
-    assert decoder.rotary.choice == (3, False)
     with_alpha3 = twin(decoder, use_dynamic_ntk=False, rope_theta=theta * 3 ** (d / (d - 2)))
     torch.testing.assert_close(stepped, run(with_alpha3, tokens), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(stepped[20:], run(decoder, tokens)[20:], atol=1e-3)  # α = 7 for the full forward

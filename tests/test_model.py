@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import qwen_engine
-from qwen_engine.engine.kv_cache import StaticKVCache
+from qwen_engine.engine.serving import Request, ServingEngine
 from qwen_engine.errors import QwenError
+from qwen_engine.sampling_params import SamplingParams
 
 IDS = [9707, 1879, 11, 419, 374, 264, 1273, 315, 279, 6233, 13, 1084, 5711, 1661, 2038, 30]
 
@@ -18,32 +19,21 @@ def tiny(tiny_gguf):
     return qwen_engine.load(tiny_gguf, dtype="float32", device="cpu")
 
 
-def test_chunked_prefill_and_decode_through_the_cache_equal_the_full_forward(tiny) -> None:
+def test_chunked_prefill_and_decode_through_the_paged_cache_equal_the_full_forward(tiny) -> None:
+    """Chunks of 4 (the last of them masked after earlier ones), then one decoding step per token, on the engine."""
     full = tiny.logits(IDS)
-    cache = StaticKVCache(tiny.config, max_len=32, dtype=torch.float32, device=torch.device("cpu"))
+    params = SamplingParams(max_tokens=len(IDS) - 11 + 1, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
+    request = Request("r", IDS[:11], params, forced=IDS[11:], keep_logits=True)
+    engine = ServingEngine(tiny.runner(8), tiny.tokenizer, tiny.stop_token_ids, prefill_tokens=4)
+    events = engine.run([request])["r"][0]
+    torch.testing.assert_close(torch.stack([event.logits for event in events]), full[10:], rtol=1e-5, atol=1e-5)
+
+
+def test_logits_at_computes_the_head_for_the_chosen_positions(tiny) -> None:
     with torch.inference_mode():
-        first = tiny.decoder(torch.tensor([IDS[:5]]), cache=cache)[0]
-        second = tiny.decoder(torch.tensor([IDS[5:11]]), start=5, cache=cache)[0]  # a chunk after a chunk: masked
-        steps = [tiny.decoder(torch.tensor([[t]]), start=11 + i, cache=cache)[0, 0] for i, t in enumerate(IDS[11:])]
-    stitched = torch.cat([first, second, torch.stack(steps)])
-    torch.testing.assert_close(stitched, full, rtol=1e-5, atol=1e-5)
-
-
-def test_last_only_computes_the_head_for_the_last_position(tiny) -> None:
-    with torch.inference_mode():
-        last = tiny.decoder(torch.tensor([IDS]), last_only=True)[0]
-    assert last.shape == (1, tiny.config.vocab_size)
-    torch.testing.assert_close(last[0], tiny.logits(IDS)[-1], rtol=1e-5, atol=1e-5)
-
-
-def test_last_only_prefill_still_caches_every_position(tiny) -> None:
-    """The last layer skips the positions whose outputs nobody reads, but their keys and values are cached."""
-    full = tiny.logits(IDS)
-    cache = StaticKVCache(tiny.config, max_len=32, dtype=torch.float32, device=torch.device("cpu"))
-    with torch.inference_mode():
-        last = tiny.decoder(torch.tensor([IDS[:10]]), cache=cache, last_only=True)[0, -1]
-        steps = [tiny.decoder(torch.tensor([[t]]), start=10 + i, cache=cache, last_only=True)[0, -1] for i, t in enumerate(IDS[10:])]
-    torch.testing.assert_close(torch.stack([last, *steps]), full[9:], rtol=1e-5, atol=1e-5)
+        picked = tiny.decoder(torch.tensor([IDS]), logits_at=torch.tensor([3, len(IDS) - 1]))[0]
+    assert picked.shape == (2, tiny.config.vocab_size)
+    torch.testing.assert_close(picked, tiny.logits(IDS)[[3, -1]], rtol=1e-5, atol=1e-5)
 
 
 def test_stepwise_logits_are_the_full_forward_logits(tiny) -> None:
@@ -75,10 +65,13 @@ def test_bfloat16_tracks_float32(tiny, tiny_gguf) -> None:
 
 
 def test_generation_stops_at_the_context_limit(tiny) -> None:
+    """A max_tokens not given is what the context leaves; one given that does not fit is refused, as the server does."""
     prompt = IDS * 3  # 48 of the 64 positions
-    result = tiny.generate(prompt, max_tokens=100, temperature=0, stop_token_ids=[], repetition_penalty=1.0)
-    assert result.finish_reason in {"length", "stop"}
-    assert len(prompt) + len(result.token_ids) <= tiny.config.context_length
+    result = tiny.generate(prompt, temperature=0, repetition_penalty=1.0, ignore_eos=True)
+    assert result.finish_reason == "length"
+    assert len(prompt) + len(result.token_ids) == tiny.config.context_length
+    with pytest.raises(QwenError, match="max_tokens"):
+        tiny.generate(prompt, max_tokens=100)
 
 
 def test_prompt_filling_the_context_is_refused(tiny) -> None:

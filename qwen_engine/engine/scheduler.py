@@ -3,57 +3,19 @@ chunked prefill).
 
 Every step admits waiting sequences while blocks and batch slots allow, gives prefills a budget of tokens (a
 long prompt goes in chunks, so it never stalls the running decodes for long) and lets every decoding sequence
-take one token. When a decoding sequence needs a block and none is free, the most recently admitted sequence is
-preempted: its blocks go back, and it waits at the front of the queue to recompute what it had (its output so
-far is kept).
-"""
+take one token. A prompt's chunks end at multiples of the prefill size counted from its first token, whatever
+else runs beside it: chunk boundaries, and so the roundings of a sequence's arithmetic, never depend on the crowd,
+and a sequence's output is the same alone or among others. When a decoding sequence needs a block and none is
+free, the most recently admitted sequence is preempted: its blocks go back, and it waits at the front of the queue
+to recompute what it had (its output so far, and its media items' encoder outputs, are kept)."""
 
 from __future__ import annotations
 
-import enum
-import itertools
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from .paged import ROOT, BlockAllocator
-from .sampling import Sampler, SamplingParams
-
-
-class Status(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    FINISHED = "finished"
-
-
-_ids = itertools.count()
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One generated continuation: prompt and output tokens, where its KV lives and how far it is computed."""
-
-    prompt_ids: list[int]
-    params: SamplingParams
-    sampler: Sampler
-    request_id: str = ""
-    index: int = 0  # which of a request's n choices
-    output_ids: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    block_table: list[int] = field(default_factory=list)
-    computed: int = 0  # tokens whose keys and values are in the cache
-    registered: int = 0  # full blocks recorded for prefix reuse
-    chain: bytes = ROOT  # prefix digest after the registered blocks
-    finish_reason: str | None = None
-    state: Any = None  # what the engine keeps per sequence (detokenizer, stop filter, logprobs, constraint)
-    seq_id: int = field(default_factory=lambda: next(_ids))
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+from .paged import BlockAllocator
+from .sequence import ROOT, Sequence, Status
 
 
 @dataclass(slots=True)
@@ -70,10 +32,18 @@ class Scheduler:
         self.allocator = allocator
         self.max_seqs, self.prefill_tokens = max_seqs, prefill_tokens
         self.waiting: deque[Sequence] = deque()
+        self.prefix_hit_tokens = 0  # tokens whose keys and values came from the prefix cache, since the start
         self.running: list[Sequence] = []  # in admission order
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+
+    def stats(self) -> dict[str, int]:
+        """Queue and cache occupancy, for metrics."""
+        free, total = self.allocator.num_free, self.allocator.num_blocks
+        return {"waiting": len(self.waiting), "running": len(self.running), "kv_blocks_free": free,
+                "kv_blocks_used": total - free, "kv_blocks_total": total,
+                "capacity_tokens": total * self.allocator.block_size, "prefix_hit_tokens": self.prefix_hit_tokens}
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -96,16 +66,19 @@ class Scheduler:
         budget, prefills = self.prefill_tokens, []
         for seq in self.running:
             pending = len(seq) - seq.computed
-            if pending > 1 and budget > 0:
-                chunk = min(pending, budget)
+            if pending > 1:
+                chunk = min(pending, self.prefill_tokens - seq.computed % self.prefill_tokens)
+                if chunk > budget:  # whole chunks only; a later step takes it
+                    continue
                 prefills.append((seq, chunk))
                 budget -= chunk
         return Step(prefills, decodes, preempted)
 
     def _admit(self) -> None:
+        size = self.allocator.block_size
         while self.waiting and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            cached, chain = self.allocator.cached_prefix(seq.tokens)
+            cached, chain = self.allocator.cached_prefix(seq.tokens, lambda block: seq.block_salt(block, size))
             fresh = -(-(len(seq) + 1) // self.allocator.block_size) - len(cached)  # room for the first new token too
             newly_free = sum(1 for block in cached if self.allocator.ref_counts[block] == 0)
             if self.allocator.num_free - newly_free < fresh:
@@ -114,8 +87,8 @@ class Scheduler:
             for block in cached:
                 self.allocator.take(block)
             seq.block_table = cached + [self.allocator.allocate() for _ in range(fresh)]
-            size = self.allocator.block_size
             seq.registered, seq.computed, seq.chain = len(cached), len(cached) * size, chain
+            self.prefix_hit_tokens += seq.computed
             seq.status = Status.RUNNING
             self.running.append(seq)
 
@@ -134,7 +107,8 @@ class Scheduler:
         tokens = seq.tokens
         while (seq.registered + 1) * size <= seq.computed:
             block = seq.block_table[seq.registered]
-            seq.chain = self.allocator.register(block, seq.chain, tokens[seq.registered * size : (seq.registered + 1) * size])
+            seq.chain = self.allocator.register(block, seq.chain, tokens[seq.registered * size : (seq.registered + 1) * size],
+                                                seq.block_salt(seq.registered, size))
             seq.registered += 1
 
     def preempt(self, seq: Sequence) -> None:

@@ -1,11 +1,12 @@
-"""The serving engine: many sequences at once over a paged KV cache (nano-vllm's LLMEngine).
+"""The engine (nano-vllm's LLMEngine): every request, from the library, the CLI or the server, runs here.
 
-`step()` = schedule → run → postprocess. The step's prompt chunks run together in one forward and all decoding
-sequences together in another (the fused native step where the model has one); every operation treats tokens
-(rows) independently and attention runs per sequence, so a sequence's tokens come out the same whether it ran alone
-or beside others. `run_forever()` (or `start()`, on a background thread) runs steps for the HTTP server; `add` and
-`abort` may then be called from any thread, and results come back through each request's callback, on the
-engine's thread.
+`step()` = schedule → run → postprocess. The scheduler picks the step's prompt chunks and decoding sequences; the
+model runner computes them (the chunks together in one forward, all decoding sequences in another: the fused
+native step where the model has one); postprocessing samples, detokenizes and decides which sequences end. Every
+operation treats tokens (rows) independently, attention runs per sequence and chunk boundaries depend on the
+sequence alone, so a sequence's tokens come out the same whether it ran alone or beside others. `run_forever()`
+(or `start()`, on a background thread) runs steps for the HTTP server; `add` and `abort` may then be called from
+any thread, and results come back through each request's callback, on the engine's thread.
 """
 
 from __future__ import annotations
@@ -20,22 +21,18 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import QwenError
-from ..llm import Model
-from ..tokenizer import IncrementalDecoder
-from .generate import StopStringFilter
-from .paged import BlockAllocator, PagedBatch, PagedKVCache, block_bytes
-from .sampling import Sampler, SamplingParams
-from .scheduler import Scheduler, Sequence, Status, Step
+from ..prompt import Prompt
+from ..results import TokenLogprob
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDecoder, Tokenizer
+from .paged import BlockAllocator
+from .runner import ModelRunner
+from .scheduler import Scheduler, Step
+from .sequence import Sequence, Status
+from .text import StopStringFilter
 
 log = logging.getLogger("qwen_engine.serving")
-DEFAULT_KV_SHARE = 0.3  # of the memory available at start, when no KV budget is given
-
-
-@dataclass(slots=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the most likely tokens at this step and their log-probabilities
+DEFAULT_PREFILL_TOKENS = 512  # prompt tokens a step computes, and the size of a prompt's chunks
 
 
 @dataclass(slots=True)
@@ -51,19 +48,30 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # with finish_reason "error": what failed (the engine, not the request)
+    logits: torch.Tensor | None = None  # float32 [V] that the token was picked from (with Request.keep_logits)
 
 
 @dataclass
 class Request:
     request_id: str
-    prompt_ids: list[int]
+    prompt: Prompt | list[int]  # token ids alone are a text prompt
     params: SamplingParams
     n: int = 1
     logprobs: int | None = None  # how many alternatives to report per token (0: the chosen token only)
     constraint: Callable[[], object] | None = None  # makes a per-sequence token filter (engine/constrained.py)
     logit_bias: dict[int, float] | None = None  # added to the logits before sampling (OpenAI's logit_bias)
+    forced: list[int] | None = None  # outputs taken instead of sampled, as far as they go (scoring a given text)
+    keep_logits: bool = False  # every event carries the logits its token came from
     on_event: Callable[[Event], None] | None = None
     arrived: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, Prompt):
+            self.prompt = Prompt(list(self.prompt))
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt.token_ids
 
 
 @dataclass
@@ -71,27 +79,23 @@ class _SequenceState:
     request: Request
     decoder: IncrementalDecoder
     stops: StopStringFilter
-    constraint: object | None
     stop_ids: frozenset[int]  # tokens that end the output
-    bias: tuple[torch.Tensor, torch.Tensor] | None  # the request's logit_bias as (token ids, values)
 
 
 class ServingEngine:
-    def __init__(self, model: Model, *, kv_cache_gb: float | None = None, num_blocks: int | None = None,
-                 max_seqs: int = 32, prefill_tokens: int = 256) -> None:
-        self.model = model
-        self.decoder = model.decoder
-        per_block = block_bytes(model.config, model.dtype)
-        if num_blocks is None:
-            budget = kv_cache_gb * 2**30 if kv_cache_gb is not None else DEFAULT_KV_SHARE * _available_memory()
-            num_blocks = int(budget // per_block)
-        if num_blocks < 2:
-            raise QwenError(f"the KV cache budget holds {num_blocks} blocks of {per_block / 2**20:.1f} MiB; give "
-                            "--kv-cache-gb enough for at least a few sequences")
-        self.allocator = BlockAllocator(num_blocks)
-        self.cache = PagedKVCache(model.config, num_blocks, model.dtype, model.device)
-        self.scheduler = Scheduler(self.allocator, max_seqs=max_seqs, prefill_tokens=prefill_tokens)
-        self.stop_token_ids = model.stop_token_ids
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, stop_token_ids: frozenset[int], *,
+                 max_seqs: int = 32, prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> None:
+        if runner.num_blocks < 2:
+            raise QwenError(f"the KV cache holds {runner.num_blocks} blocks; give it enough for at least a few "
+                            "sequences (--kv-cache-gb)")
+        if prefill_tokens < 1 or max_seqs < 1:
+            raise QwenError(f"prefill tokens and sequences per step must be ≥ 1 (got {prefill_tokens}, {max_seqs})")
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.stop_token_ids = stop_token_ids
+        self.context_length = runner.config.context_length
+        self._allocator = BlockAllocator(runner.num_blocks)
+        self._scheduler = Scheduler(self._allocator, max_seqs=max_seqs, prefill_tokens=prefill_tokens)
         self._by_request: dict[str, list[Sequence]] = {}
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -101,36 +105,43 @@ class ServingEngine:
         self.on_step: Callable[[Step, float], None] | None = None  # metrics hook: the step and its seconds
 
     @property
+    def max_seqs(self) -> int:
+        return self._scheduler.max_seqs
+
+    @property
     def capacity_tokens(self) -> int:
-        return self.allocator.num_blocks * self.allocator.block_size
+        return self._allocator.num_blocks * self._allocator.block_size
 
     @property
     def longest_sequence(self) -> int:
         """The most tokens (prompt plus output) a request may ask for: what `check` accepts."""
-        fixed = self.decoder.rotary.fixed_frequencies_up_to
-        limits = (self.model.config.context_length, self.capacity_tokens - self.allocator.block_size, fixed)
-        return min(limit for limit in limits if limit is not None)
+        return min(self.context_length, self.capacity_tokens - self._allocator.block_size)
+
+    def stats(self) -> dict[str, int]:
+        """Sequences waiting and running, KV blocks free, used and in all, and the tokens the cache holds."""
+        return self._scheduler.stats()
 
     # ---- requests -------------------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        """Queue a request (any thread). Raises QwenError when it can never fit."""
+        """Queue a request (any thread). Raises QwenError when it can never run."""
         self.check(request)
         self._send("add", request)
 
     def check(self, request: Request) -> None:
-        """Raise QwenError when the request can never run here (too long for the context or the KV cache)."""
-        needed = len(request.prompt_ids) + request.params.max_tokens
-        if not request.prompt_ids:
-            raise QwenError("the prompt is empty")
-        if needed > self.model.config.context_length:
-            raise QwenError(f"the prompt ({len(request.prompt_ids)} tokens) plus max_tokens "
-                            f"({request.params.max_tokens}) exceed the model's context of {self.model.config.context_length}")
-        if needed + self.allocator.block_size > self.capacity_tokens:
-            raise QwenError(f"the prompt plus max_tokens ({needed}) exceed the KV cache ({self.capacity_tokens} tokens)")
-        fixed = self.decoder.rotary.fixed_frequencies_up_to
-        if fixed is not None and needed > fixed:
-            raise QwenError(f"this model changes its rotary frequencies past {fixed} tokens (dynamic NTK or YaRN for long "
-                            f"prompts), which batched serving does not do yet; keep prompt plus max_tokens within {fixed}")
+        """Raise QwenError when the request can never run here (no prompt, ids outside the vocabulary, too long for
+        the context or the KV cache)."""
+        ids, vocab = request.prompt_ids, self.runner.config.vocab_size
+        if not ids:
+            raise QwenError("the prompt is empty; give at least one token of text")
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise QwenError(f"prompt token ids must lie in [0, {vocab})")
+        needed = len(ids) + request.params.max_tokens
+        if needed > self.context_length:
+            raise QwenError(f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) exceed the "
+                            f"model's context of {self.context_length}; shorten the prompt or lower max_tokens")
+        if needed + self._allocator.block_size > self.capacity_tokens:
+            raise QwenError(f"the prompt plus max_tokens ({needed}) exceed the KV cache ({self.capacity_tokens} "
+                            "tokens); lower max_tokens or give the cache more memory (--kv-cache-gb)")
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks (any thread)."""
@@ -145,35 +156,35 @@ class ServingEngine:
             self._wake.set()
 
     def _enqueue(self, request: Request) -> None:
-        sequences = []
         bias = None
         if request.logit_bias:
             bias = torch.tensor(list(request.logit_bias)), torch.tensor(list(request.logit_bias.values()))
+        runner, rotary = self.runner, self.runner.rotary_choice(request.prompt)
+        sequences = []
         for index in range(request.n):
             params = request.params
             if params.seed is not None and index:
                 params = params.updated(seed=params.seed + index)
-            sampler = Sampler(params, request.prompt_ids, self.model.config.vocab_size, self.model.device)
-            seq = Sequence(list(request.prompt_ids), params, sampler, request.request_id, index)
-            seq.state = _SequenceState(request, IncrementalDecoder(self.model.tokenizer), StopStringFilter(params.stop),
-                                       request.constraint() if request.constraint else None,
-                                       params.stop_ids(self.stop_token_ids), bias)
+            seq = Sequence(request.prompt, params, runner.sampler(params, request.prompt), rotary, request.request_id,
+                           index, bias, request.constraint() if request.constraint else None, request.forced)
+            seq.state = _SequenceState(request, IncrementalDecoder(self.tokenizer), StopStringFilter(params.stop),
+                                       params.stop_ids(self.stop_token_ids))
             sequences.append(seq)
-            self.scheduler.add(seq)
+            self._scheduler.add(seq)
         self._by_request[request.request_id] = sequences
 
     def _abort(self, request_id: str) -> None:
         for seq in self._by_request.pop(request_id, []):
             if seq.status is not Status.FINISHED:
-                self.scheduler.abort(seq)
+                self._scheduler.abort(seq)
 
     # ---- stepping -------------------------------------------------------------------------------------------
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self._scheduler.has_work()
 
     def step(self) -> list[Event]:
         started = time.perf_counter()
-        step = self.scheduler.schedule()
+        step = self._scheduler.schedule()
         events: list[tuple[Sequence, Event]] = []
         try:
             self._run(step, events)
@@ -188,46 +199,26 @@ class ServingEngine:
         return [event for _, event in events]
 
     def _run(self, step: Step, events: list[tuple[Sequence, Event]]) -> None:
-        with torch.inference_mode():
-            if step.prefills:  # every prompt chunk of this step in one forward
-                seqs, counts = [seq for seq, _ in step.prefills], [count for _, count in step.prefills]
-                completes = [seq.computed + count == len(seq) for seq, count in step.prefills]
-                logits = iter(self._forward(seqs, counts, completes))
-                for seq, count, done in zip(seqs, counts, completes):
-                    self.scheduler.computed(seq, count)
-                    if done:
-                        events.append((seq, self._append(seq, next(logits))))
-            if step.decodes:
-                logits = self._forward(step.decodes, [1] * len(step.decodes), [True] * len(step.decodes))
-                for seq, row in zip(step.decodes, logits):
-                    self.scheduler.computed(seq, 1)
-                    events.append((seq, self._append(seq, row)))
-
-    def _forward(self, seqs: list[Sequence], counts: list[int], wanted: list[bool]) -> torch.Tensor:
-        """Run `counts[i]` tokens of each sequence in one forward; float32 logits at the last token of each sequence
-        whose `wanted` is set, in order."""
-        tokens = [t for seq, count in zip(seqs, counts) for t in seq.tokens[seq.computed : seq.computed + count]]
-        batch = PagedBatch(self.cache, [seq.block_table for seq in seqs], [seq.computed for seq in seqs], counts)
-        device = self.model.device
-        last = (torch.tensor(counts).cumsum(0) - 1)[torch.tensor(wanted)]
-        out = self.decoder(torch.tensor([tokens], device=device), cache=batch, positions=batch.positions().to(device),
-                           logits_at=last.to(device))
-        return out[0].to(torch.float32)
+        if step.prefills:  # every prompt chunk of this step in one forward
+            seqs, counts = [seq for seq, _ in step.prefills], [count for _, count in step.prefills]
+            completes = [seq.computed + count == len(seq) for seq, count in step.prefills]
+            logits = iter(self.runner.run(seqs, counts, completes))
+            for seq, count, done in zip(seqs, counts, completes):
+                self._scheduler.computed(seq, count)
+                if done:
+                    events.append((seq, self._append(seq, next(logits))))
+        if step.decodes:
+            logits = self.runner.run(step.decodes, [1] * len(step.decodes), [True] * len(step.decodes))
+            for seq, row in zip(step.decodes, logits):
+                self._scheduler.computed(seq, 1)
+                events.append((seq, self._append(seq, row)))
 
     def _append(self, seq: Sequence, logits: torch.Tensor) -> Event:
         """Sample the next token from `logits`, record it and decide whether the sequence ends."""
         state: _SequenceState = seq.state
         request = state.request
-        steered = logits
-        if state.bias is not None:
-            steered = logits.clone()
-            steered[state.bias[0]] += state.bias[1]
-        if state.constraint is not None:
-            steered = steered.masked_fill(~state.constraint.allowed(steered), float("-inf"))
-        token = seq.sampler(steered)
+        token = self.runner.sample(seq, logits)
         seq.output_ids.append(token)
-        if state.constraint is not None:
-            state.constraint.advance(token)
         logprob = None
         if request.logprobs is not None:
             logprobs = torch.log_softmax(logits, dim=-1)
@@ -239,16 +230,17 @@ class ServingEngine:
             reason = "stop"
         else:
             text, hit = state.stops.push(state.decoder.push(token))
-            if hit or (state.constraint is not None and state.constraint.done):  # a JSON object ends the output
+            if hit or (seq.constraint is not None and seq.constraint.done):  # a JSON object ends the output
                 reason = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.model.config.context_length:
+            elif len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.context_length:
                 reason = "length"
         if reason is not None and not hit:  # the end: release what was held back in case it began a stop string
             tail, _ = state.stops.close(state.decoder.flush())
             text += tail
         if reason is not None:
-            self.scheduler.finish(seq, reason)
-        return Event(seq.request_id, seq.index, token, text, logprob, reason, len(seq.prompt_ids), len(seq.output_ids))
+            self._scheduler.finish(seq, reason)
+        return Event(seq.request_id, seq.index, token, text, logprob, reason, len(seq.prompt_ids), len(seq.output_ids),
+                     logits=logits if request.keep_logits else None)
 
     def _forget_if_done(self, request_id: str) -> None:
         sequences = self._by_request.get(request_id, [])
@@ -309,7 +301,7 @@ class ServingEngine:
         for request_id, sequences in list(self._by_request.items()):
             for seq in sequences:
                 if seq.status is not Status.FINISHED:
-                    self.scheduler.abort(seq, "error")
+                    self._scheduler.abort(seq, "error")
                     callback = seq.state.request.on_event
                     if callback is not None:
                         callback(Event(request_id, seq.index, None, "", None, "error", len(seq.prompt_ids),
@@ -320,15 +312,3 @@ class ServingEngine:
     def alive(self) -> bool:
         """The loop runs (or none was started: the engine is driven by `step()` directly)."""
         return self._thread is None or (self._thread.is_alive() and not self._stopping)
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30

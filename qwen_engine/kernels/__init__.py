@@ -120,15 +120,14 @@ class CpuKernels:
 
     def decode_batch(self, layers: ctypes.Array, shape: DecodeShape, hidden: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, strides: tuple[int, int, int], positions: torch.Tensor,
-                     rope: tuple[torch.Tensor, ...], slots: torch.Tensor | None = None,
-                     slot_starts: torch.Tensor | None = None) -> None:
+                     rope: tuple[torch.Tensor, ...], slots: torch.Tensor, slot_starts: torch.Tensor) -> None:
         """One token of each of B sequences through every layer (decode_layer.c): hidden [B, H] bfloat16 in place;
         keys/values: layer 0's cache, written at each sequence's position; strides: (layer, token, kv head) in
         elements; positions [B] int64; rope: (cos, sin, q_cos, q_sin) rows [B, d]; slots/slot_starts: a paged cache's
         slot of every position of every sequence (concatenated, int64) and where each sequence's start."""
         status = self._lib.qe_decode_batch(
             layers, len(layers), ctypes.byref(shape), hidden.data_ptr(), hidden.shape[0], keys.data_ptr(),
-            values.data_ptr(), *strides, _address(slots), _address(slot_starts), positions.data_ptr(),
+            values.data_ptr(), *strides, slots.data_ptr(), slot_starts.data_ptr(), positions.data_ptr(),
             *(table.data_ptr() for table in rope),
         )
         if status:

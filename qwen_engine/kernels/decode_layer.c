@@ -20,15 +20,15 @@ typedef struct {
     float eps;
 } DecodeShape;
 
-/* Where a sequence keeps its keys and values: position t of kv head g is at base + slot(t)·token_stride +
- * g·head_stride, slot(t) = slots[t] (a paged cache's block slots) or t itself when slots is NULL (a dense cache). */
+/* Where a sequence keeps its keys and values: position t of kv head g is at base + slots[t]·token_stride +
+ * g·head_stride (slots: the paged cache's block slots of the sequence's positions). */
 typedef struct {
     const int64_t *slots;
     int64_t token_stride, head_stride;
 } KVLayout;
 
 static inline int64_t kv_offset(const KVLayout *kv, int64_t t, int64_t g) {
-    return (kv->slots ? kv->slots[t] : t) * kv->token_stride + g * kv->head_stride;
+    return kv->slots[t] * kv->token_stride + g * kv->head_stride;
 }
 
 #define TASK_HEADS 8 /* most query heads of one KV head attended together */
@@ -93,7 +93,7 @@ static void add_rows(uint16_t *hidden, const uint16_t *delta, int64_t n) {
 
 /* hidden [B][H] (bfloat16, updated in place): one token of each of B sequences (B ≤ MAX_ROWS) through `count`
  * layers, sequence b at position positions[b]. keys/values: layer 0's cache, the next layer `layer_stride` elements
- * on; token_stride/head_stride and slots (concatenated, sequence b's from slot_starts[b]; NULL for a dense cache)
+ * on; token_stride/head_stride and slots (concatenated, sequence b's from slot_starts[b])
  * say where each position lives (KVLayout). cos/sin/q_cos/q_sin: [B][d] rotary rows (q_* for queries; they differ
  * under LogN scaling). Each sequence's arithmetic is independent of the others in the batch. Returns 0, or −1 on bad
  * arguments. */
@@ -125,7 +125,7 @@ int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape 
         if ((status = qe_matrix_times(&layer->qkv, normed, B, qkv))) break;
         for (int64_t b = 0; b < B; b++) {
             uint16_t *q = qkv + b * qkv_size, *k = q + heads * d, *v = k + kv_heads * d;
-            KVLayout kv = {slots ? slots + slot_starts[b] : NULL, token_stride, head_stride};
+            KVLayout kv = {slots + slot_starts[b], token_stride, head_stride};
             for (int64_t h = 0; h < heads; h++) rotate_head(q + h * d, q_cos + b * d, q_sin + b * d, d);
             for (int64_t g = 0; g < kv_heads; g++) {
                 rotate_head(k + g * d, cos + b * d, sin + b * d, d);
@@ -137,7 +137,7 @@ int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape 
         for (int64_t task = 0; task < B * kv_heads * chunks; task++) {
             int64_t b = task / (kv_heads * chunks), g = task / chunks % kv_heads, h = g * group + task % chunks * per_task;
             int64_t pos = positions[b], n = group - (h - g * group) < per_task ? group - (h - g * group) : per_task;
-            KVLayout kv = {slots ? slots + slot_starts[b] : NULL, token_stride, head_stride};
+            KVLayout kv = {slots + slot_starts[b], token_stride, head_stride};
             int64_t first = layer->window > 0 && pos - layer->window + 1 > 0 ? pos - layer->window + 1 : 0;
             attend(qkv + b * qkv_size + h * d, n, layer_keys, layer_values, &kv, g, first, pos, d,
                    scores + (b * heads + h) * (longest + 1), longest + 1, attn + (b * heads + h) * d);

@@ -9,7 +9,7 @@ launch instead of three. Every projection is a plain `nn.Linear`, so quantizatio
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +19,15 @@ from ..config import ModelConfig
 from ..errors import QwenError
 from ..kernels import CpuKernels, cpu_kernels
 from ..weights.names import PACKED
-from .rope import RotaryEmbedding, RotaryTables, apply_rotary
+from .rope import RotaryChoice, RotaryEmbedding, RotaryTables, apply_rotary
 
 
-@runtime_checkable
 class SequenceBatch(Protocol):
-    """Several sequences' tokens side by side in one forward [1, T, …] (the serving engine's batches): each keeps its
-    own keys and values, and attention runs per sequence (implemented by engine/paged.py)."""
+    """Several sequences' tokens side by side in one forward [1, T, …] (the engine's batches): each keeps its own
+    keys and values, positions and rotary frequencies, and attention runs per sequence (engine/paged.py)."""
+
+    positions: torch.Tensor  # [T] each token's position in its sequence
+    rotary_segments: list[tuple[RotaryChoice, int]]  # each sequence's frequencies and how many of the tokens it has
 
     def each_sequence(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
@@ -48,14 +50,6 @@ class PagedLayout(NamedTuple):
     slots: torch.Tensor
     slot_starts: torch.Tensor
     positions: torch.Tensor
-
-
-class KVStore(Protocol):
-    """Where attention layers keep keys and values between calls (implemented by the engine's caches)."""
-
-    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store keys/values [B, n_kv, T, d] at positions start…start+T−1; return all keys/values up to start+T."""
-        ...
 
 
 def native_kernels(x: torch.Tensor) -> CpuKernels | None:
@@ -100,30 +94,24 @@ class Attention(nn.Module):
         windowed = config.sliding_window is not None and layer >= config.max_window_layers
         self.window: int | None = config.sliding_window if windowed else None
 
-    def forward(
-        self, x: torch.Tensor, rope: RotaryTables, cache: KVStore | None, start: int, last_only: bool = False
-    ) -> torch.Tensor:
-        """Attention output for every position, or with `last_only` for the last one only (keys and values are
-        still computed and cached for all)."""
-        batch, length, _ = x.shape
+    def forward(self, x: torch.Tensor, rope: RotaryTables, batch: SequenceBatch | None) -> torch.Tensor:
+        """Attention output for every position: of whole sequences from position 0 [B, T, H] without a batch, else of
+        the batch's tokens [1, T, H] over each one's cached keys and values (stored here first)."""
+        sequences, length, _ = x.shape
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = q.view(sequences, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(sequences, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(sequences, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         # Queries rotate with their own tables, which carry the LogN factor when it is on (see rope.py).
         if not self._rotate_native(qkv, rope):
             q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
-        if isinstance(cache, SequenceBatch):
+        if batch is None:
+            out = self._attend(q, k, v, 0)
+        else:
             out = torch.cat([self._attend(q[:, :, tokens], keys, values, first)
-                             for tokens, first, keys, values in cache.each_sequence(self.layer, k, v)], dim=2)
-            return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-        if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)
-        if last_only:
-            q, start, length = q[:, :, -1:], start + length - 1, 1
-        out = self._attend(q, k, v, start)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+                             for tokens, first, keys, values in batch.each_sequence(self.layer, k, v)], dim=2)
+        return self.o_proj(out.transpose(1, 2).reshape(sequences, length, -1))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Attention of queries at positions start… over the keys held (those up to the last query)."""
@@ -145,14 +133,13 @@ class Attention(nn.Module):
         self, k: torch.Tensor, v: torch.Tensor, start: int, length: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
         """Keys, values, mask and causal flag for queries at positions start…start+length−1: the query at position i
-        sees the keys at positions j ≤ i, and with a sliding window only those with i − w < j. Keys no query of this
-        call can see are sliced off first, so a decode step needs no mask at all; a prefill that starts at 0 and
-        stays within the window is plain causal attention."""
+        sees the keys at positions j ≤ i, and with a sliding window only those with i − w < j. `k` holds the keys of
+        positions 0…start+length−1. Keys no query of this call can see are sliced off first, so a decode step needs
+        no mask at all; a prefill that starts at 0 and stays within the window is plain causal attention."""
         end = start + length
-        offset = end - k.shape[2]  # position of the first key held (0 with a cache, `start` without)
-        first = offset if self.window is None else max(start - self.window + 1, offset)
-        if first > offset:
-            k, v = k[:, :, first - offset :], v[:, :, first - offset :]
+        first = 0 if self.window is None else max(start - self.window + 1, 0)
+        if first:
+            k, v = k[:, :, first:], v[:, :, first:]
         if length == 1:
             return k, v, None, False
         if k.shape[2] == length and (self.window is None or length <= self.window):
@@ -201,14 +188,19 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryTables, cache: KVStore | None, start: int,
-        last_only: bool = False,
+        self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryTables, batch: SequenceBatch | None,
+        keep: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the MLP output, the residual stream before it): their sum is the layer's output. With `last_only`
-        only the last position's (as llama.cpp's last layer skips the positions whose outputs nobody reads)."""
+        """(the MLP output, the residual stream before it): their sum is the layer's output. With `keep` only those
+        positions' (as llama.cpp's last layer skips the positions whose outputs nobody reads); keys and values are
+        still computed and cached for all."""
         normed, residual = self.input_layernorm(x, residual)
-        attention = self.self_attn(normed, rope, cache, start, last_only)
-        normed, residual = self.post_attention_layernorm(attention, residual[:, -1:] if last_only else residual)
+        attention = self.self_attn(normed, rope, batch)
+        if keep is not None:
+            attention, residual = attention[:, keep], residual[:, keep]
+            if not attention.shape[1]:
+                return attention, residual
+        normed, residual = self.post_attention_layernorm(attention, residual)
         return self.mlp(normed), residual
 
 
@@ -234,8 +226,9 @@ class QwenDecoder(nn.Module):
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
-        # Optional native path for one-token steps (model/fused.py): hidden after all layers, or None to decline.
-        self.fused_decode: Callable[[torch.Tensor, RotaryTables, KVStore | SequenceBatch, int], torch.Tensor | None] | None = None
+        # Optional native path for batches of one token per sequence (model/fused.py): the hidden state after all
+        # layers, or None to decline.
+        self.fused_decode: Callable[[torch.Tensor, RotaryTables, SequenceBatch], torch.Tensor | None] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -255,38 +248,35 @@ class QwenDecoder(nn.Module):
         token_ids: torch.Tensor | None = None,
         *,
         inputs_embeds: torch.Tensor | None = None,
-        start: int = 0,
-        cache: KVStore | SequenceBatch | None = None,
-        last_only: bool = False,
-        positions: torch.Tensor | None = None,
+        batch: SequenceBatch | None = None,
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, 1, V] with `last_only`) for tokens at positions start…start+T−1.
-
-        A batch of several sequences ([1, T] tokens and a `SequenceBatch` as cache) gives each token's `positions`
-        and `logits_at`, the indices of the tokens whose logits are wanted: [1, len(logits_at), V]."""
+        """Logits [B, T, V] of whole sequences at positions 0…T−1 (no cache); with a `batch`, of its tokens [1, T]
+        over the keys and values it holds. `logits_at` picks the positions whose logits are wanted (of dimension 1):
+        [B, len(logits_at), V], and the last layer's MLP runs for those positions only."""
         hidden = self.embed(token_ids) if inputs_embeds is None else inputs_embeds
         length = hidden.shape[1]
-        end = start + length if positions is None else int(positions.max()) + 1
+        end = length if batch is None else int(batch.positions.max()) + 1
         if end > self.config.context_length:
             raise QwenError(
                 f"sequence of {end} tokens exceeds the model's context of {self.config.context_length}; "
                 "shorten the prompt or lower max_tokens"
             )
-        rope = self.rotary(start, length, hidden.dtype) if positions is None else self.rotary.at(positions, hidden.dtype)
-        fused = None
-        if self.fused_decode is not None and cache is not None and (length == 1 or isinstance(cache, SequenceBatch)):
-            fused = self.fused_decode(hidden, rope, cache, start)
+        if batch is None:
+            rope = self.rotary(length, hidden.dtype)
+        else:
+            rope = self.rotary.at(batch.positions.to(hidden.device), batch.rotary_segments, hidden.dtype)
+        fused = None if batch is None or self.fused_decode is None else self.fused_decode(hidden, rope, batch)
         if fused is not None:
             hidden, residual = fused, None
+            if logits_at is not None:
+                hidden = hidden[:, logits_at]
         else:
             last, residual = len(self.model.layers) - 1, None
             for index, layer in enumerate(self.model.layers):
-                hidden, residual = layer(hidden, residual, rope, cache, start, last_only and index == last)
-        if logits_at is not None:
-            if not len(logits_at):  # a prefill chunk that does not reach the end of its prompt
-                return hidden.new_empty(hidden.shape[0], 0, self.config.vocab_size)
-            hidden, residual = hidden[:, logits_at], None if residual is None else residual[:, logits_at]
+                hidden, residual = layer(hidden, residual, rope, batch, logits_at if index == last else None)
+        if not hidden.shape[1]:  # a prefill chunk that does not reach the end of its prompt
+            return hidden.new_empty(hidden.shape[0], 0, self.config.vocab_size)
         return self.lm_head(self.model.norm(hidden, residual)[0])
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:

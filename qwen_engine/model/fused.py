@@ -2,8 +2,8 @@
 
 A decoding step reads every weight once; the PyTorch path adds ~60 small operator calls a layer around those reads,
 which on a small model cost as much as the reads themselves. The fused step runs the same layer arithmetic, with
-the same bfloat16 roundings, without them. It serves one-token steps of one sequence on a dense KV cache and of up
-to 32 sequences at once on the serving engine's paged cache; every other call takes the PyTorch path.
+the same bfloat16 roundings, without them. It serves steps of one token for each of any number of sequences (32 a
+native call) on the engine's paged cache; every other call takes the PyTorch path.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels import MAX_ROWS, BlockMatrix, CpuKernels, DecodeLayer, DecodeShape, cpu_kernels, matrix, plain_bf16
-from .decoder import KVStore, QwenDecoder, SequenceBatch
+from .decoder import QwenDecoder, SequenceBatch
 from .quantized import BlockLinear
 from .rope import RotaryTables
 
@@ -59,36 +59,21 @@ class FusedDecodeStep:
             projection.packed_max_rows = 0
         return cls(decoder, kernels)
 
-    def __call__(self, hidden: torch.Tensor, rope: RotaryTables, cache: KVStore | SequenceBatch,
-                 start: int) -> torch.Tensor | None:
-        """hidden [1, B, H] after every layer — one token of one sequence in a dense cache, or one token of each
-        sequence of a paged batch — or None where this step does not apply (the caller runs PyTorch)."""
+    def __call__(self, hidden: torch.Tensor, rope: RotaryTables, batch: SequenceBatch) -> torch.Tensor | None:
+        """hidden [1, B, H] after every layer for one token of each sequence of a paged batch, or None where this step
+        does not apply (the caller runs PyTorch)."""
         if hidden.device.type != "cpu" or any(table.dtype != torch.bfloat16 for table in rope) or hidden.shape[0] != 1:
             return None  # (a decoder moved off the CPU after loading: the raw addresses would not be host memory)
         d, kv_heads = self.shape.head_dim, self.shape.kv_heads
-        if isinstance(cache, SequenceBatch):  # whether this step applies is settled before anything is copied
-            layout = cache.decode_layout()
-            if layout is None or not plain_bf16(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
-                return None
-        else:
-            keys, values = getattr(cache, "keys", None), getattr(cache, "values", None)
-            if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or hidden.shape[1] != 1:
-                return None
-            max_len = keys.shape[3] if keys.dim() == 5 else -1
-            shape = (self.num_layers, 1, kv_heads, max_len, d)
-            if keys.shape != shape or values.shape != shape or not plain_bf16(keys, values) or not 0 <= start < max_len:
-                return None
+        layout = batch.decode_layout()  # whether this step applies is settled before anything is copied
+        if layout is None or not plain_bf16(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
+            return None
         tables = tuple(table.contiguous() for table in (rope.cos, rope.sin, rope.q_cos, rope.q_sin))
         out = hidden[0].to(torch.bfloat16, copy=True).contiguous()
-        if isinstance(cache, SequenceBatch):
-            strides = (layout.keys[0].numel(), kv_heads * d, d)
-            for rows in range(0, out.shape[0], MAX_ROWS):  # sequences are independent: any batch goes in slices
-                part = slice(rows, rows + MAX_ROWS)
-                self.kernels.decode_batch(self.layers, self.shape, out[part], layout.keys, layout.values, strides,
-                                          layout.positions[part], tuple(table[part] for table in tables), layout.slots,
-                                          layout.slot_starts[part])
-        else:
-            self.kernels.decode_batch(self.layers, self.shape, out, keys, values, (keys[0].numel(), d, max_len * d),
-                                      torch.tensor([start]), tables)
+        strides = (layout.keys[0].numel(), kv_heads * d, d)
+        for rows in range(0, out.shape[0], MAX_ROWS):  # sequences are independent: any batch goes in slices
+            part = slice(rows, rows + MAX_ROWS)
+            self.kernels.decode_batch(self.layers, self.shape, out[part], layout.keys, layout.values, strides,
+                                      layout.positions[part], tuple(table[part] for table in tables), layout.slots,
+                                      layout.slot_starts[part])
         return out[None]
-

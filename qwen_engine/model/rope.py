@@ -2,7 +2,7 @@
 long-context variants that act through the rotary tables:
 
 * YaRN (qwen-family.md §3.3): blended inverse frequencies and the attention factor m on cos and sin;
-* dynamic NTK (Qwen v1, §1.4): base' = base·α^(d/(d−2)) with α chosen from the prefill length;
+* dynamic NTK (Qwen v1, §1.4): base' = base·α^(d/(d−2)) with α chosen from the prompt's length;
 * LogN attention scaling (Qwen v1, §1.5): the query at position p is multiplied by ln(p+1)/ln(S) once p+1 > S, which,
   RoPE being linear, is the same as rotating queries with cos and sin multiplied by that factor.
 
@@ -89,12 +89,17 @@ class RotaryTables(NamedTuple):
     q_sin: torch.Tensor
 
 
-class RotaryEmbedding(torch.nn.Module):
-    """cos/sin tables for positions 0…n, grown on demand, so each step only slices them.
+RotaryChoice = tuple[int, bool]  # (dynamic-NTK α, YaRN on?): the frequencies a sequence rotates with
 
-    Length-dependent variants (dynamic NTK, YaRN with `only_long`) choose their frequencies at a prefill — a call
-    with start == 0, from its length — and keep that choice for the calls that continue the sequence (start > 0);
-    the tables are rebuilt when the choice changes. (A prefill split into chunks is judged by its first chunk.)
+
+class RotaryEmbedding(torch.nn.Module):
+    """cos/sin tables for positions 0…n, one set per frequency choice, grown on demand, so each step only gathers
+    rows.
+
+    Length-dependent variants (dynamic NTK, YaRN with `only_long`) choose their frequencies per sequence, from the
+    length of its prompt (`choose`); the caller keeps that choice with the sequence and passes it for every later
+    chunk and decoding step, so sequences with different choices can share a batch. Nothing here depends on which
+    sequence ran last.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -106,30 +111,17 @@ class RotaryEmbedding(torch.nn.Module):
         self._yarn_long = scaling.original_max_position_embeddings if scaling is not None and scaling.only_long else None
         self._ntk_length = (config.seq_length or config.max_position_embeddings) if config.use_dynamic_ntk else None
         self._logn_length = (config.seq_length or config.max_position_embeddings) if config.use_logn_attn else None
-        self._adaptive = self._yarn_long is not None or self._ntk_length is not None
-        # The frequencies in force for the current sequence: (NTK α, YaRN on?); the tables were built for _built.
-        self.choice: tuple[int, bool] = (1, self._yarn_always)
-        self._built: tuple[int, bool] | None = None
-        self._cos: torch.Tensor | None = None
-        self._sin: torch.Tensor | None = None
-        self._q_cos: torch.Tensor | None = None
-        self._q_sin: torch.Tensor | None = None
+        # Per (choice, dtype): (cos, sin, q_cos, q_sin) for positions 0…rows−1. Replaced whole, never edited, so
+        # threads sharing a decoder at most build the same tables twice.
+        self._tables: dict[tuple[RotaryChoice, torch.dtype], RotaryTables] = {}
 
-    @property
-    def fixed_frequencies_up_to(self) -> int | None:
-        """None when the frequencies never depend on the sequence; else the length up to which they do not (beyond
-        it, dynamic NTK or YaRN-for-long-prompts picks them from the prompt's length)."""
-        if not self._adaptive:
-            return None
-        return min(length for length in (self._yarn_long, self._ntk_length) if length is not None)
-
-    def choose(self, length: int) -> tuple[int, bool]:
-        """(α, YaRN on?) for a sequence whose prefill holds `length` tokens."""
-        alpha = ntk_alpha(length, self._ntk_length) if self._ntk_length is not None else 1
-        yarn = self._yarn_always or (self._yarn_long is not None and length > self._yarn_long)
+    def choose(self, prompt_length: int) -> RotaryChoice:
+        """(α, YaRN on?) for a sequence whose prompt holds `prompt_length` tokens."""
+        alpha = ntk_alpha(prompt_length, self._ntk_length) if self._ntk_length is not None else 1
+        yarn = self._yarn_always or (self._yarn_long is not None and prompt_length > self._yarn_long)
         return alpha, yarn
 
-    def frequencies(self, choice: tuple[int, bool]) -> tuple[torch.Tensor, float]:
+    def frequencies(self, choice: RotaryChoice) -> tuple[torch.Tensor, float]:
         """Inverse frequencies (on the buffer's device) and the cos/sin factor for a choice."""
         alpha, yarn = choice
         base = ntk_base(self.config.rope_theta, alpha, self.config.head_dim) if alpha != 1 else self.config.rope_theta
@@ -140,38 +132,43 @@ class RotaryEmbedding(torch.nn.Module):
             return inverse_frequencies(self.config, base).to(self.inv_freq.device), 1.0
         return self.inv_freq, 1.0
 
-    def forward(self, start: int, length: int, dtype: torch.dtype) -> RotaryTables:
-        """Tables [length, d] for positions start…start+length−1: computed in float32, cast to `dtype`."""
-        if self._adaptive and start == 0:
-            self.choice = self.choose(length)
-        return self._rows(slice(start, start + length), start + length, dtype)
+    def forward(self, length: int, dtype: torch.dtype) -> RotaryTables:
+        """Tables [length, d] for one whole sequence at positions 0…length−1, its frequencies chosen from its length."""
+        return self.gather(self.choose(length), slice(0, length), length, dtype)
 
-    def at(self, positions: torch.Tensor, dtype: torch.dtype) -> RotaryTables:
-        """Tables [len(positions), d] for arbitrary positions (tokens of several sequences in one batch), with the
-        frequencies in force."""
-        return self._rows(positions, int(positions.max()) + 1, dtype)
+    def at(self, positions: torch.Tensor, segments: list[tuple[RotaryChoice, int]], dtype: torch.dtype) -> RotaryTables:
+        """Tables [len(positions), d] for the tokens of several sequences side by side: `segments` gives each
+        sequence's choice and how many of the positions (in order) are its."""
+        if len({choice for choice, _ in segments}) == 1:
+            return self.gather(segments[0][0], positions, int(positions.max()) + 1, dtype)
+        parts, offset = [], 0
+        for choice, count in segments:
+            rows = positions[offset : offset + count]
+            parts.append(self.gather(choice, rows, int(rows.max()) + 1, dtype))
+            offset += count
+        return RotaryTables(*(torch.cat(column) for column in zip(*parts)))
 
-    def _rows(self, index: slice | torch.Tensor, end: int, dtype: torch.dtype) -> RotaryTables:
-        if self._cos is None or self._cos.shape[0] < end or self._cos.dtype != dtype or self._built != self.choice:
-            self._build(max(end, 2 * (0 if self._cos is None else self._cos.shape[0]), 256), dtype)
-        cos, sin = self._cos[index], self._sin[index]
-        if self._q_cos is None:
-            return RotaryTables(cos, sin, cos, sin)
-        return RotaryTables(cos, sin, self._q_cos[index], self._q_sin[index])
+    def gather(self, choice: RotaryChoice, index: slice | torch.Tensor, end: int, dtype: torch.dtype) -> RotaryTables:
+        """The rows `index` (all below `end`) of the tables for `choice`."""
+        tables = self._tables.get((choice, dtype))
+        if tables is None or tables.cos.shape[0] < end:
+            size = max(end, 2 * (0 if tables is None else tables.cos.shape[0]), 256)
+            tables = self._tables[choice, dtype] = self._build(choice, size, dtype)
+        return RotaryTables(*(table[index] for table in tables))
 
-    def _build(self, size: int, dtype: torch.dtype) -> None:
-        inv_freq, factor = self.frequencies(self.choice)
+    def _build(self, choice: RotaryChoice, size: int, dtype: torch.dtype) -> RotaryTables:
+        inv_freq, factor = self.frequencies(choice)
         positions = torch.arange(size, device=inv_freq.device, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]
         angles = torch.cat((freqs, freqs), dim=-1)
         cos, sin = angles.cos(), angles.sin()
         if factor != 1.0:  # YaRN: both tables carry m, so q·k logits carry m² (qwen-family.md §3.3, step 6)
             cos, sin = cos * factor, sin * factor
-        self._cos, self._sin = cos.to(dtype), sin.to(dtype)
-        if self._logn_length is not None:
-            scale = logn_factors(torch.arange(size), self._logn_length).to(inv_freq.device)[:, None]
-            self._q_cos, self._q_sin = (cos * scale).to(dtype), (sin * scale).to(dtype)
-        self._built = self.choice
+        if self._logn_length is None:
+            cos, sin = cos.to(dtype), sin.to(dtype)
+            return RotaryTables(cos, sin, cos, sin)
+        scale = logn_factors(torch.arange(size), self._logn_length).to(inv_freq.device)[:, None]
+        return RotaryTables(cos.to(dtype), sin.to(dtype), (cos * scale).to(dtype), (sin * scale).to(dtype))
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
