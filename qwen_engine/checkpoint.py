@@ -1,6 +1,7 @@
 """A checkpoint on disk, whatever its format: config, tokenizer, chat template, generation defaults and tensors.
 
-`open_checkpoint` reads only headers and small files, so `qwen info` is instant; `tensors()` does the heavy work.
+`open_checkpoint` reads only headers and small files, without torch, so `qwen info` is instant; `tensors()` does the
+heavy work.
 """
 
 from __future__ import annotations
@@ -11,21 +12,22 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .chat import ChatFormat, ChatTemplate, QwenV1ChatFormat
 from .config import ModelConfig, RopeScaling
 from .default_model import default_model_path
-from .engine.sampling import SamplingParams
+from .sampling_params import SamplingDefaults, SamplingParams
 from .errors import QwenError
 from .tokenizer import Tokenizer
 from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
-from .weights.quants import BlockCodes, block_codes
 from .weights.safetensors import load_safetensors, read_json, shard_files, stored_dtypes
 from .weights.v1 import split_fused_qkv, v1_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from .weights.quants import BlockCodes
 
 Progress = Callable[[Iterator], Iterator]
 
@@ -39,6 +41,7 @@ class ModelInfo:
     config: ModelConfig
     tensor_types: dict[str, int]
     has_chat_template: bool
+    sampling_defaults: SamplingDefaults
 
 
 class Checkpoint(ABC):
@@ -48,7 +51,7 @@ class Checkpoint(ABC):
     format: str
     config: ModelConfig
     chat_template_source: str | None
-    generation_config: Mapping[str, Any] = MappingProxyType({})  # generation_config.json, where the checkpoint has one
+    generation_config: Mapping[str, Any] | None = None  # generation_config.json; None where there is none (a GGUF)
 
     @abstractmethod
     def tokenizer(self) -> Tokenizer:
@@ -57,7 +60,8 @@ class Checkpoint(ABC):
     def chat_template(self, tokenizer: Tokenizer) -> ChatFormat:
         """The checkpoint's jinja template; Qwen v1 ships none and has its own layout (qwen-family.md §1.7)."""
         if self.chat_template_source is None and self.config.architecture == "qwen":
-            return QwenV1ChatFormat(self.generation_config.get("max_window_size", QwenV1ChatFormat.DEFAULT_WINDOW))
+            window = (self.generation_config or {}).get("max_window_size", QwenV1ChatFormat.DEFAULT_WINDOW)
+            return QwenV1ChatFormat(window)
         return ChatTemplate(self.chat_template_source, self.template_tokens(tokenizer))
 
     @abstractmethod
@@ -65,7 +69,8 @@ class Checkpoint(ABC):
         """The special-token strings a template may refer to (`bos_token`, `eos_token`, …)."""
 
     def sampling_defaults(self) -> SamplingParams:
-        return SamplingParams()
+        """What a request leaves out (`info().sampling_defaults` also says where each value comes from)."""
+        return SamplingDefaults.of(self.generation_config).params
 
     @abstractmethod
     def stored_types(self) -> dict[str, str]:
@@ -97,7 +102,8 @@ class Checkpoint(ABC):
         lets a caller read them another way (`stored_blocks`, `stored_rows`)."""
 
     def info(self) -> ModelInfo:
-        return ModelInfo(str(self.path), self.format, self.config, self.tensor_types(), self.chat_template_source is not None)
+        return ModelInfo(str(self.path), self.format, self.config, self.tensor_types(), self.chat_template_source is not None,
+                         SamplingDefaults.of(self.generation_config))
 
 
 class GGUFSource(Checkpoint):
@@ -132,6 +138,8 @@ class GGUFSource(Checkpoint):
         return {name: entry.qtype.name for name, entry in self._entries.items()}
 
     def stored_blocks(self, name: str) -> BlockCodes | None:
+        from .weights.quants import block_codes  # torch: only where the blocks are read
+
         entry = self._entries.get(name)
         if entry is None:
             return None
@@ -154,19 +162,19 @@ class HFSource(Checkpoint):
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tokenizer_config = self._optional_json("tokenizer_config.json")
+        self.tokenizer_config = self._optional_json("tokenizer_config.json") or {}
         self.generation_config = self._optional_json("generation_config.json")
         self.raw_config = read_json(path / "config.json")  # as shipped, for the catalog's view of a local model
         config = ModelConfig.from_hf(self.raw_config)
-        eos = self.generation_config.get("eos_token_id")
+        eos = (self.generation_config or {}).get("eos_token_id")
         if eos is not None:
             extra = tuple(eos) if isinstance(eos, list) else (eos,)
             config = dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra)))
         self.config = config
         self.chat_template_source = self._chat_template_source()
 
-    def _optional_json(self, name: str) -> dict[str, Any]:
-        return read_json(self.path / name) if (self.path / name).exists() else {}
+    def _optional_json(self, name: str) -> dict[str, Any] | None:
+        return read_json(self.path / name) if (self.path / name).exists() else None
 
     def _chat_template_source(self) -> str | None:
         """From chat_template.jinja (newer transformers) or tokenizer_config.json (a string or named templates)."""
@@ -188,10 +196,6 @@ class HFSource(Checkpoint):
 
         names = ("bos_token", "eos_token", "pad_token", "unk_token")
         return {name: content(self.tokenizer_config.get(name)) for name in names}
-
-    def sampling_defaults(self) -> SamplingParams:
-        defaults = SamplingParams()
-        return defaults.with_generation_config(self.generation_config) if self.generation_config else defaults
 
     def _checkpoint_name(self, name: str) -> str:
         """qwen2-layout name of a stored tensor (v1 checkpoints use their own names, qwen-family.md §1.2)."""

@@ -263,6 +263,21 @@ def test_generation_config_sets_sampling_defaults_and_stop_ids(base_dir, tmp_pat
     assert model.generate("Hi", max_tokens=2, temperature=0.0).completion_tokens <= 2
 
 
+def test_generation_config_without_repetition_penalty_has_none(base_dir, tmp_path):
+    """Keys the file leaves out take transformers' defaults (repetition_penalty 1.0), not Qwen2.5-Instruct's 1.05."""
+    directory = _copy(base_dir, tmp_path)
+    (directory / "generation_config.json").write_text(json.dumps({"do_sample": True, "top_p": 0.3, "top_k": 0}))
+    defaults = open_checkpoint(directory).sampling_defaults()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == (1.0, 0.3, 0, 1.0)
+
+
+def test_directory_without_generation_config_gets_qwen25s_defaults(base_dir, tmp_path):
+    directory = _copy(base_dir, tmp_path)
+    (directory / "generation_config.json").unlink()
+    defaults = open_checkpoint(directory).sampling_defaults()
+    assert (defaults.temperature, defaults.top_p, defaults.top_k, defaults.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+
+
 def test_generation_config_without_sampling_means_greedy(checkpoints, engine_models):
     directory, _ = checkpoints["qwen1.5"]
     generation = json.loads((directory / "generation_config.json").read_text())
