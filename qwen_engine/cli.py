@@ -264,7 +264,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import open_checkpoint
 
     info = open_checkpoint(args.model, progress=sys.stderr.isatty(), rope_scaling=args.rope_scaling).info()
-    config = info.config
+    config, defaults = info.config, info.sampling_defaults
     facts = {
         "source": info.source,
         "format": info.format,
@@ -286,6 +286,8 @@ def cmd_info(args: argparse.Namespace) -> None:
         "tied_embeddings": config.tie_word_embeddings,
         "tensor_types": info.tensor_types,
         "chat_template": info.has_chat_template,
+        "sampling_defaults": {name: {"value": getattr(defaults.params, name), "source": source}
+                              for name, source in defaults.sources.items()},
     }
     if args.json:
         print(json.dumps(facts))
@@ -294,6 +296,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     facts["tensor_types"] = ", ".join(f"{name} ×{count}" for name, count in sorted(info.tensor_types.items()))
     facts["chat_template"] = "yes" if info.has_chat_template else (
         "Qwen v1 layout (make_context)" if config.architecture == "qwen" else "no (ChatML fallback)")
+    by_source: dict[str, list[str]] = {}
+    for name, source in defaults.sources.items():
+        by_source.setdefault(source, []).append(f"{name} {getattr(defaults.params, name):g}")
+    facts["sampling_defaults"] = "; ".join(f"{', '.join(values)} ({source})" for source, values in by_source.items())
     width = max(map(len, facts))
     for key, value in facts.items():
         print(f"{key.replace('_', ' '):<{width}}  {'—' if value is None else value}")
