@@ -3,6 +3,8 @@ Qwen2.5-Instruct's only where there is no generation config at all (qwen-family.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qwen_engine.checkpoint import open_checkpoint
@@ -72,3 +74,15 @@ def test_a_bare_gguf_gets_qwen25s_defaults(tiny_gguf) -> None:
     assert checkpoint.generation_config is None
     assert checkpoint.sampling_defaults() == SamplingDefaults.of(None).params
     assert set(checkpoint.info().sampling_defaults.sources.values()) == {QWEN25_DEFAULT, ENGINE_DEFAULT}
+
+
+def test_qwen_info_shows_each_default_and_its_source(tiny_gguf, capsys) -> None:
+    from qwen_engine.cli import main
+
+    main(["info", "--json", "--model", str(tiny_gguf)])
+    shown = json.loads(capsys.readouterr().out)["sampling_defaults"]
+    assert shown["repetition_penalty"] == {"value": 1.05, "source": QWEN25_DEFAULT}
+    assert shown["max_tokens"] == {"value": 512, "source": ENGINE_DEFAULT}
+    main(["info", "--model", str(tiny_gguf)])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sampling defaults"))
+    assert line.endswith(f"repetition_penalty 1.05 ({QWEN25_DEFAULT}); max_tokens 512 ({ENGINE_DEFAULT})")
