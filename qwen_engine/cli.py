@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
-from .engine.generate import GenerationResult
-from .engine.sampling import SamplingParams
 from .errors import QwenError
 from .model.quantized import QUANT_CHOICES
+from .results import GenerationResult
+from .sampling_params import SamplingParams
 
 STARTED = time.perf_counter()  # for "start to first token" in `qwen bench`
 EXIT_ERROR = 1
