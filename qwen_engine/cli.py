@@ -128,9 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QWEN_API_KEY)")
     serve.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences decoded together (default 32)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
-    serve.add_argument("--kv-cache-gb", type=float, help="KV-cache size in GiB (default: 30%% of available memory)")
-    serve.add_argument("--prefill-tokens", type=_positive_int, default=256,
-                       help="prompt tokens computed per step; longer prompts go in chunks (default 256)")
+    serve.add_argument("--kv-cache-gb", type=float,
+                       help="KV-cache size in GiB (default: what --max-num-seqs sequences of the full context need, at "
+                            "most 30%% of the memory available at start; it is touched only as it fills)")
+    serve.add_argument("--prefill-tokens", type=_positive_int,
+                       help="prompt tokens computed per step; longer prompts go in chunks (default: the chunks the "
+                            "library uses, so both give the same output)")
 
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
@@ -428,13 +431,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
 
-        from .server.app import Server, create_app
+        from .server.app import create_app
+        from .server.server import Server
     except ImportError as err:
         raise QwenError(f"the server needs its extra dependencies ({err.name} is missing); pip install 'qwen-engine[serve]'") from None
-    from .engine.serving import ServingEngine
-
     model = _load(args)
-    engine = ServingEngine(model, kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs, prefill_tokens=args.prefill_tokens)
+    chunking = {"prefill_tokens": args.prefill_tokens} if args.prefill_tokens else {}
+    engine = model.serving_engine(kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs, **chunking)
     server = Server(model, engine, name=args.served_model_name or args.model,
                     api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue)
     # HTTP on a thread of its own, the engine on this one (the main thread: see ServingEngine.run_forever).
@@ -448,8 +451,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not listener.is_alive():
         raise QwenError(f"could not listen on {args.host}:{args.port} (is the port in use?); pick another with --port")
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    stats = engine.stats()
     sys.stderr.write(f"qwen: serving {server.name} on http://{args.host}:{args.port}/v1 "
-                     f"({engine.allocator.num_blocks} KV blocks, {engine.capacity_tokens:,} tokens)\n")
+                     f"({stats['kv_blocks_total']} KV blocks, {stats['capacity_tokens']:,} tokens)\n")
     try:
         engine.run_forever(keep_going=listener.is_alive)
     except KeyboardInterrupt:

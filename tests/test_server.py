@@ -17,9 +17,10 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qwen_engine.engine.serving import Request, ServingEngine
+from qwen_engine.engine.serving import Request
 from qwen_engine.model.rope import RotaryEmbedding
-from qwen_engine.server.app import Server, create_app
+from qwen_engine.server.app import create_app
+from qwen_engine.server.server import Server
 
 NAME = "qwen2.5-coder-0.5b-instruct"
 KEY = "test-key"
@@ -31,7 +32,7 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 class Running:
     def __init__(self, model, **options) -> None:
-        engine = ServingEngine(model, num_blocks=options.pop("num_blocks", 1024), max_seqs=options.pop("max_seqs", 32))
+        engine = model.serving_engine(num_blocks=options.pop("num_blocks", 1024), max_seqs=options.pop("max_seqs", 32))
         engine.start()
         self.server = Server(model, engine, name=NAME, **options)
         with socket.socket() as probe:
@@ -111,7 +112,7 @@ def test_logprobs_agree_between_chat_and_completions(server, default_model) -> N
     messages = [{"role": "user", "content": "Say hello."}]
     by_chat = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0,
                                              logprobs=True, top_logprobs=3)
-    prompt_ids = default_model.chat_prompt(messages)
+    prompt_ids = default_model.chat_prompt(messages).token_ids
     by_completion = client.completions.create(model=NAME, prompt=prompt_ids, max_tokens=6, temperature=0, logprobs=3)
     chat_lp = [item.logprob for item in by_chat.choices[0].logprobs.content]
     completion_lp = by_completion.choices[0].logprobs.token_logprobs
@@ -156,8 +157,8 @@ class ScriptedDecoder(torch.nn.Module):
         self.dtype, self.device = torch.bfloat16, torch.device("cpu")
         self.rotary = RotaryEmbedding(config)
 
-    def forward(self, token_ids, *, positions, logits_at, **_) -> torch.Tensor:
-        rows = positions[logits_at].tolist()
+    def forward(self, token_ids, *, batch, logits_at, **_) -> torch.Tensor:
+        rows = batch.positions[logits_at.cpu()].tolist()
         logits = torch.zeros(1, len(rows), self.config.vocab_size)
         for i, position in enumerate(rows):
             step = min(max(position + 1 - self.prompt_length, 0), len(self.script) - 1)
@@ -198,7 +199,7 @@ def scripted_model(default_model, text: str, prompt_length: int):
 
 def test_text_held_for_a_stop_string_is_released_at_the_end_of_turn(default_model) -> None:
     prompt = default_model.chat_prompt([{"role": "user", "content": "Hello"}])
-    engine = ServingEngine(scripted_model(default_model, "Hi there.\n", len(prompt)), num_blocks=64)
+    engine = scripted_model(default_model, "Hi there.\n", len(prompt)).serving_engine(num_blocks=64)
     params = default_model.defaults.updated(max_tokens=32, stop=["\nUser:"], temperature=0)
     events = engine.run([Request("r", prompt, params)])["r"][0]
     assert "".join(e.text for e in events) == "Hi there.\n" and events[-1].finish_reason == "stop"
