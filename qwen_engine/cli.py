@@ -422,7 +422,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import os
     import signal
     import threading
-    import time
 
     if not 0 < args.port < 65536:
         raise QwenError(f"--port must be in 1…65535 (got {args.port})")
@@ -435,32 +434,34 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from .server.server import Server
     except ImportError as err:
         raise QwenError(f"the server needs its extra dependencies ({err.name} is missing); pip install 'qwen-engine[serve]'") from None
+    from .server.listen import listen
+
+    listener = listen(args.host, args.port)  # before the slow load: a port in use fails at once
     model = _load(args)
     chunking = {"prefill_tokens": args.prefill_tokens} if args.prefill_tokens else {}
     engine = model.serving_engine(kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs, **chunking)
     server = Server(model, engine, name=args.served_model_name or args.model,
                     api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue)
     # HTTP on a thread of its own, the engine on this one (the main thread: see ServingEngine.run_forever).
-    http = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level="warning",
-                                         timeout_graceful_shutdown=5))
-    listener = threading.Thread(target=http.run, name="qwen-http", daemon=True)
+    http = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5))
+    http_thread = threading.Thread(target=http.run, kwargs={"sockets": [listener]}, name="qwen-http", daemon=True)
     engine.own()  # requests that arrive before the loop starts wait in its queue
-    listener.start()
-    while not http.started and listener.is_alive():
+    signal.signal(signal.SIGTERM, lambda *_: engine.stop())  # from here on SIGTERM shuts down in order
+    http_thread.start()
+    while not http.started and http_thread.is_alive():
         time.sleep(0.05)
-    if not listener.is_alive():
-        raise QwenError(f"could not listen on {args.host}:{args.port} (is the port in use?); pick another with --port")
-    signal.signal(signal.SIGTERM, lambda *_: engine.stop())
+    if not http_thread.is_alive():
+        raise QwenError(f"the HTTP server on {args.host}:{args.port} stopped while starting (uvicorn says why above)")
     stats = engine.stats()
     sys.stderr.write(f"qwen: serving {server.name} on http://{args.host}:{args.port}/v1 "
                      f"({stats['kv_blocks_total']} KV blocks, {stats['capacity_tokens']:,} tokens)\n")
     try:
-        engine.run_forever(keep_going=listener.is_alive)
+        engine.run_forever(keep_going=http_thread.is_alive)
     except KeyboardInterrupt:
         pass
     finally:
         http.should_exit = True
-        listener.join(timeout=10)
+        http_thread.join(timeout=10)
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity,

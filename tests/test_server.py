@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -360,31 +363,59 @@ def test_fuzzed_requests_get_client_errors_never_500s(server) -> None:
     assert chat(server.client(), "Still there?", max_tokens=4).choices[0].message.content
 
 
-def test_qwen_serve_command_serves_and_shuts_down(default_gguf) -> None:
-    import signal
-    import subprocess
-    import sys
+class ServeCommand:
+    """`qwen serve` of the default model in a subprocess, on a free port, up and answering /health."""
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(default_gguf), "--port", str(port),
-               "--served-model-name", NAME, "--kv-cache-gb", "0.25"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    try:
+    def __init__(self, default_gguf, *options: str) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(default_gguf),
+                        "--port", str(self.port), "--served-model-name", NAME, *options]
+        self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        while time.time() < deadline:
+        while time.time() < deadline and self.process.poll() is None:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
+                    return
             except httpx.HTTPError:
                 time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        assert chat(client, "Say hi.", max_tokens=4).usage.completion_tokens <= 4
-        # A second server on the same port: one clear line and a non-zero exit.
-        clash = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        assert clash.returncode != 0 and "could not listen" in clash.stderr and "Traceback" not in clash.stderr
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+        raise AssertionError(f"qwen serve did not come up: {self.process.stderr.read() if self.process.poll() else 'timeout'}")
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0)
+
+    def rss_bytes(self) -> int:
+        status = open(f"/proc/{self.process.pid}/status").read()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.mark.slow
+def test_qwen_serve_command_serves_and_ends_promptly_on_sigterm(default_gguf) -> None:
+    serve = ServeCommand(default_gguf, "--kv-cache-gb", "0.25")
+    try:
+        assert chat(serve.client(), "Say hi.", max_tokens=4).usage.completion_tokens <= 4
+        serve.process.send_signal(signal.SIGTERM)
+        sent = time.perf_counter()
+        assert serve.process.wait(timeout=30) == 0
+        assert time.perf_counter() - sent < 5
     finally:
-        process.kill()
+        serve.close()
+
+
+def test_a_port_in_use_fails_in_one_line_before_the_model_loads(tmp_path) -> None:
+    """The port is taken before the load: a model that does not exist is never looked at."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(tmp_path / "absent.gguf"),
+                   "--port", str(port)]
+        clash = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    lines = clash.stderr.strip().splitlines()
+    assert clash.returncode != 0 and len(lines) == 1, clash.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "--port" in lines[0] and "absent.gguf" not in lines[0]
