@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-tokens", type=_positive_int,
                        help="prompt tokens computed per step; longer prompts go in chunks (default: the chunks the "
                             "library uses, so both give the same output)")
+    serve.add_argument("--max-request-mb", type=float, default=32,
+                       help="largest request body in MiB; larger ones get 413 before they are read (default 32)")
 
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
@@ -427,6 +429,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise QwenError(f"--port must be in 1…65535 (got {args.port})")
     if args.max_queue < 0:
         raise QwenError(f"--max-queue must be ≥ 0 (got {args.max_queue})")
+    if not args.max_request_mb > 0:
+        raise QwenError(f"--max-request-mb must be positive (got {args.max_request_mb:g})")
     try:
         import uvicorn
 
@@ -441,7 +445,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     chunking = {"prefill_tokens": args.prefill_tokens} if args.prefill_tokens else {}
     engine = model.serving_engine(kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs, **chunking)
     server = Server(model, engine, name=args.served_model_name or args.model,
-                    api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue)
+                    api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue,
+                    max_request_bytes=int(args.max_request_mb * 2**20))
     # HTTP on a thread of its own, the engine on this one (the main thread: see ServingEngine.run_forever).
     http = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5))
     http_thread = threading.Thread(target=http.run, kwargs={"sockets": [listener]}, name="qwen-http", daemon=True)

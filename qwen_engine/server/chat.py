@@ -3,6 +3,7 @@ parsed from Qwen2.5's `<tool_call>` output, streamed too) and JSON mode."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -26,7 +27,7 @@ from .tools import CLOSE, OPEN, StreamingToolParser, split_tool_calls
 
 async def chat_completion(server: Server, body: ChatCompletionRequest, http: Request) -> Response:
     server.check_model(body.model)
-    prompt, forced = chat_prompt(server, body)
+    prompt, forced = await asyncio.to_thread(chat_prompt, server, body)  # tokenizing a long prompt takes a while
     params = server.sampling(body, len(prompt))
     json_mode = body.response_format is not None and body.response_format.type == "json_object"
     if json_mode and forced:
@@ -46,6 +47,7 @@ async def chat_completion(server: Server, body: ChatCompletionRequest, http: Req
 def chat_prompt(server: Server, body: ChatCompletionRequest) -> tuple[Prompt, str]:
     """The prompt, and the text the reply is forced to start with (for a required or named tool call: the call's
     opening tag, and the name; the rest is then constrained to a JSON object)."""
+    _check_text_fits(server, body.messages)
     messages = [_template_message(m) for m in body.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     choice = body.tool_choice
@@ -74,6 +76,21 @@ def chat_prompt(server: Server, body: ChatCompletionRequest) -> tuple[Prompt, st
     else:
         return prompt, ""
     return Prompt(prompt.token_ids + forced_ids, prompt.items), forced
+
+
+def _check_text_fits(server: Server, messages: list[ChatMessage]) -> None:
+    """Refuse, before any tokenizing, a conversation whose kept text alone is too long for any sequence. Every chat
+    format keeps the system message and the last one (Qwen v1 drops older history past its window), so only
+    those two are counted: a prompt that fits is never refused."""
+    kept = {0, len(messages) - 1} if messages[0].role in ("system", "developer") else {len(messages) - 1}
+    server.check_text_fits(sum(_text_length(messages[i]) for i in kept), "messages")
+
+
+def _text_length(message: ChatMessage) -> int:
+    content = message.content
+    if isinstance(content, list):
+        return sum(len(part.text) for part in content)
+    return len(content or "")
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:

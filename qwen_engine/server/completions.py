@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +22,8 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
     server.check_model(body.model)
     tokenizer = server.model.tokenizer
     if isinstance(body.prompt, str):
-        prompt_ids = tokenizer.encode(body.prompt)
+        server.check_text_fits(len(body.prompt), "prompt")
+        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt)  # a long prompt takes a while
     else:
         vocab = server.model.config.vocab_size
         if any(not 0 <= token < vocab for token in body.prompt):

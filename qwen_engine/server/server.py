@@ -1,4 +1,4 @@
-"""What every endpoint shares: admission (API key, model name, queue room), sampling options, and
+"""What every endpoint shares: admission (API key, model name, queue room, prompt size), sampling options, and
 running one request on the engine into a whole response or a stream.
 
 The engine runs on its own thread and sends each token back through an asyncio queue; a client that disconnects
@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Callable
+from functools import cached_property
 from typing import Any
 
 from fastapi import Request
@@ -26,13 +27,17 @@ from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Choice
 
 DISCONNECT_POLL_S = 0.25
+DEFAULT_MAX_REQUEST_MB = 32
+# NFC (every Qwen tokenizer normalises with it) composes at most this many code points into one character: Unicode's
+# longest canonical decomposition.
+NFC_MOST_COMPOSED = 4
 
 
 class Server:
     def __init__(self, model: Model, engine: ServingEngine, *, name: str, api_key: str | None = None,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20) -> None:
         self.model, self.engine, self.name = model, engine, name
-        self.api_key, self.max_queue = api_key, max_queue
+        self.api_key, self.max_queue, self.max_request_bytes = api_key, max_queue, max_request_bytes
         self.in_flight = 0
         self.metrics = Metrics(engine, lambda: self.in_flight)
         self.created = int(time.time())
@@ -56,6 +61,23 @@ class Server:
         if self.in_flight >= self.engine.max_seqs + self.max_queue:
             raise ApiError(429, f"the queue is full ({self.in_flight} requests in flight); retry shortly",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+
+    @cached_property
+    def longest_prompt_text(self) -> int:
+        """The most characters a prompt text can have and still fit in the longest sequence the engine takes.
+
+        No token covers more than the longest token's bytes of normalised text, a character is at least one byte,
+        and normalising composes at most NFC_MOST_COMPOSED characters into one: a longer text needs more tokens than
+        any sequence holds, whatever it says, so it is refused before the tokenizer spends seconds and GBs on it.
+        """
+        longest_token = max(map(len, self.model.tokenizer.token_bytes))
+        return NFC_MOST_COMPOSED * longest_token * self.engine.longest_sequence
+
+    def check_text_fits(self, characters: int, param: str) -> None:
+        if characters > self.longest_prompt_text:
+            raise ApiError(400, f"the prompt's {characters:,} characters cannot fit in {self.engine.longest_sequence:,} "
+                           "tokens (the most a sequence may hold here); shorten it", param=param,
+                           code="context_length_exceeded")
 
     def sampling(self, body: ChatCompletionRequest | CompletionRequest, prompt_tokens: int) -> Any:
         limit = body.token_limit if body.token_limit is not None else max(1, self.engine.longest_sequence - prompt_tokens)
