@@ -1,4 +1,5 @@
-"""POST /v1/completions: a raw prompt (text or token ids) continued as it is, with optional echo and logprobs."""
+"""POST /v1/completions: a raw prompt (text with its control tokens parsed, or token ids) continued as it is, with
+optional echo and logprobs."""
 
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
     tokenizer = server.model.tokenizer
     if isinstance(body.prompt, str):
         server.check_text_fits(len(body.prompt), "prompt")
-        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt)  # a long prompt takes a while
+        # A raw prompt's markup means what it says (`<|im_start|>` is the control token), as vLLM reads it; tokenizing
+        # a long one takes a while, so not on the event loop.
+        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, special=True)
     else:
         vocab = server.model.config.vocab_size
         if any(not 0 <= token < vocab for token in body.prompt):
