@@ -212,24 +212,6 @@ def test_updated() -> None:
         base.updated(top_p=0.9, beams=4)
 
 
-def test_with_generation_config() -> None:
-    base = SamplingParams(max_tokens=64)
-    # do_sample false (or absent, as transformers defaults it) means greedy decoding.
-    assert base.with_generation_config({"do_sample": False, "temperature": 0.9, "top_k": 5}).temperature == 0.0
-    assert base.with_generation_config({}).temperature == 0.0
-    # qwen-family.md §8.4, Qwen2.5-Instruct.
-    qwen25 = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05,
-              "eos_token_id": [151645, 151643], "bos_token_id": 151643, "pad_token_id": 151643}
-    params = base.with_generation_config(qwen25)
-    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (0.7, 0.8, 20, 1.05)
-    assert params.max_tokens == 64
-    # Keys it leaves out keep the current values.
-    partial = base.with_generation_config({"do_sample": True, "top_p": 0.95})
-    assert partial.top_p == 0.95 and partial.temperature == base.temperature and partial.top_k == base.top_k
-    with pytest.raises(QwenError, match="top_p"):
-        base.with_generation_config({"do_sample": True, "top_p": 0})
-
-
 # --- stop strings --------------------------------------------------------------------------------------------------
 
 
