@@ -87,6 +87,7 @@ def test_info_default_model(capsys, default_gguf) -> None:
     assert facts["parameters"] == 494_032_768 + 151936 * 896
 
 
+@pytest.mark.slow
 def test_installed_command_answers_with_the_default_model() -> None:
     """End to end through the console script, as `make run` uses it."""
     qwen = Path(sys.executable).with_name("qwen")

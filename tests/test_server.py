@@ -24,6 +24,7 @@ from qwen_engine.engine.serving import Request
 from qwen_engine.model.rope import RotaryEmbedding
 from qwen_engine.server.app import create_app
 from qwen_engine.server.server import Server
+from serve_command import ServeCommand
 
 NAME = "qwen2.5-coder-0.5b-instruct"
 KEY = "test-key"
@@ -295,6 +296,7 @@ def test_full_queue_answers_429_with_retry_after(default_model) -> None:
         running.close()
 
 
+@pytest.mark.slow
 def test_32_streaming_clients_with_8_disconnects_free_every_block(server) -> None:
     free_before = server.metric("qwen_kv_blocks_free")
 
@@ -357,6 +359,7 @@ BAD_BODIES = st.one_of(
 )
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_get_client_errors_never_500s(server) -> None:
     seen = []
     with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
@@ -377,46 +380,27 @@ def test_fuzzed_requests_get_client_errors_never_500s(server) -> None:
     assert chat(server.client(), "Still there?", max_tokens=4).choices[0].message.content
 
 
-class ServeCommand:
-    """`qwen serve` of the default model in a subprocess, on a free port, up and answering /health."""
-
-    def __init__(self, default_gguf, *options: str) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(default_gguf),
-                        "--port", str(self.port), "--served-model-name", NAME, *options]
-        self.process = subprocess.Popen(self.command, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and self.process.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        raise AssertionError(f"qwen serve did not come up: {self.process.stderr.read() if self.process.poll() else 'timeout'}")
-
-    def client(self) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0)
-
-    def rss_bytes(self) -> int:
-        status = open(f"/proc/{self.process.pid}/status").read()
-        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
-
-    def close(self) -> None:
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.mark.slow
 def test_qwen_serve_command_serves_and_ends_promptly_on_sigterm(default_gguf) -> None:
-    serve = ServeCommand(default_gguf, "--kv-cache-gb", "0.25")
+    serve = ServeCommand(default_gguf, "--served-model-name", NAME, "--kv-cache-gb", "0.25")
     try:
         assert chat(serve.client(), "Say hi.", max_tokens=4).usage.completion_tokens <= 4
         serve.process.send_signal(signal.SIGTERM)
         sent = time.perf_counter()
         assert serve.process.wait(timeout=30) == 0
         assert time.perf_counter() - sent < 5
+    finally:
+        serve.close()
+
+
+@pytest.mark.slow
+def test_an_idle_qwen_serve_of_the_default_model_stays_under_1_5_gb(default_gguf) -> None:
+    """With the default KV-cache budget: the cache is touched only as it fills."""
+    serve = ServeCommand(default_gguf, "--served-model-name", NAME)
+    try:
+        assert chat(serve.client(), "Say hi.", max_tokens=4).choices[0].message.content
+        time.sleep(1)
+        assert serve.rss_bytes() < 1.5e9
     finally:
         serve.close()
 
