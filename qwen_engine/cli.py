@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt tokens computed per step; longer prompts go in chunks (default: the chunks the "
                             "library uses, so both give the same output)")
     serve.add_argument("--max-request-mb", type=float, default=32,
-                       help="largest request body in MiB; larger ones get 413 before they are read (default 32)")
+                       help="largest request body in MiB; larger ones get 413 before they are read (default %(default)g)")
 
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")

@@ -38,7 +38,7 @@ class Running:
     def __init__(self, model, **options) -> None:
         engine = model.serving_engine(num_blocks=options.pop("num_blocks", 1024), max_seqs=options.pop("max_seqs", 32))
         engine.start()
-        self.server = Server(model, engine, name=NAME, **options)
+        self.server = Server(model, engine, name=NAME, max_request_bytes=1 << 20, **options)
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]

@@ -27,7 +27,6 @@ from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Choice
 
 DISCONNECT_POLL_S = 0.25
-DEFAULT_MAX_REQUEST_MB = 32
 # NFC (every Qwen tokenizer normalises with it) composes at most this many code points into one character: Unicode's
 # longest canonical decomposition.
 NFC_MOST_COMPOSED = 4
@@ -35,7 +34,7 @@ NFC_MOST_COMPOSED = 4
 
 class Server:
     def __init__(self, model: Model, engine: ServingEngine, *, name: str, api_key: str | None = None,
-                 max_queue: int = 64, max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20) -> None:
+                 max_queue: int = 64, max_request_bytes: int) -> None:
         self.model, self.engine, self.name = model, engine, name
         self.api_key, self.max_queue, self.max_request_bytes = api_key, max_queue, max_request_bytes
         self.in_flight = 0
