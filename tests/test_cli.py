@@ -99,6 +99,14 @@ def test_installed_command_answers_with_the_default_model() -> None:
     assert "yes" in done.stdout.lower()
 
 
+def test_the_package_imports_torch_only_when_a_model_is_loaded() -> None:
+    """`import qwen_engine` stays light (PEP 562): `load` and `Model` come, with torch, on first use."""
+    probe = ("import sys, qwen_engine; assert 'torch' not in sys.modules, 'torch at import'; qwen_engine.SamplingParams; "
+             "qwen_engine.load; assert 'torch' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 # Failures: one line on stderr, a non-zero exit, no traceback.
 
 
