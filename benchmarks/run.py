@@ -7,6 +7,9 @@ decoding that ignores end-of-sequence, and perplexity on benchmarks/data/corpus.
 
     pip install -e ".[bench]"   (llama-cpp-python builds from source; see the README for the CMAKE_ARGS used here)
     python benchmarks/run.py --rounds 3
+
+`--baseline DIR` also runs the qwen-engine of another checkout (e.g. `git worktree add /tmp/base HEAD~1`) in the
+same rounds, and writes the two side by side in a section of their own; `--engines` picks the engines.
 """
 
 from __future__ import annotations
@@ -138,12 +141,19 @@ WORKERS = {
 }
 
 
+BASELINE = "qwen-engine (baseline)"
+
+
 def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
+    """Run a worker in a fresh process; the baseline's is the qwen-engine worker on the --baseline checkout's code."""
+    env = None
+    if job == BASELINE:
+        job, env = "qwen-engine", {**__import__("os").environ, "PYTHONPATH": str(args.baseline)}
     command = [sys.executable, __file__, "--worker", job, "--model", args.model, "--prompt-tokens", str(args.prompt_tokens),
                "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--context", str(args.context)]
     for key, value in extra.items():
         command += [f"--{key.replace('_', '-')}"] + ([] if value is True else [value])
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -181,6 +191,8 @@ def main() -> None:
                         help="chunks scored through decoding steps (slow: one step per token)")
     parser.add_argument("--worker", choices=WORKERS)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout whose qwen-engine runs alongside")
     args = parser.parse_args()
     if args.model is None:
         from qwen_engine.default_model import default_model_path
@@ -193,14 +205,22 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)))
         return
 
+    engines = list(args.engines) + ([BASELINE] if args.baseline else [])
     # Warm the converted-weights cache once, as a user's second start would find it.
-    spawn(args, "qwen-engine")
-    runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    for engine in {"qwen-engine", BASELINE} & set(engines):
+        spawn(args, engine)
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     for round_ in range(args.rounds):
-        for engine in ENGINES:
+        for engine in engines:
             runs[engine].append(spawn(args, engine))
             print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
     medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
+    if args.baseline:
+        text = against_baseline(args, medians, runs)
+        update_section("engines-baseline", text, args.output)
+        print(text)
+    if set(ENGINES) - set(args.engines):  # the side-by-side report needs every engine
+        return
     quality = {}
     if not args.skip_perplexity:
         quality["qwen-engine"] = spawn(args, "ppl:qwen-engine")
@@ -218,6 +238,28 @@ def main() -> None:
     text = report(args, medians, runs, quality)
     update_section("engines", text, args.output)
     print(text)
+
+
+def against_baseline(args: argparse.Namespace, medians: dict, runs: dict) -> str:
+    ours, base = medians["qwen-engine"], medians[BASELINE]
+    revision = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h %s"], capture_output=True,
+                              text=True).stdout.strip()[:100]
+    lines = [
+        "## qwen-engine against a baseline checkout", "",
+        f"Produced by `python benchmarks/run.py --rounds {args.rounds} --baseline …` on {time.strftime('%Y-%m-%d')}.", "",
+        f"- Machine: {machine()}",
+        f"- Baseline: {revision or args.baseline}",
+        f"- Workload: as in the side-by-side section ({args.prompt_tokens}-token prompt, {args.gen_tokens} greedy tokens, "
+        f"{args.threads} threads); both engines alternate in the same rounds, each run a fresh process; medians.", "",
+        "| measure | this checkout | baseline | this ÷ baseline | within 3% or better |", "|---|---|---|---|---|",
+    ]
+    higher_is_better = {"prefill_tok_s", "decode_tok_s"}
+    for metric in METRICS:
+        ratio = ours[metric] / base[metric]
+        good = ratio >= 0.97 if metric in higher_is_better else ratio <= 1.03
+        lines.append(f"| {metric} | {ours[metric]:.2f} | {base[metric]:.2f} | {ratio:.3f} | {'yes' if good else 'no'} |")
+    lines += ["", "```", json.dumps(runs, indent=1), "```", ""]
+    return "\n".join(lines)
 
 
 def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -> str:

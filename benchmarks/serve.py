@@ -12,6 +12,9 @@ The llama.cpp peers, both the llama.cpp that llama-cpp-python vendors:
 - `llama-cpp-python`: `python -m llama_cpp.server`. It has no parallel slots (0.3.x): it serves one request at a
   time under a lock and the others wait (with --interrupt_requests False; its default instead cuts off a streaming
   request when the next one arrives).
+
+`--baseline DIR` also serves the qwen-engine of another checkout (e.g. `git worktree add /tmp/base HEAD~1`) in the
+same run, and writes the two side by side in a section of their own.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import httpx
 from results import RESULTS, update_section  # benchmarks/results.py, beside this script
 
 SERVERS = ("qwen-engine", "llama-server", "llama-cpp-python")
+BASELINE = "qwen-engine (baseline)"
 LLAMA_SERVER = Path.home() / ".cache" / "qwen-engine" / "llama-server" / "llama-server"
 
 END_OF_TURN = {"151643": -100, "151644": -100, "151645": -100}  # <|endoftext|>, <|im_start|>, <|im_end|>
@@ -51,7 +55,9 @@ def free_port() -> int:
 def start(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, str]:
     threads, model = str(args.threads), str(args.model)
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    if kind == "qwen-engine":
+    if kind == BASELINE:
+        env["PYTHONPATH"] = str(args.baseline)
+    if kind in ("qwen-engine", BASELINE):
         command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", model, "--port", str(port),
                    "--threads", threads, "--served-model-name", "bench", "--kv-cache-gb", "1"]
     elif kind == "llama-server":
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", choices=SERVERS, default=list(SERVERS))
     parser.add_argument("--llama-server", type=Path, default=LLAMA_SERVER, help=f"llama.cpp's server binary ({LLAMA_SERVER})")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--baseline", type=Path, default=None, help="a checkout whose qwen-engine is served alongside")
     args = parser.parse_args()
     if "llama-server" in args.servers and not os.access(args.llama_server, os.X_OK):
         raise SystemExit(f"no llama-server at {args.llama_server}: build it with benchmarks/build_llama_server.sh, "
@@ -131,7 +138,7 @@ def main() -> None:
 
         args.model = default_model_path()
     runs: dict[str, dict[int, list[dict[str, float]]]] = {}
-    for kind in args.servers:
+    for kind in args.servers + ([BASELINE] if args.baseline else []):
         process, url = start(kind, args, free_port())
         try:
             asyncio.run(round_of(url, 2, 8, 100))  # warm-up: first-call costs stay out of the figures
@@ -143,7 +150,34 @@ def main() -> None:
         finally:
             process.terminate()
             process.wait(timeout=60)
-    write(args, runs)
+    if args.baseline:
+        write_baseline(args, runs)
+    if set(SERVERS) <= set(args.servers):  # the side-by-side section needs every server
+        write(args, {kind: rows for kind, rows in runs.items() if kind != BASELINE})
+
+
+def write_baseline(args: argparse.Namespace, runs: dict[str, dict[int, list[dict[str, float]]]]) -> None:
+    median = lambda rows, key: statistics.median(row[key] for row in rows)  # noqa: E731
+    revision = subprocess.run(["git", "-C", str(args.baseline), "log", "-1", "--format=%h %s"], capture_output=True,
+                              text=True).stdout.strip()[:100]
+    lines = [
+        "## qwen serve against a baseline checkout", "",
+        f"Produced by `python benchmarks/serve.py --rounds {args.rounds} --servers qwen-engine --baseline …` on "
+        f"{time.strftime('%Y-%m-%d')}.", "",
+        f"- Machine: {platform.processor() or platform.machine()}; {args.threads} threads per server; baseline: "
+        f"{revision or args.baseline}",
+        f"- Workload: as in the serving section ({args.max_tokens} tokens a request); the two servers one after the "
+        "other in the same run; medians of the rounds.", "",
+        "| concurrency | this checkout tok/s | baseline tok/s | this ÷ baseline | median TTFT (s), this / baseline |",
+        "|---|---|---|---|---|",
+    ]
+    ours, base = runs["qwen-engine"], runs[BASELINE]
+    for concurrency in args.concurrency:
+        a, b = median(ours[concurrency], "tok_s"), median(base[concurrency], "tok_s")
+        lines.append(f"| {concurrency} | {a:.1f} | {b:.1f} | {a / b:.3f} | {median(ours[concurrency], 'median_ttft_s'):.2f} / "
+                     f"{median(base[concurrency], 'median_ttft_s'):.2f} |")
+    lines += ["", "```", json.dumps(runs, indent=1), "```", ""]
+    update_section("serving-baseline", "\n".join(lines), args.output)
 
 
 def write(args: argparse.Namespace, runs: dict[str, dict[int, list[dict[str, float]]]]) -> None:
