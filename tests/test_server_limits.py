@@ -115,6 +115,13 @@ def test_a_prompt_text_that_cannot_fit_is_refused_before_tokenizing(app, server,
     assert status == 400 and "characters cannot fit" not in answer["error"]["message"] and longest in encoded
 
 
+def test_characters_count_as_the_tokenizer_sees_them_after_nfc(app, server, encoded) -> None:
+    """'e' + combining acute is one character once NFC composes it: twice the bound's length as given, within it as
+    read."""
+    status, answer, _ = exchange(app, "/v1/completions", *whole({"model": "tiny", "prompt": "e\u0301" * server.longest_prompt_text}))
+    assert status == 400 and "characters cannot fit" not in answer["error"]["message"] and encoded
+
+
 def test_the_bound_admits_the_longest_text_any_sequence_can_hold(server) -> None:
     """The longest token, repeated as often as a sequence has room for, is within the bound: no prompt that fits
     can be refused by it."""

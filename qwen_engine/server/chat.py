@@ -83,14 +83,14 @@ def _check_text_fits(server: Server, messages: list[ChatMessage]) -> None:
     format keeps the system message and the last one (Qwen v1 drops older history past its window), so only
     those two are counted: a prompt that fits is never refused."""
     kept = {0, len(messages) - 1} if messages[0].role in ("system", "developer") else {len(messages) - 1}
-    server.check_text_fits(sum(_text_length(messages[i]) for i in kept), "messages")
+    server.check_text_fits([text for i in sorted(kept) for text in _texts(messages[i])], "messages")
 
 
-def _text_length(message: ChatMessage) -> int:
+def _texts(message: ChatMessage) -> list[str]:
     content = message.content
     if isinstance(content, list):
-        return sum(len(part.text) for part in content)
-    return len(content or "")
+        return [part.text for part in content]
+    return [content or ""]
 
 
 def _template_message(message: ChatMessage) -> dict[str, Any]:

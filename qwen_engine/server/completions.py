@@ -23,7 +23,7 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
     server.check_model(body.model)
     tokenizer = server.model.tokenizer
     if isinstance(body.prompt, str):
-        server.check_text_fits(len(body.prompt), "prompt")
+        server.check_text_fits([body.prompt], "prompt")
         # A raw prompt's markup means what it says (`<|im_start|>` is the control token), as vLLM reads it; tokenizing
         # a long one takes a while, so not on the event loop.
         prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, special=True)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+import unicodedata
+from collections.abc import AsyncIterator, Callable, Iterable
 from functools import cached_property
 from typing import Any
 
@@ -27,9 +28,6 @@ from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Choice
 
 DISCONNECT_POLL_S = 0.25
-# NFC (every Qwen tokenizer normalises with it) composes at most this many code points into one character: Unicode's
-# longest canonical decomposition.
-NFC_MOST_COMPOSED = 4
 
 
 class Server:
@@ -63,16 +61,16 @@ class Server:
 
     @cached_property
     def longest_prompt_text(self) -> int:
-        """The most characters a prompt text can have and still fit in the longest sequence the engine takes.
-
-        No token covers more than the longest token's bytes of normalised text, a character is at least one byte,
-        and normalising composes at most NFC_MOST_COMPOSED characters into one: a longer text needs more tokens than
-        any sequence holds, whatever it says, so it is refused before the tokenizer spends seconds and GBs on it.
-        """
+        """The most characters (of NFC text, which the tokenizer reads) a prompt can have in the longest sequence the
+        engine takes: no token covers more characters than the longest token has bytes."""
         longest_token = max(map(len, self.model.tokenizer.token_bytes))
-        return NFC_MOST_COMPOSED * longest_token * self.engine.longest_sequence
+        return longest_token * self.engine.longest_sequence
 
-    def check_text_fits(self, characters: int, param: str) -> None:
+    def check_text_fits(self, texts: Iterable[str], param: str) -> None:
+        """Refuse texts that need more tokens than any sequence holds, whatever they say, before the tokenizer spends
+        seconds and GBs on them (a few ms here). A text counts its characters after NFC, as the tokenizer sees it,
+        or as given where that is fewer (NFC may also expand a character), so a prompt that fits is never refused."""
+        characters = sum(min(len(text), len(unicodedata.normalize("NFC", text))) for text in texts)
         if characters > self.longest_prompt_text:
             raise ApiError(400, f"the prompt's {characters:,} characters cannot fit in {self.engine.longest_sequence:,} "
                            "tokens (the most a sequence may hold here); shorten it", param=param,
