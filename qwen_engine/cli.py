@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from .errors import QwenError
-from .model.quantized import QUANT_CHOICES
+from .formats import QUANT_CHOICES
 from .results import GenerationResult
 from .sampling_params import SamplingParams
 
@@ -442,8 +442,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     listener = listen(args.host, args.port)  # before the slow load: a port in use fails at once
     model = _load(args)
-    chunking = {"prefill_tokens": args.prefill_tokens} if args.prefill_tokens else {}
-    engine = model.serving_engine(kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs, **chunking)
+    engine = model.serving_engine(kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs,
+                                  prefill_tokens=args.prefill_tokens)
     server = Server(model, engine, name=args.served_model_name or args.model,
                     api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue,
                     max_request_bytes=int(args.max_request_mb * 2**20))

@@ -21,12 +21,12 @@ from .engine.paged import BLOCK_SIZE, block_bytes
 from .engine.runner import ModelRunner
 from .engine.serving import DEFAULT_PREFILL_TOKENS, Request, ServingEngine
 from .errors import QwenError
+from .formats import QUANT_CHOICES
 from .kernels import cpu_kernels
 from .model.decoder import QwenDecoder
 from .model.fused import FusedDecodeStep
 from .model.quantized import (
     CONVERTER_ID,
-    QUANT_CHOICES,
     StoredEmbedding,
     place_quantized,
     quant_plan,
@@ -155,16 +155,17 @@ class Model:
         return ModelRunner(self.decoder, num_blocks, lock=self._compute)
 
     def serving_engine(self, *, kv_cache_gb: float | None = None, num_blocks: int | None = None, max_seqs: int = 32,
-                       prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> ServingEngine:
+                       prefill_tokens: int | None = None) -> ServingEngine:
         """The engine `qwen serve` runs. Its KV cache takes `kv_cache_gb` (or `num_blocks` blocks), by default what
-        `max_seqs` sequences of the full context need, at most 30% of the memory available now."""
+        `max_seqs` sequences of the full context need, at most 30% of the memory available now; prompts go in
+        chunks of `prefill_tokens` (by default the library's, so both give the same text)."""
         if num_blocks is None:
             per_block = block_bytes(self.config, self.dtype)
             full = max_seqs * -(-self.config.context_length // BLOCK_SIZE) * per_block
             budget = kv_cache_gb * 2**30 if kv_cache_gb is not None else min(DEFAULT_KV_SHARE * available_memory(), full)
             num_blocks = int(budget // per_block)
         return ServingEngine(self.runner(num_blocks), self.tokenizer, self.stop_token_ids, max_seqs=max_seqs,
-                             prefill_tokens=prefill_tokens)
+                             prefill_tokens=prefill_tokens or DEFAULT_PREFILL_TOKENS)
 
     def _engine_for(self, request: Request) -> ServingEngine:
         """An engine with blocks for this request's sequences at their longest and nothing more."""

@@ -5,16 +5,11 @@ same tokens, on the default model, for 10 prompts of which one is over 1,000 tok
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
+from serve_command import ServeCommand
 
 from qwen_engine import cli
 from qwen_engine.engine.serving import Request
@@ -72,21 +67,9 @@ def test_qwen_generate_and_chat_once_give_the_library_tokens(default_model, defa
 
 
 def test_qwen_serve_beside_15_others_gives_the_library_tokens(default_gguf, library) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "qwen_engine.cli", "serve", "--model", str(default_gguf),
-                                "--port", str(port), "--served-model-name", "m", "--kv-cache-gb", "0.5"],
-                               stderr=subprocess.PIPE, text=True)
+    serve = ServeCommand(default_gguf, "--served-model-name", "m", "--kv-cache-gb", "0.5")
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        client = serve.client()
 
         def ask(messages: list[dict[str, str]]) -> str:
             reply = client.chat.completions.create(model="m", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
@@ -97,7 +80,6 @@ def test_qwen_serve_beside_15_others_gives_the_library_tokens(default_gguf, libr
             crowded = list(pool.map(ask, conversations() + FILLERS))[: len(library)]
         alone = ask(conversations()[0])
     finally:
-        process.kill()
-        process.wait()
+        serve.close()
     assert crowded == [result.text for result in library]
     assert alone == library[0].text

@@ -404,7 +404,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, module)
 
 
-QUANT_CHOICES = ("none", "int8", "int4", "q8_0", "auto")
 FOUR_BIT_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K"})
 STORED_BLOCK_TYPES = frozenset({"Q8_0", "Q5_0"})  # what weights/quants.block_codes reads bit for bit
 
