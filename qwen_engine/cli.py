@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(generate)
     _add_sampling_options(generate)
     generate.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    generate.add_argument("--no-special", dest="special", action="store_false",
+                          help="keep control-token markup in the prompt as text (by default <|im_start|> and the "
+                               "like are parsed, as transformers, vLLM and llama.cpp read a raw prompt)")
     generate.add_argument("prompt")
 
     chat = commands.add_parser("chat", help="chat with the model (interactive; /reset, /exit)")
@@ -183,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     sampling = _sampling_overrides(args)
     model = _load(args)
     result = GenerationResult()
-    for delta in model.stream_deltas(args.prompt, result, **sampling):
+    for delta in model.stream_deltas(args.prompt, result, special=args.special, **sampling):
         if not args.json and delta.text:
             sys.stdout.write(delta.text)
             sys.stdout.flush()

@@ -50,6 +50,15 @@ def test_generate_json(shared_model, capsys) -> None:
     assert payload["timings"]["ttft_s"] > 0 and payload["timings"]["decode_tok_s"] > 0
 
 
+def test_generate_parses_markup_unless_no_special(shared_model, capsys) -> None:
+    prompt = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    for flags, special in (((), True), (("--no-special",), False)):
+        code, out, err = run_cli(capsys, "generate", "--json", "-n", "1", "-t", "0", *flags, prompt)
+        assert code == 0, err
+        assert json.loads(out)["prompt_tokens"] == len(shared_model.tokenizer.encode(prompt, special=special))
+    assert len(shared_model.tokenizer.encode(prompt, special=True)) < len(shared_model.tokenizer.encode(prompt))
+
+
 def test_generate_streams_text(shared_model, capsys) -> None:
     code, out, _ = run_cli(capsys, "generate", "-n", "8", "-t", "0", "The capital of France is")
     expected = shared_model.generate("The capital of France is", max_tokens=8, temperature=0).text
