@@ -1,11 +1,12 @@
-# Two commands: `make run` chats with the default model, `make test` runs the test suite.
+# Two commands: `make run` chats with the default model, `make test` runs the test suite (CI);
+# `make test-fast` leaves out the tests marked slow, for the edit loop.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The CPU build of PyTorch; for a GPU install a CUDA build first (see README).
 TORCH ?= torch==2.13.0
 
-.PHONY: run test install install-test clean
+.PHONY: run test test-fast install install-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,9 @@ run: install
 
 test: install-test
 	$(BIN)/python -m pytest -q
+
+test-fast: install-test
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV)

@@ -190,9 +190,10 @@ def test_stored_embedding_reads_rows_from_the_file(default_checkpoint, engine_mo
 @pytest.fixture(scope="module")
 def tiny_blocks_gguf(tiny_gguf_factory):
     """A tiny GGUF whose projections are stored Q5_0 (q, k, o, gate, up) and Q8_0 (v, down), like a real file."""
-    from tiny import hf_config, random_model
+    from tiny import SMALL_VOCAB_CONFIG, hf_config, random_model
 
-    config = hf_config("qwen2.5-0.5b", intermediate_size=192)  # every row a multiple of 64, as the kernel needs
+    # Every row a multiple of 64, as the kernel needs; a small vocabulary: the kernels, not the tokenizer, are tested.
+    config = hf_config("qwen2.5-0.5b", **SMALL_VOCAB_CONFIG, intermediate_size=192)
     state = random_model(config).state_dict()  # the factory's model: same config, same seed
     raw = {}
     stored = {"attn_q": ("self_attn.q_proj", T.Q5_0), "attn_k": ("self_attn.k_proj", T.Q5_0),
@@ -202,7 +203,7 @@ def tiny_blocks_gguf(tiny_gguf_factory):
         for gguf_name, (hf_name, qtype) in stored.items():
             weight = state[f"model.layers.{layer}.{hf_name}.weight"].numpy()
             raw[f"blk.{layer}.{gguf_name}.weight"] = (gguf_quants.quantize(weight, qtype), qtype)
-    return tiny_gguf_factory("blocks.gguf", raw_tensors=raw, intermediate_size=192)
+    return tiny_gguf_factory("blocks.gguf", raw_tensors=raw, small_vocab=True, intermediate_size=192)
 
 
 def decode_logits(model, prompt: list[int], steps: list[int]) -> torch.Tensor:
@@ -233,12 +234,12 @@ def test_tiny_gguf_keeps_its_blocks_and_decodes_fused(tiny_blocks_gguf) -> None:
 
 
 @needs_kernels
-def test_fused_decode_honours_the_sliding_window(tmp_path, tokenizer_files) -> None:
-    from tiny import hf_config, random_model, write_hf_checkpoint
+def test_fused_decode_honours_the_sliding_window(tmp_path, small_tokenizer_files) -> None:
+    from tiny import SMALL_VOCAB_CONFIG, hf_config, random_model, write_hf_checkpoint
 
-    config = hf_config("qwen2.5-0.5b", intermediate_size=192, use_sliding_window=True, sliding_window=8,
-                       max_window_layers=1, num_hidden_layers=2)
-    directory = write_hf_checkpoint(tmp_path / "windowed", random_model(config), tokenizer_files)
+    config = hf_config("qwen2.5-0.5b", **SMALL_VOCAB_CONFIG, intermediate_size=192, use_sliding_window=True,
+                       sliding_window=8, max_window_layers=1, num_hidden_layers=2)
+    directory = write_hf_checkpoint(tmp_path / "windowed", random_model(config), small_tokenizer_files)
     model = qwen_engine.load(directory, quant="q8_0")
     assert model.decoder.fused_decode is not None and model.decoder.model.layers[1].self_attn.window == 8
     prompt, steps = list(range(100, 120)), list(range(300, 312))  # decoding well past the window
@@ -249,14 +250,14 @@ def test_fused_decode_honours_the_sliding_window(tmp_path, tokenizer_files) -> N
 
 @needs_kernels
 @pytest.mark.parametrize(("heads", "kv_heads"), [(12, 1), (4, 4)])
-def test_fused_decode_attends_any_grouping_of_heads(tmp_path, tokenizer_files, heads: int, kv_heads: int) -> None:
+def test_fused_decode_attends_any_grouping_of_heads(tmp_path, small_tokenizer_files, heads: int, kv_heads: int) -> None:
     """The native step attends the query heads of a kv head together, in chunks of up to 8: a group of 12 takes two
     chunks, plain multi-head attention one head each. Both agree with the PyTorch path."""
-    from tiny import hf_config, random_model, write_hf_checkpoint
+    from tiny import SMALL_VOCAB_CONFIG, hf_config, random_model, write_hf_checkpoint
 
-    config = hf_config("qwen2.5-0.5b", hidden_size=32 * heads, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                       head_dim=32, intermediate_size=192, num_hidden_layers=2)
-    directory = write_hf_checkpoint(tmp_path / f"heads{heads}", random_model(config), tokenizer_files)
+    config = hf_config("qwen2.5-0.5b", **SMALL_VOCAB_CONFIG, hidden_size=32 * heads, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, head_dim=32, intermediate_size=192, num_hidden_layers=2)
+    directory = write_hf_checkpoint(tmp_path / f"heads{heads}", random_model(config), small_tokenizer_files)
     model = qwen_engine.load(directory, quant="q8_0")
     assert model.decoder.fused_decode is not None and model.config.head_dim == 32
     prompt, steps = list(range(100, 140)), list(range(300, 310))
@@ -266,13 +267,13 @@ def test_fused_decode_attends_any_grouping_of_heads(tmp_path, tokenizer_files, h
 
 
 @needs_kernels
-def test_default_model_greedy_text_is_the_same_fused_or_not() -> None:
-    model = qwen_engine.load("default")
+def test_default_model_greedy_text_is_the_same_fused_or_not(default_model, monkeypatch) -> None:
+    model = default_model
     assert model.quant == "auto" and model.decoder.fused_decode is not None
     prompt = model.chat_prompt([{"role": "user", "content": "Write a Python function that reverses a string."}])
     greedy = dict(max_tokens=48, temperature=0, repetition_penalty=1.0)  # argmax: no penalty to amplify bf16 noise
     fused = model.generate(prompt, **greedy)
-    model.decoder.fused_decode = None
+    monkeypatch.setattr(model.decoder, "fused_decode", None)  # the shared model gets its fused step back afterwards
     assert model.generate(prompt, **greedy).token_ids == fused.token_ids
     assert "def " in fused.text
 
@@ -295,12 +296,12 @@ def test_without_kernels_auto_runs_on_pytorch_formats(tiny_blocks_gguf, monkeypa
 @needs_kernels
 def test_tied_gguf_head_shares_the_stored_embedding_blocks(tiny_gguf_factory) -> None:
     """A tied file (no output.weight) with a Q8_0 embedding: the head is the embedding's blocks, never a float copy."""
-    from tiny import hf_config, random_model
+    from tiny import SMALL_VOCAB_CONFIG, hf_config, random_model
 
-    config = hf_config("qwen2.5-0.5b", intermediate_size=192)
+    config = hf_config("qwen2.5-0.5b", **SMALL_VOCAB_CONFIG, intermediate_size=192)
     embedding = random_model(config).state_dict()["model.embed_tokens.weight"].numpy()
     raw = {"token_embd.weight": (gguf_quants.quantize(embedding, T.Q8_0), T.Q8_0)}
-    path = tiny_gguf_factory("tied.gguf", raw_tensors=raw, intermediate_size=192)
+    path = tiny_gguf_factory("tied.gguf", raw_tensors=raw, small_vocab=True, intermediate_size=192)
     model = qwen_engine.load(path)
     decoder = model.decoder
     assert decoder.config.tie_word_embeddings

@@ -11,7 +11,6 @@ import sys
 import pytest
 import torch
 
-import qwen_engine
 from qwen_engine.catalog import entries, resolve
 from qwen_engine.cli import main
 from qwen_engine.errors import QwenError
@@ -178,6 +177,8 @@ print(json.dumps({"runtime": runtime, "peak": status("VmHWM")}))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("default_model")  # loaded: the converted-weights cache is warm, as on any second start
 @pytest.mark.parametrize("tokens", [512, 4096])
 def test_prediction_for_this_engine_matches_its_measured_memory(tokens: int, default_gguf) -> None:
     """The planner's CPU figure for the default model in this engine's format, against the peak RSS of a fresh
@@ -187,7 +188,6 @@ def test_prediction_for_this_engine_matches_its_measured_memory(tokens: int, def
     own measurement; the rest is predicted."""
     from qwen_engine.planner import CPU_RUNTIME, memory_entry
 
-    qwen_engine.load("default")  # the converted-weights cache is warm, as on any second start
     done = subprocess.run([sys.executable, "-c", MEASURE, str(tokens)], capture_output=True, text=True, check=True)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     predicted = plan(memory_entry(str(default_gguf)), "auto", context=tokens + 8).host_ram - CPU_RUNTIME + measured["runtime"]

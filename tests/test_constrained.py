@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,7 @@ def run(text: str):
     return state
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(st.dictionaries(st.text(), VALUES, max_size=5), st.booleans(), st.sampled_from([None, 1]))
 def test_every_json_object_is_accepted_and_closes(obj: dict, ascii_only: bool, indent: int | None) -> None:
@@ -33,6 +35,7 @@ def test_every_json_object_is_accepted_and_closes(obj: dict, ascii_only: bool, i
     assert all(run(text[:cut])[0] != "done" for cut in range(len(text)))  # no prefix closes early
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=40))
 def test_what_is_accepted_to_the_end_parses(text: str) -> None:

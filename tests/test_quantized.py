@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,18 +61,25 @@ def test_int4_is_exact_on_4_bit_grids() -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_int8(tiny_gguf):
-    return qwen_engine.load(tiny_gguf, quant="int8")
+def small_gguf(tiny_gguf_factory) -> Path:
+    """A tiny GGUF of its own (a test below touches its time stamp), with a small vocabulary: the weight formats, not
+    the tokenizer, are tested here."""
+    return tiny_gguf_factory("quantized.gguf", small_vocab=True, max_position_embeddings=64)
 
 
-def test_quantized_model_tracks_float32(tiny_gguf, tiny_int8) -> None:
-    reference = qwen_engine.load(tiny_gguf, dtype="float32", quant="none")
+@pytest.fixture(scope="module")
+def tiny_int8(small_gguf):
+    return qwen_engine.load(small_gguf, quant="int8")
+
+
+def test_quantized_model_tracks_float32(small_gguf, tiny_int8) -> None:
+    reference = qwen_engine.load(small_gguf, dtype="float32", quant="none")
     ids = list(range(100, 140))
     assert tiny_int8.quant == "int8" and reference.quant == "none"
     assert relative_error(tiny_int8.logits(ids), reference.logits(ids)) <= 0.05
 
 
-def test_converted_cache_is_used_and_keyed_by_the_source(tiny_gguf, tiny_int8, isolated_cache, monkeypatch) -> None:
+def test_converted_cache_is_used_and_keyed_by_the_source(small_gguf, tiny_int8, isolated_cache, monkeypatch) -> None:
     cached = list((isolated_cache / "converted").glob("*.pt"))
     assert cached, "the first int8 load writes the converted weights"
     from qwen_engine.checkpoint import GGUFSource
@@ -80,23 +88,23 @@ def test_converted_cache_is_used_and_keyed_by_the_source(tiny_gguf, tiny_int8, i
         raise AssertionError("a warm start must not dequantize again")
 
     monkeypatch.setattr(GGUFSource, "tensors", no_conversion)
-    warm = qwen_engine.load(tiny_gguf, quant="int8")
+    warm = qwen_engine.load(small_gguf, quant="int8")
     ids = list(range(200, 230))
     torch.testing.assert_close(warm.logits(ids), tiny_int8.logits(ids), rtol=0, atol=0)
     monkeypatch.undo()
     # A modified source file is a different key: converted again, never served stale, and the old file is replaced.
-    stat = tiny_gguf.stat()
-    os.utime(tiny_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    qwen_engine.load(tiny_gguf, quant="int8")
+    stat = small_gguf.stat()
+    os.utime(small_gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    qwen_engine.load(small_gguf, quant="int8")
     now = set((isolated_cache / "converted").glob("*.pt"))
     assert len(now) == len(cached) and now != set(cached)
 
 
-def test_corrupt_cache_is_rebuilt(tiny_gguf, isolated_cache) -> None:
-    first = qwen_engine.load(tiny_gguf, quant="int4")
+def test_corrupt_cache_is_rebuilt(small_gguf, isolated_cache) -> None:
+    first = qwen_engine.load(small_gguf, quant="int4")
     newest = max((isolated_cache / "converted").glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
     newest.write_bytes(b"not a cache")
-    again = qwen_engine.load(tiny_gguf, quant="int4")
+    again = qwen_engine.load(small_gguf, quant="int4")
     ids = list(range(300, 320))
     torch.testing.assert_close(again.logits(ids), first.logits(ids), rtol=0, atol=0)
     assert newest.stat().st_size > 1000

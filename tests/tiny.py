@@ -1,7 +1,9 @@
 """Tiny random checkpoints for tests: HF directories written by transformers, and GGUF files written by gguf-py.
 
 They reuse the default model's real tokenizer (and vocabulary size), so text round-trips through them as it does
-through a real checkpoint, while the weights stay a few MB.
+through a real checkpoint, while the weights stay a few MB. Where the vocabulary is not the point (kernels, quantized
+formats, file layouts), `small_vocabulary` cuts it to 2,048 rows: 150k embedding rows are most of a tiny model's
+bytes, its writing, loading and converting.
 """
 
 from __future__ import annotations
@@ -16,6 +18,15 @@ from gguf import GGMLQuantizationType, GGUFWriter
 
 VOCAB = 151936
 
+# A small vocabulary's layout: the first BPE tokens, then the real added tokens renumbered, then padding slots.
+SMALL_VOCAB = 2048
+SMALL_BPE_TOKENS = SMALL_VOCAB - 32
+SMALL_IDS = {"bos_token_id": SMALL_BPE_TOKENS, "eos_token_id": SMALL_BPE_TOKENS + 2}  # <|endoftext|>, <|im_end|>
+SMALL_VOCAB_CONFIG = {"vocab_size": SMALL_VOCAB, **SMALL_IDS}  # hf_config overrides for a small-vocabulary model
+_BYTES = 256  # the first ids are the 256 byte tokens; the merge of rank k makes token 256 + k (qwen-family.md §1.6)
+_ADDED_TYPES = (3, 4)  # GGUF token types: control, user-defined
+_UNUSED_TYPE = 5
+
 # Qwen2-architecture configs shaped like the real generations (qwen-family.md §2, §4, §5), scaled down.
 SHAPES: dict[str, dict[str, Any]] = {
     # Qwen1.5: MHA, untied head.
@@ -28,6 +39,21 @@ SHAPES: dict[str, dict[str, Any]] = {
     "qwq": dict(hidden_size=80, intermediate_size=144, num_hidden_layers=3, num_attention_heads=10,
                 num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5),
 }
+
+
+def small_vocabulary(tokens: list[str], token_types: list[int], merges: list[str]) -> tuple[list[str], list[int], list[str]]:
+    """GGUF tokenizer arrays cut to SMALL_VOCAB rows: the first BPE tokens with the merges that make them, the real
+    added tokens (`<|im_start|>`, `<tool_call>` …) renumbered after them, padding slots to the end. Any text still
+    encodes (down to bytes) and a chat template still finds its control tokens by name."""
+    added = [(token, kind) for token, kind in zip(tokens, token_types) if kind in _ADDED_TYPES]
+    padding = SMALL_VOCAB - SMALL_BPE_TOKENS - len(added)
+    assert added[0][0] == "<|endoftext|>" and added[2][0] == "<|im_end|>" and padding >= 0  # SMALL_IDS
+    kept_merges = merges[: SMALL_BPE_TOKENS - _BYTES]
+    assert all("".join(m.split(" ", 1)) == tokens[_BYTES + k] for k, m in enumerate(kept_merges))
+    small_tokens = [*tokens[:SMALL_BPE_TOKENS], *(token for token, _ in added),
+                    *(f"[PAD{SMALL_VOCAB - padding + n}]" for n in range(padding))]
+    small_types = [*token_types[:SMALL_BPE_TOKENS], *(kind for _, kind in added), *[_UNUSED_TYPE] * padding]
+    return small_tokens, small_types, kept_merges
 
 
 def hf_config(shape: str, **overrides: Any):
@@ -101,8 +127,8 @@ def write_gguf(
     writer.add_token_list(tokenizer["tokens"])
     writer.add_token_types(tokenizer["token_types"])
     writer.add_token_merges(tokenizer["merges"])
-    writer.add_eos_token_id(151645)
-    writer.add_bos_token_id(151643)
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_bos_token_id(config["bos_token_id"])
     if tokenizer.get("chat_template"):
         writer.add_chat_template(tokenizer["chat_template"])
     for name, tensor in state.items():
