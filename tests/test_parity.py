@@ -26,7 +26,7 @@ PROMPTS = {
 @pytest.fixture(scope="module")
 def prompt_ids(engine_model) -> dict[str, list[int]]:
     ids = {name: engine_model.tokenizer.encode(text) for name, text in PROMPTS.items()}
-    ids["chat"] = engine_model.chat_prompt(CHAT)
+    ids["chat"] = engine_model.chat_prompt(CHAT).token_ids
     return ids
 
 
@@ -36,7 +36,7 @@ def test_long_prompt_is_about_a_thousand_tokens(prompt_ids) -> None:
 
 def test_chat_prompt_ids_match_transformers(engine_model, ref_tokenizer) -> None:
     expected = ref_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert engine_model.chat_prompt(CHAT) == list(expected)
+    assert engine_model.chat_prompt(CHAT).token_ids == list(expected)
 
 
 @pytest.mark.parametrize("name", ["english", "chinese", "code", "chat", "long"])
