@@ -87,7 +87,8 @@ class SamplingDefaults:
 
     A key its generation_config.json leaves out takes transformers' default, as transformers, the reference for these
     files, does: Qwen2.5-Instruct's values leaking into Qwen-VL-Chat's (repetition_penalty 1.05 where it has none)
-    changed its greedy replies. Qwen2.5's values stand only where there is no generation config at all (a GGUF).
+    changed its greedy replies. Qwen2.5's values stand only where there is no generation config at all (a GGUF, or
+    an HF directory without the file).
     """
 
     params: SamplingParams
@@ -108,7 +109,8 @@ class SamplingDefaults:
         do_sample, do_sample_source = setting("do_sample")
         if not do_sample:
             chosen["temperature"] = (0.0, do_sample_source)
-        max_new_tokens = generation_config.get("max_new_tokens")  # transformers' own limit counts the prompt too
+        # Left out, transformers stops at max_length 20, prompt included: no default for a reply; the engine's stands.
+        max_new_tokens = generation_config.get("max_new_tokens")
         chosen["max_tokens"] = ((params.max_tokens, ENGINE_DEFAULT) if max_new_tokens is None
                                 else (max_new_tokens, GENERATION_CONFIG))
         return cls(params.updated(**{key: value for key, (value, _) in chosen.items()}),
