@@ -264,6 +264,7 @@ def test_from_hf_dir_tokenizer_json(tok: Tokenizer, ref, tmp_path: Path) -> None
     for text in map(nfc, TEXTS):  # this tokenizer.json has no NFC normalizer, see ref_plain
         assert loaded.encode(text) == tok.encode(text)
         assert loaded.encode_markup(text) == tok.encode_markup(text)
+        assert loaded.encode(text, special=True) == tok.encode(text, special=True)
 
 
 def test_from_hf_dir_vocab_and_merges(
