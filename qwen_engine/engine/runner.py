@@ -19,7 +19,7 @@ from ..model.decoder import QwenDecoder
 from ..model.rope import RotaryChoice
 from ..prompt import MediaItem, Prompt
 from ..sampling_params import SamplingParams
-from .paged import PagedBatch, PagedKVCache, block_bytes
+from .paged import PagedBatch, PagedKVCache
 from .sampling import Sampler
 from .sequence import Sequence
 
@@ -37,10 +37,6 @@ class ModelRunner:
         self.cache = PagedKVCache(decoder.config, num_blocks, decoder.dtype, decoder.device)
         self.encoders = dict(encoders or {})
         self._lock = lock if lock is not None else contextlib.nullcontext()
-
-    @staticmethod
-    def blocks_for(decoder: QwenDecoder, budget_bytes: float) -> int:
-        return int(budget_bytes // block_bytes(decoder.config, decoder.dtype))
 
     def rotary_choice(self, prompt: Prompt) -> RotaryChoice:
         """The rotary frequencies of a sequence with this prompt, for all of its life."""
