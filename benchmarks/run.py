@@ -144,11 +144,19 @@ WORKERS = {
 BASELINE = "qwen-engine (baseline)"
 
 
+def baseline_env(checkout: Path) -> dict[str, str]:
+    """The environment that runs `checkout`'s qwen-engine, with a cache of its own: the converted-weights cache keeps
+    one version per model, so two engines sharing it would each convert again at every start."""
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(checkout), "QWEN_ENGINE_CACHE": str(checkout / ".qwen-engine-cache")}
+
+
 def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
     """Run a worker in a fresh process; the baseline's is the qwen-engine worker on the --baseline checkout's code."""
     env = None
     if job == BASELINE:
-        job, env = "qwen-engine", {**__import__("os").environ, "PYTHONPATH": str(args.baseline)}
+        job, env = "qwen-engine", baseline_env(args.baseline)
     command = [sys.executable, __file__, "--worker", job, "--model", args.model, "--prompt-tokens", str(args.prompt_tokens),
                "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--context", str(args.context)]
     for key, value in extra.items():

@@ -55,8 +55,8 @@ def free_port() -> int:
 def start(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, str]:
     threads, model = str(args.threads), str(args.model)
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    if kind == BASELINE:
-        env["PYTHONPATH"] = str(args.baseline)
+    if kind == BASELINE:  # with a cache of its own (see run.py's baseline_env)
+        env.update(PYTHONPATH=str(args.baseline), QWEN_ENGINE_CACHE=str(args.baseline / ".qwen-engine-cache"))
     if kind in ("qwen-engine", BASELINE):
         command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", model, "--port", str(port),
                    "--threads", threads, "--served-model-name", "bench", "--kv-cache-gb", "1"]

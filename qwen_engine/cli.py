@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn, TextIO
 
 from .errors import QwenError
-from .formats import QUANT_CHOICES
+from .runtime import QUANT_CHOICES
 from .results import GenerationResult
 from .sampling_params import SamplingParams
 

@@ -19,9 +19,9 @@ from .checkpoint import ModelInfo, open_checkpoint
 from .engine.constrained import JsonObjectConstraint, token_texts
 from .engine.paged import BLOCK_SIZE, block_bytes
 from .engine.runner import ModelRunner
-from .engine.serving import DEFAULT_PREFILL_TOKENS, Request, ServingEngine
+from .engine.serving import Request, ServingEngine
 from .errors import QwenError
-from .formats import QUANT_CHOICES
+from .runtime import DEFAULT_PREFILL_TOKENS, QUANT_CHOICES
 from .kernels import cpu_kernels
 from .model.decoder import QwenDecoder
 from .model.fused import FusedDecodeStep

@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from .catalog import DATA, CatalogEntry, local_entry, resolve
 from .config import ModelConfig
 from .errors import QwenError
+from .runtime import DEFAULT_PREFILL_TOKENS
 from .weights.names import packed_with
 
 GiB = 1 << 30
@@ -32,7 +33,6 @@ CPU_LOADED_MODEL = 50 << 20
 TP_DEGREES = (1, 2, 4, 8)
 PRECISION_LADDER = ("fp32", "bf16", "int8", "int4")
 PREFILL_PIECE = 1 << 24  # weights the CPU engine dequantizes at once in prefill (model/quantized.py)
-PREFILL_CHUNK = 512  # prompt tokens this engine computes at once (engine/serving.py's DEFAULT_PREFILL_TOKENS)
 
 
 @dataclass(slots=True, frozen=True)
@@ -91,7 +91,7 @@ class MemoryPlan:
     activations: int  # per GPU: a prefill of the whole context: gate/up, q/k/v and hidden rows, plus float32 logits
     encoders: int  # per GPU: vision/audio towers, replicated, 16-bit
     overhead: int  # per GPU: GPU_OVERHEAD
-    host_ram: int  # this engine on the CPU (tp 1): CPU_RUNTIME + CPU_LOADED_MODEL + the above, prefill by PREFILL_CHUNK
+    host_ram: int  # this engine on the CPU (tp 1): CPU_RUNTIME + CPU_LOADED_MODEL + the above, prefill by DEFAULT_PREFILL_TOKENS
     host_ram_gpu_load: int  # loading onto GPUs: CPU_RUNTIME + the largest tensor in float32 (converted one at a time)
     problems: list[str] = field(default_factory=list)  # what cannot be split evenly: over the GPUs, or into the blocks
     per_token: int = 0  # KV and activation bytes per token of context (per GPU, per sequence)
@@ -200,7 +200,7 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
     act_token = (mlp // tp + qkv + 2 * config.hidden_size) * fmt.activation_bytes + 2 * config.hidden_size * 4
     logits = batch * config.vocab_size * 4
     workspace = 2 * max(map(_prefill_piece, _packed_layer_matrices(config))) if precision == "auto" else 0
-    cpu_activations = act_token * min(context * batch, PREFILL_CHUNK) + logits + workspace  # prompts go in chunks
+    cpu_activations = act_token * min(context * batch, DEFAULT_PREFILL_TOKENS) + logits + workspace  # prompts go in chunks
     result = MemoryPlan(
         model=entry.name, precision="auto (this engine's CPU format)" if precision == "auto" else fmt.name, context=context, batch=batch, tp=tp, weights=weights,
         kv_cache=kv_token * context * batch, activations=act_token * context * batch + logits + workspace, encoders=encoders,

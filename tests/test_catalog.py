@@ -177,13 +177,6 @@ print(json.dumps({"runtime": runtime, "peak": status("VmHWM")}))
 """
 
 
-def test_the_planner_prefills_in_the_engines_chunks() -> None:
-    from qwen_engine.engine.serving import DEFAULT_PREFILL_TOKENS
-    from qwen_engine.planner import PREFILL_CHUNK
-
-    assert PREFILL_CHUNK == DEFAULT_PREFILL_TOKENS
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("default_model")  # loaded: the converted-weights cache is warm, as on any second start
 @pytest.mark.parametrize("tokens", [512, 4096])

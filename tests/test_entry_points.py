@@ -1,6 +1,6 @@
 """One engine under every entry point: for the same prompt and greedy sampling, `Model.chat`/`generate`, the engine
 crowded with 15 other requests, `qwen generate`, `qwen chat --once` and `qwen serve` (beside 15 others) give the
-same tokens, on the default model, for 10 prompts of which one is over 1,000 tokens (three prompt chunks)."""
+same tokens, on the default model, for 10 prompts of which one is over 2,048 tokens (two prompt chunks)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from serve_command import ServeCommand
 
 from qwen_engine import cli
 from qwen_engine.engine.serving import Request
+from qwen_engine.runtime import DEFAULT_PREFILL_TOKENS
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ CORPUS = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "corpu
 
 
 def conversations() -> list[list[dict[str, str]]]:
-    long = "Summarise this text in one sentence:\n\n" + CORPUS.read_text(encoding="utf-8")[:4500]
+    long = "Summarise this text in one sentence:\n\n" + CORPUS.read_text(encoding="utf-8")[:9000]
     return [[{"role": "user", "content": question}] for question in QUESTIONS] + [[{"role": "user", "content": long}]]
 
 
@@ -40,7 +41,7 @@ def library(default_model) -> list:
 
 
 def test_the_long_prompt_takes_several_chunks(default_model) -> None:
-    assert len(default_model.chat_prompt(conversations()[-1]).token_ids) > 1024
+    assert len(default_model.chat_prompt(conversations()[-1]).token_ids) > DEFAULT_PREFILL_TOKENS
 
 
 def test_crowded_engine_gives_each_sequence_its_output_alone(default_model, library) -> None:

@@ -146,6 +146,9 @@ class PagedBatch:
         layer_keys.index_copy_(0, self.written_rows, keys[0].transpose(0, 1))
         layer_values.index_copy_(0, self.written_rows, values[0].transpose(0, 1))
         for tokens, start, rows in zip(self.token_slices, self.starts, self.rows):
+            if start == 0:  # a first chunk holds nothing but its own keys and values (contiguous: SDPA is faster)
+                yield tokens, start, keys[:, :, tokens].contiguous(), values[:, :, tokens].contiguous()
+                continue
             held_keys = layer_keys.index_select(0, rows).transpose(0, 1)[None]
             held_values = layer_values.index_select(0, rows).transpose(0, 1)[None]
             yield tokens, start, held_keys, held_values

@@ -23,6 +23,7 @@ import torch
 from ..errors import QwenError
 from ..prompt import Prompt
 from ..results import TokenLogprob
+from ..runtime import DEFAULT_PREFILL_TOKENS
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDecoder, Tokenizer
 from .paged import BlockAllocator
@@ -32,7 +33,6 @@ from .sequence import Sequence, Status
 from .text import StopStringFilter
 
 log = logging.getLogger("qwen_engine.serving")
-DEFAULT_PREFILL_TOKENS = 512  # prompt tokens a step computes, and the size of a prompt's chunks
 
 
 @dataclass(slots=True)

@@ -94,9 +94,12 @@ class Attention(nn.Module):
         windowed = config.sliding_window is not None and layer >= config.max_window_layers
         self.window: int | None = config.sliding_window if windowed else None
 
-    def forward(self, x: torch.Tensor, rope: RotaryTables, batch: SequenceBatch | None) -> torch.Tensor:
-        """Attention output for every position: of whole sequences from position 0 [B, T, H] without a batch, else of
-        the batch's tokens [1, T, H] over each one's cached keys and values (stored here first)."""
+    def forward(self, x: torch.Tensor, rope: RotaryTables, batch: SequenceBatch | None,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output of whole sequences from position 0 [B, T, H] without a batch, else of the batch's tokens
+        [1, T, H] over each one's cached keys and values (stored here first). With `keep`, only those positions'
+        (keys and values are still stored for all); in a batch each kept position must be the last of its sequence,
+        and only its query is attended (a prefill's last layer needs one row, not the whole causal square)."""
         sequences, length, _ = x.shape
         qkv = self.qkv_proj(x)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
@@ -108,10 +111,24 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, rope.q_cos, rope.q_sin), apply_rotary(k, rope.cos, rope.sin)
         if batch is None:
             out = self._attend(q, k, v, 0)
+            if keep is not None:
+                out = out[:, :, keep]
         else:
-            out = torch.cat([self._attend(q[:, :, tokens], keys, values, first)
-                             for tokens, first, keys, values in batch.each_sequence(self.layer, k, v)], dim=2)
-        return self.o_proj(out.transpose(1, 2).reshape(sequences, length, -1))
+            kept = None if keep is None else set(keep.tolist())
+            parts = []
+            for tokens, first, keys, values in batch.each_sequence(self.layer, k, v):
+                if kept is not None:  # the last query alone, or none
+                    last = tokens.stop - 1
+                    if last not in kept:
+                        continue
+                    tokens, first = slice(last, tokens.stop), first + last - tokens.start
+                parts.append(self._attend(q[:, :, tokens], keys, values, first))
+            if kept is not None and len(parts) != len(kept):
+                raise ValueError("in a batch, only the last position of a sequence can be kept")
+            if not parts:  # a prefill chunk whose outputs nobody reads
+                return x[:, :0]
+            out = torch.cat(parts, dim=2)
+        return self.o_proj(out.transpose(1, 2).reshape(sequences, out.shape[2], self.q_size))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Attention of queries at positions start… over the keys held (those up to the last query)."""
@@ -195,9 +212,9 @@ class DecoderLayer(nn.Module):
         positions' (as llama.cpp's last layer skips the positions whose outputs nobody reads); keys and values are
         still computed and cached for all."""
         normed, residual = self.input_layernorm(x, residual)
-        attention = self.self_attn(normed, rope, batch)
+        attention = self.self_attn(normed, rope, batch, keep)
         if keep is not None:
-            attention, residual = attention[:, keep], residual[:, keep]
+            residual = residual[:, keep]
             if not attention.shape[1]:
                 return attention, residual
         normed, residual = self.post_attention_layernorm(attention, residual)
@@ -252,8 +269,9 @@ class QwenDecoder(nn.Module):
         logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] of whole sequences at positions 0…T−1 (no cache); with a `batch`, of its tokens [1, T]
-        over the keys and values it holds. `logits_at` picks the positions whose logits are wanted (of dimension 1):
-        [B, len(logits_at), V], and the last layer's MLP runs for those positions only."""
+        over the keys and values it holds. `logits_at` picks the positions whose logits are wanted (of dimension 1;
+        in a batch, last positions of sequences): [B, len(logits_at), V], and the last layer computes their outputs
+        only."""
         hidden = self.embed(token_ids) if inputs_embeds is None else inputs_embeds
         length = hidden.shape[1]
         end = length if batch is None else int(batch.positions.max()) + 1
