@@ -225,7 +225,9 @@ class Tokenizer:
         return self._encode_with_controls(text, self._encode_defused)
 
     def _encode_text(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids if text else []
+        # encode_batch releases the GIL while it works (encode holds it): a server tokenizing a long prompt on a
+        # worker thread keeps answering meanwhile.
+        return self._backend.encode_batch([text], add_special_tokens=False)[0].ids if text else []
 
     def _encode_with_controls(self, text: str, encode_between: Callable[[str], list[int]]) -> list[int]:
         """Control-token surface forms as their ids (leftmost-longest, before normalization, as the backend matches
