@@ -97,58 +97,70 @@ class BlockAllocator:
 
 
 class PagedKVCache:
-    """Keys and values of every layer in [L, blocks · block_size, n_kv, d] tensors: token slot s of block b is row
-    b · block_size + s.
+    """Keys and values of every layer in [L, n_kv, blocks · block_size, d] tensors: token slot s of block b is row
+    b · block_size + s of every kv head. Head-major, so a kv head's keys lie together, 16 rows a block: attention
+    reads one head's rows, and with slot-major rows its reads were interleaved with the other heads' (a decoding
+    step of the default model was 2–3% slower that way, measured against a dense cache).
 
     Left uninitialised: only rows a sequence has written are ever read, and memory the allocator maps for a large
     cache becomes resident only as blocks are first used (an idle server of a small model stays small)."""
 
     def __init__(self, config: ModelConfig, num_blocks: int, dtype: torch.dtype, device: torch.device,
                  block_size: int = BLOCK_SIZE) -> None:
-        shape = (config.num_layers, num_blocks * block_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_layers, config.num_kv_heads, num_blocks * block_size, config.head_dim)
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
         self.block_size = block_size
+        self.block_offsets = torch.arange(block_size, device=device)
 
 
 class PagedBatch:
     """One forward's sequences in the paged cache (the decoder's `SequenceBatch`): for each, its block table, the
-    position of its first token in this batch, how many tokens it brings and its rotary frequencies."""
+    position of its first token in this batch, how many tokens it brings and its rotary frequencies.
+
+    Built once a step, so its index tensors come from Python lists in one call each rather than from chains of small
+    tensor operations (a decoding step of the default model spent 0.2 ms here before)."""
 
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], starts: list[int], lengths: list[int],
                  rotary: list[RotaryChoice]) -> None:
-        self.cache, self.starts, self.lengths = cache, starts, lengths
+        self.cache, self.tables, self.starts, self.lengths = cache, tables, starts, lengths
         self.rotary_segments = list(zip(rotary, lengths))
-        self.positions = torch.cat([torch.arange(start, start + length) for start, length in zip(starts, lengths)])
-        device, size = cache.keys.device, cache.block_size
-        # rows of the cache holding each sequence's positions 0…end−1
-        self.rows = [
-            (torch.tensor(table, device=device)[:, None] * size + torch.arange(size, device=device)).flatten()[: start + length]
-            for table, start, length in zip(tables, starts, lengths)
-        ]
+        size = cache.block_size
+        new_positions = [range(start, start + length) for start, length in zip(starts, lengths)]
+        self.positions = torch.tensor([p for positions in new_positions for p in positions])
+        self.written_rows = torch.tensor([table[p // size] * size + p % size
+                                          for table, positions in zip(tables, new_positions) for p in positions],
+                                         device=cache.keys.device)
         self.token_slices, offset = [], 0
         for length in lengths:
             self.token_slices.append(slice(offset, offset + length))
             offset += length
-        self.written_rows = torch.cat([rows[start:] for rows, start in zip(self.rows, starts)])
+
+    def _rows(self, table: list[int], end: int) -> torch.Tensor:
+        """Rows of the cache holding a sequence's positions 0…end−1."""
+        blocks = torch.tensor(table[: -(-end // self.cache.block_size)], device=self.cache.keys.device)
+        return (blocks[:, None] * self.cache.block_size + self.cache.block_offsets).flatten()[:end]
 
     def decode_layout(self) -> PagedLayout | None:
         if any(length != 1 for length in self.lengths):
             return None
-        offsets = torch.tensor([0] + [len(rows) for rows in self.rows[:-1]]).cumsum(0)
-        return PagedLayout(self.cache.keys, self.cache.values, torch.cat(self.rows), offsets, torch.tensor(self.starts))
+        ends = [start + 1 for start in self.starts]
+        slots = torch.cat([self._rows(table, end) for table, end in zip(self.tables, ends)])
+        offsets = torch.tensor([sum(ends[:i]) for i in range(len(ends))])
+        return PagedLayout(self.cache.keys, self.cache.values, slots, offsets, self.positions)
 
     def each_sequence(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor
     ) -> Iterator[tuple[slice, int, torch.Tensor, torch.Tensor]]:
         layer_keys, layer_values = self.cache.keys[layer], self.cache.values[layer]
-        # keys [1, n_kv, T, d] → rows [T, n_kv, d], written where each token's block slot is
-        layer_keys.index_copy_(0, self.written_rows, keys[0].transpose(0, 1))
-        layer_values.index_copy_(0, self.written_rows, values[0].transpose(0, 1))
-        for tokens, start, rows in zip(self.token_slices, self.starts, self.rows):
+        # keys [1, n_kv, T, d]: each kv head's rows written where each token's block slot is
+        layer_keys.index_copy_(1, self.written_rows, keys[0])
+        layer_values.index_copy_(1, self.written_rows, values[0])
+        for tokens, start, table, length in zip(self.token_slices, self.starts, self.tables, self.lengths):
             if start == 0:  # a first chunk holds nothing but its own keys and values (contiguous: SDPA is faster)
                 yield tokens, start, keys[:, :, tokens].contiguous(), values[:, :, tokens].contiguous()
                 continue
-            held_keys = layer_keys.index_select(0, rows).transpose(0, 1)[None]
-            held_values = layer_values.index_select(0, rows).transpose(0, 1)[None]
+            rows = self._rows(table, start + length)
+            held_keys = layer_keys.index_select(1, rows)[None]
+            held_values = layer_values.index_select(1, rows)[None]
             yield tokens, start, held_keys, held_values

@@ -9,6 +9,7 @@ a runner over its shard), and where encoders plug in (`encoders`: media kind →
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Mapping
 from typing import ContextManager
 
@@ -52,7 +53,9 @@ class ModelRunner:
         tokens = [t for seq, count in zip(seqs, counts) for t in seq.tokens[seq.computed : seq.computed + count]]
         batch = PagedBatch(self.cache, [seq.block_table for seq in seqs], [seq.computed for seq in seqs], counts,
                            [seq.rotary for seq in seqs])
-        last = (torch.tensor(counts).cumsum(0) - 1)[torch.tensor(wanted)].to(device)
+        ends = list(itertools.accumulate(counts))
+        last = None if all(wanted) and len(tokens) == len(seqs) else torch.tensor(  # None: every row (decoding)
+            [end - 1 for end, want in zip(ends, wanted) if want], dtype=torch.long, device=device)
         ids = torch.tensor([tokens], device=device)
         with self._lock, torch.inference_mode():
             embeddings = self._embeddings(seqs, counts, ids)

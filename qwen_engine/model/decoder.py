@@ -42,7 +42,7 @@ class SequenceBatch(Protocol):
 
 
 class PagedLayout(NamedTuple):
-    """A paged cache as native code reads it: keys/values [L, slots, n_kv, d]; the slot of every position of every
+    """A paged cache as native code reads it: keys/values [L, n_kv, slots, d]; the slot of every position of every
     sequence (concatenated) and where each sequence's start; each sequence's position in this step."""
 
     keys: torch.Tensor

@@ -66,11 +66,11 @@ class FusedDecodeStep:
             return None  # (a decoder moved off the CPU after loading: the raw addresses would not be host memory)
         d, kv_heads = self.shape.head_dim, self.shape.kv_heads
         layout = batch.decode_layout()  # whether this step applies is settled before anything is copied
-        if layout is None or not plain_bf16(layout.keys, layout.values) or layout.keys.shape[2:] != (kv_heads, d):
+        if layout is None or not plain_bf16(layout.keys, layout.values) or layout.keys.shape[1::2] != (kv_heads, d):
             return None
         tables = tuple(table.contiguous() for table in (rope.cos, rope.sin, rope.q_cos, rope.q_sin))
         out = hidden[0].to(torch.bfloat16, copy=True).contiguous()
-        strides = (layout.keys[0].numel(), kv_heads * d, d)
+        strides = (layout.keys[0].numel(), d, layout.keys.shape[2] * d)  # (layer, slot, kv head)
         for rows in range(0, out.shape[0], MAX_ROWS):  # sequences are independent: any batch goes in slices
             part = slice(rows, rows + MAX_ROWS)
             self.kernels.decode_batch(self.layers, self.shape, out[part], layout.keys, layout.values, strides,
