@@ -127,7 +127,7 @@ class Attention(nn.Module):
                 raise ValueError("in a batch, only the last position of a sequence can be kept")
             if not parts:  # a prefill chunk whose outputs nobody reads
                 return x[:, :0]
-            out = torch.cat(parts, dim=2)
+            out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         return self.o_proj(out.transpose(1, 2).reshape(sequences, out.shape[2], self.q_size))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
