@@ -219,7 +219,7 @@ def main() -> None:
         spawn(args, engine)
     runs: dict[str, list[dict]] = {engine: [] for engine in engines}
     for round_ in range(args.rounds):
-        for engine in engines:
+        for engine in engines if round_ % 2 == 0 else engines[::-1]:  # ABBA: no engine always runs first
             runs[engine].append(spawn(args, engine))
             print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
     medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
@@ -258,7 +258,7 @@ def against_baseline(args: argparse.Namespace, medians: dict, runs: dict) -> str
         f"- Machine: {machine()}",
         f"- Baseline: {revision or args.baseline}",
         f"- Workload: as in the side-by-side section ({args.prompt_tokens}-token prompt, {args.gen_tokens} greedy tokens, "
-        f"{args.threads} threads); both engines alternate in the same rounds, each run a fresh process; medians.", "",
+        f"{args.threads} threads); both engines alternate in the same rounds (in reverse order every other round), each run a fresh process; medians.", "",
         "| measure | this checkout | baseline | this ÷ baseline | within 3% or better |", "|---|---|---|---|---|",
     ]
     higher_is_better = {"prefill_tok_s", "decode_tok_s"}
@@ -282,7 +282,7 @@ def report(args: argparse.Namespace, medians: dict, runs: dict, quality: dict) -
         f"- Software: {versions()}",
         f"- Workload: the default GGUF (Qwen2.5-Coder-0.5B-Instruct, Q5_0/Q8_0/Q4_K/Q6_K); {args.threads} threads; "
         f"prefill of a {args.prompt_tokens}-token random prompt; greedy decoding of {args.gen_tokens} tokens; "
-        f"medians of {args.rounds} rounds, engines alternating, each run a fresh process. qwen-engine runs its default "
+        f"medians of {args.rounds} rounds, engines alternating (in reverse order every other round), each run a fresh process. qwen-engine runs its default "
         f"CPU format (bfloat16 activations, `quant={quant}`) from a warm converted-weights cache.",
         "",
         "| engine | start → first token (s) | prefill (tok/s) | decode (tok/s) | peak RSS (MB) |",

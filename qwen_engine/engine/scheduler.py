@@ -104,6 +104,8 @@ class Scheduler:
         """Record `count` more tokens of `seq` as cached, registering the blocks that became full."""
         seq.computed += count
         size = self.allocator.block_size
+        if (seq.registered + 1) * size > seq.computed:
+            return
         tokens = seq.tokens
         while (seq.registered + 1) * size <= seq.computed:
             block = seq.block_table[seq.registered]
