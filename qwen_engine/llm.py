@@ -184,11 +184,14 @@ class Model:
     def stepwise_logits(self, ids: list[int], prefill: int) -> torch.Tensor:
         """Float32 logits [len(ids), V] computed the way generation computes them: the first `prefill` ids as a
         prompt, then one decoding step per later id (the fused decode path where it applies), on the engine.
-        Rows before prefill − 1 are not computed (zeros)."""
+        Rows before prefill − 1 are not computed (zeros), nor the last one where the ids fill the whole context
+        (it would predict a token past its end, which no decoding step computes)."""
         if not 0 < prefill <= len(ids):
             raise QwenError(f"stepwise_logits needs 0 < prefill ≤ {len(ids)} (got {prefill})")
-        params = SamplingParams(max_tokens=len(ids) - prefill + 1, temperature=0.0, repetition_penalty=1.0,
-                                ignore_eos=True)
+        steps = len(ids) - prefill + (len(ids) < self.config.context_length)  # the last row's step where it fits
+        if not steps:
+            raise QwenError("stepwise_logits of ids that fill the whole context computes no row; give prefill < len(ids)")
+        params = SamplingParams(max_tokens=steps, temperature=0.0, repetition_penalty=1.0, ignore_eos=True)
         request = Request("stepwise", ids[:prefill], params, forced=ids[prefill:], keep_logits=True)
         out = torch.zeros(len(ids), self.config.vocab_size)
         events = self._engine_for(request).run([request])["stepwise"][0]
@@ -232,7 +235,7 @@ class Model:
             elif kind != "text":
                 raise QwenError(f"response_format must be {{'type': 'json_object'}} or {{'type': 'text'}} (got {response_format!r})")
         bias = None if logit_bias is None else {int(token): float(value) for token, value in logit_bias.items()}
-        wants_logprobs = logprobs not in (None, False) or top_logprobs is not None
+        wants_logprobs = (logprobs is not None and logprobs is not False) or top_logprobs is not None
         return Request(f"call-{next(_calls)}", prompt, params, n=n, logprobs=top if wants_logprobs else None,
                        constraint=constraint, logit_bias=bias)
 

@@ -49,5 +49,7 @@ class Prompt:
         return [item for item in self.items if item.offset < end and start < item.end]
 
     def digests_in(self, start: int, end: int) -> bytes:
-        """What a prefix-cache block over positions start…end−1 mixes into its hash besides the ids."""
-        return b"".join(item.digest for item in self.items_in(start, end))
+        """What a prefix-cache block over positions start…end−1 mixes into its hash besides the ids: each item's
+        digest, and where it lies relative to the block."""
+        return b"".join(item.digest + (item.offset - start).to_bytes(8, "little", signed=True)
+                        + item.length.to_bytes(8, "little") for item in self.items_in(start, end))

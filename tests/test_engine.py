@@ -74,6 +74,18 @@ def test_a_served_v1_prompt_past_seq_length_matches_the_one_forward_path(v1_long
     assert close(first_logits(engine, {"after": shorts["short0"]})["after"], v1_long.logits(shorts["short0"])[-1])
 
 
+def test_prefixes_cached_under_one_rotary_choice_are_not_reused_under_another(v1_long) -> None:
+    """Cached keys are stored rotated: a long prompt (α = 7) that starts like an earlier short one (α = 1) must not
+    take the short one's blocks, nor the other way round."""
+    shared = ids(48, seed=7)
+    short, long = shared + ids(4, seed=8), shared + ids(110, seed=9)
+    engine = v1_long.serving_engine(num_blocks=64)
+    for name, prompt in (("short", short), ("long", long), ("short again", short)):
+        hits = engine.stats()["prefix_hit_tokens"]
+        assert close(first_logits(engine, {name: prompt})[name], v1_long.logits(prompt)[-1])
+        assert engine.stats()["prefix_hit_tokens"] == hits + (48 if name == "short again" else 0)
+
+
 def test_the_rotary_choice_holds_for_every_chunk_and_decoding_step(v1_long) -> None:
     """A 100-token prompt in chunks of 32 keeps α = 3 (from 100) through every chunk and step, although a fresh
     forward of its first chunk alone would choose α = 1, and of the whole sequence α = 7."""
@@ -154,6 +166,10 @@ def test_prefix_cache_keeps_prompts_with_different_items_apart(tiny) -> None:
     again = first_logits(engine, {"c": with_item(token_ids, b"cat", 2, 10)})["c"]
     assert engine.stats()["prefix_hit_tokens"] >= hits + 48  # three full blocks of "cat" reused
     assert close(again, first, 1e-5)
+    # The same item one position further on shares nothing either.
+    before = engine.stats()["prefix_hit_tokens"]
+    first_logits(engine, {"moved": with_item(token_ids, b"cat", 3, 10)})
+    assert engine.stats()["prefix_hit_tokens"] == before
     # Text-only prompts with those ids share nothing with either.
     before = engine.stats()["prefix_hit_tokens"]
     first_logits(engine, {"text": token_ids})
@@ -176,6 +192,13 @@ def test_preemption_keeps_encoder_outputs(tiny) -> None:
     assert preempted
     assert sorted(calls) == sorted(f"item{i}".encode() for i in range(3))
     assert {name: [e.token_id for e in events[0]] for name, events in results.items()} == alone
+
+
+def test_stepwise_logits_at_the_full_context(tiny) -> None:
+    """Ids that fill the context: every row a decoding step computes, the last (past the end) left out."""
+    tokens = ids(tiny.config.context_length, seed=11)
+    stepwise, full = tiny.stepwise_logits(tokens, 40), tiny.logits(tokens)
+    assert close(stepwise[39:-1], full[39:-1], 1e-5) and not stepwise[-1].any()
 
 
 def test_an_item_kind_without_an_encoder_is_refused(tiny) -> None:
@@ -214,6 +237,8 @@ def test_library_n_logprobs_logit_bias_and_json_mode(tiny) -> None:
     result = tiny.generate(prompt, max_tokens=5, temperature=1.0, top_k=0, top_p=1.0, seed=3, n=3, logprobs=2)
     assert len(result.choices) == 3 and all(len(c.token_ids) == 5 for c in result.choices)
     assert len({tuple(c.token_ids) for c in result.choices}) > 1  # seeds 3, 4, 5
+    chosen_only = tiny.generate(prompt, max_tokens=2, temperature=0, logprobs=0).logprobs
+    assert len(chosen_only) == 2 and chosen_only[0].top == []
     entry = result.choices[0].logprobs[0]
     assert entry.token_id == result.choices[0].token_ids[0] and len(entry.top) == 2 and entry.logprob <= 0
     greedy = dict(max_tokens=3, temperature=0, repetition_penalty=1.0, ignore_eos=True)

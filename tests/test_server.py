@@ -176,7 +176,7 @@ class ScriptedDecoder(torch.nn.Module):
         self.rotary = RotaryEmbedding(config)
 
     def forward(self, token_ids, *, batch, logits_at, **_) -> torch.Tensor:
-        rows = batch.positions[logits_at.cpu()].tolist()
+        rows = (batch.positions if logits_at is None else batch.positions[logits_at.cpu()]).tolist()  # None: every row
         logits = torch.zeros(1, len(rows), self.config.vocab_size)
         for i, position in enumerate(rows):
             step = min(max(position + 1 - self.prompt_length, 0), len(self.script) - 1)

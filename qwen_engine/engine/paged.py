@@ -52,11 +52,12 @@ class BlockAllocator:
         data = previous + array("q", tokens).tobytes() + len(salt).to_bytes(8, "little") + salt
         return hashlib.blake2b(data, digest_size=16).digest()
 
-    def cached_prefix(self, tokens: Sequence[int], salts: Callable[[int], bytes] = NO_SALT) -> tuple[list[int], bytes]:
-        """Registered blocks that hold the start of `tokens` (block i salted with `salts(i)`), in order (not yet
-        taken), and the digest after the last of them. The block holding the last token is never reused: its logits
-        must be computed."""
-        blocks, chain = [], ROOT
+    def cached_prefix(self, tokens: Sequence[int], salts: Callable[[int], bytes] = NO_SALT,
+                      root: bytes = ROOT) -> tuple[list[int], bytes]:
+        """Registered blocks that hold the start of `tokens` (block i salted with `salts(i)`, the chain starting from
+        `root`), in order (not yet taken), and the digest after the last of them. The block holding the last token is
+        never reused: its logits must be computed."""
+        blocks, chain = [], root
         for start in range(0, len(tokens) - self.block_size, self.block_size):
             salt = salts(start // self.block_size)
             digest = self.prefix_hash(chain, tokens[start : start + self.block_size], salt)

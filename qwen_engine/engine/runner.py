@@ -82,10 +82,7 @@ class ModelRunner:
     def _encoded(self, item: MediaItem) -> torch.Tensor:
         """The item's encoder output, computed on first use and kept on the item (a preempted sequence keeps it)."""
         if item.embedding is None:
-            encoder = self.encoders.get(item.kind)
-            if encoder is None:
-                raise QwenError(f"this model has no {item.kind} encoder; give {item.kind} input to a checkpoint that reads it")
-            embedding = encoder(item)
+            embedding = self.encoders[item.kind](item)  # the engine admits only items whose kind has an encoder
             if tuple(embedding.shape) != (item.length, self.config.hidden_size):
                 raise QwenError(f"the {item.kind} encoder gave {tuple(embedding.shape)} for an item of {item.length} "
                                 f"positions; expected ({item.length}, {self.config.hidden_size})")

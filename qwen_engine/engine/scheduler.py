@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from .paged import BlockAllocator
-from .sequence import ROOT, Sequence, Status
+from .sequence import Sequence, Status
 
 
 @dataclass(slots=True)
@@ -78,7 +78,7 @@ class Scheduler:
         size = self.allocator.block_size
         while self.waiting and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            cached, chain = self.allocator.cached_prefix(seq.tokens, lambda block: seq.block_salt(block, size))
+            cached, chain = self.allocator.cached_prefix(seq.tokens, lambda block: seq.block_salt(block, size), seq.root)
             fresh = -(-(len(seq) + 1) // self.allocator.block_size) - len(cached)  # room for the first new token too
             newly_free = sum(1 for block in cached if self.allocator.ref_counts[block] == 0)
             if self.allocator.num_free - newly_free < fresh:
@@ -132,4 +132,4 @@ class Scheduler:
         if seq in self.running:
             self.running.remove(seq)
         self.allocator.release(seq.block_table)
-        seq.block_table, seq.computed, seq.registered, seq.chain = [], 0, 0, ROOT
+        seq.block_table, seq.computed, seq.registered, seq.chain = [], 0, 0, seq.root

@@ -14,7 +14,7 @@ from ..prompt import Prompt
 from ..sampling_params import SamplingParams
 from .sampling import Sampler
 
-ROOT = b""  # the prefix digest before a sequence's first block
+ROOT = b""  # the prefix digest before the first block, for the allocator's own use
 
 
 class Status(enum.Enum):
@@ -45,10 +45,19 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache
     registered: int = 0  # full blocks recorded for prefix reuse
-    chain: bytes = ROOT  # prefix digest after the registered blocks
+    chain: bytes = b""  # prefix digest after the registered blocks (starts at `root`)
     finish_reason: str | None = None
     state: Any = None  # what the engine keeps per sequence (detokenizer, stop filter, its request)
     seq_id: int = field(default_factory=lambda: next(_ids))
+
+    def __post_init__(self) -> None:
+        self.chain = self.root
+
+    @property
+    def root(self) -> bytes:
+        """The prefix digest before the first block: cached keys are stored rotated, so sequences with different
+        rotary frequencies never share blocks."""
+        return repr(self.rotary).encode()
 
     @property
     def prompt_ids(self) -> list[int]:

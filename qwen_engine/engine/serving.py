@@ -128,13 +128,17 @@ class ServingEngine:
         self._send("add", request)
 
     def check(self, request: Request) -> None:
-        """Raise QwenError when the request can never run here (no prompt, ids outside the vocabulary, too long for
-        the context or the KV cache)."""
+        """Raise QwenError when the request can never run here (no prompt, ids outside the vocabulary, media no
+        encoder reads, too long for the context or the KV cache)."""
         ids, vocab = request.prompt_ids, self.runner.config.vocab_size
         if not ids:
             raise QwenError("the prompt is empty; give at least one token of text")
         if min(ids) < 0 or max(ids) >= vocab:
             raise QwenError(f"prompt token ids must lie in [0, {vocab})")
+        for item in request.prompt.items:
+            if item.kind not in self.runner.encoders:
+                raise QwenError(f"this model has no {item.kind} encoder; give {item.kind} input to a checkpoint "
+                                "that reads it")
         needed = len(ids) + request.params.max_tokens
         if needed > self.context_length:
             raise QwenError(f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) exceed the "
