@@ -1,0 +1,98 @@
+"""Images for Qwen-VL: read from a path, bytes, a PIL image or a `data:` URL, then preprocessed exactly as the
+original code does (qwen-family.md §6.3, §6.5): `convert("RGB")` (alpha dropped, not composited; no EXIF rotation;
+the first frame of an animation), Pillow's own bicubic resize to 448×448 on 8-bit data, then scaled to 0…1 and
+normalized with CLIP's mean and std.
+
+The digest is of the image's bytes as given (or of a PIL image's pixels): the prefix cache and the encoder-output
+cache treat two images as the same only when it matches.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+from .errors import QwenError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image as PILImage
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PIXELS = 50_000_000  # Pillow's decompression-bomb guard, as a clear error rather than a warning
+
+ImageSource = Union[str, Path, bytes, "PILImage.Image"]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedImage:
+    image: PILImage.Image  # as opened (its size is what grounding boxes are scaled to)
+    digest: bytes
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """The image and its digest; one clear QwenError for a missing, unreadable, truncated or non-image input, or one
+    over `max_pixels`."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return LoadedImage(source, hashlib.blake2b(source.tobytes() + repr((source.mode, source.size)).encode(),
+                                                   digest_size=16).digest())
+    name = "the image"
+    if isinstance(source, (str, Path)) and str(source).startswith("data:"):
+        data = _data_url(str(source))
+    elif isinstance(source, (str, Path)):
+        name = str(source)
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError:
+            raise QwenError(f"image not found: {name}") from None
+        except OSError as err:
+            raise QwenError(f"cannot read the image {name} ({err.strerror or err})") from None
+    elif isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        raise QwenError(f"an image is a path, bytes, a data: URL or a PIL image (got {type(source).__name__})")
+    try:
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_pixels:
+            raise QwenError(f"{name} has {width}×{height} pixels, over the limit of {max_pixels:,}; give a smaller image")
+        image.load()  # decodes now: a truncated file fails here, not later inside a step
+    except (UnidentifiedImageError, Image.DecompressionBombError) as err:
+        raise QwenError(f"{name} is not an image this engine can read ({err})") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise QwenError(f"{name} is not a readable image; it may be truncated or corrupt ({err})") from None
+    return LoadedImage(image, hashlib.blake2b(data, digest_size=16).digest())
+
+
+def _data_url(url: str) -> bytes:
+    header, comma, payload = url.partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise QwenError("a data: URL image must be base64 (data:image/png;base64,…)")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise QwenError("the data: URL's base64 does not decode") from None
+
+
+def pixels(image: PILImage.Image, size: int = 448) -> torch.Tensor:
+    """Normalized float32 pixels [3, size, size], as Qwen-VL's `visual.py` makes them."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    resized = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+    array = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (array - mean) / std
