@@ -188,7 +188,7 @@ class HFSource(Checkpoint):
         return template
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_hf_dir(self.path)
+        return Tokenizer.from_hf_dir(self.path, image_tokens=self.config.vision is not None)
 
     def template_tokens(self, tokenizer: Tokenizer) -> dict[str, str | None]:
         def content(value: Any) -> str | None:  # written as a string or as {"content": …}
@@ -209,8 +209,18 @@ class HFSource(Checkpoint):
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
                 placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """The decoder's tensors (a Qwen-VL tower's are `vision_tensors`)."""
         loaded = load_safetensors(self.path, dtype, device, progress)  # memory-mapped: nothing to spare
-        return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()})
+        return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()
+                                if not name.startswith(VISION_PREFIX)})
+
+    def vision_tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """Qwen-VL's visual tower under its module names (`transformer.visual.` taken off, qwen-family.md §6.2)."""
+        loaded = load_safetensors(self.path, dtype, device)
+        return {name[len(VISION_PREFIX):]: tensor for name, tensor in loaded.items() if name.startswith(VISION_PREFIX)}
+
+
+VISION_PREFIX = "transformer.visual."  # Qwen-VL's tower in a v1 checkpoint
 
 
 def open_checkpoint(model: str | Path, progress: bool = False, rope_scaling: str | None = None) -> Checkpoint:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import QwenError
@@ -69,6 +69,39 @@ class RopeScaling:
             raise QwenError(f"invalid rope scaling {spec!r}: use yarn:FACTOR[:ORIGINAL_CONTEXT][:long], e.g. yarn:4") from None
 
 
+@dataclass(frozen=True, slots=True)
+class VisionConfig:
+    """config.json's `visual` sub-config; unknown keys are ignored (defaults: Qwen-VL's, §6.1)."""
+
+    image_size: int = 448
+    patch_size: int = 14
+    width: int = 1664
+    layers: int = 48
+    heads: int = 16
+    mlp_ratio: float = 4.9231
+    output_dim: int = 4096
+    n_queries: int = 256
+    image_start_id: int = 151857
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in raw.items() if key in names})
+
+    @property
+    def grid(self) -> int:
+        """Patches per side (32 at 448 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)  # int(1664 · 4.9231) = 8192
+
+    @property
+    def pool_heads(self) -> int:
+        return self.output_dim // 128  # the resampler's heads are 128 wide (§6.2)
+
+
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     """Shapes and constants of a decoder-only Qwen model (notation of qwen-family.md: H, n_h, n_kv, d, L, F, V)."""
@@ -97,6 +130,7 @@ class ModelConfig:
     # `sliding_window` keys only; None switches it off for every layer (all released configs).
     sliding_window: int | None = None
     max_window_layers: int = 0
+    vision: VisionConfig | None = None  # Qwen-VL's visual tower (config.json's `visual`, qwen-family.md §6.1)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -231,6 +265,7 @@ class ModelConfig:
                 use_dynamic_ntk=bool(raw.get("use_dynamic_ntk", False)),
                 use_logn_attn=bool(raw.get("use_logn_attn", False)),
                 seq_length=int(raw.get("seq_length") or 2048),
+                vision=VisionConfig.from_dict(raw["visual"]) if isinstance(raw.get("visual"), dict) else None,
             )
 
     @classmethod

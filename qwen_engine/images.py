@@ -15,6 +15,7 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Union
 
 from .errors import QwenError
@@ -22,6 +23,8 @@ from .errors import QwenError
 if TYPE_CHECKING:
     import torch
     from PIL import Image as PILImage
+
+    from .prompt import MediaItem
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -96,3 +99,28 @@ def pixels(image: PILImage.Image, size: int = 448) -> torch.Tensor:
     array = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return (array - mean) / std
+
+
+def image_items(ids: list[int], start_id: int, read: Callable[[ImageSource], LoadedImage] = load_image) -> list[MediaItem]:
+    """The images of a prompt written in Qwen-VL's list format: the k-th `<img>` (`start_id`) pairs with the k-th
+    `</img>` (start_id + 1), the path is the ids before the first `<imgpad>` (start_id + 2) between them, and the
+    item fills the positions strictly between the tags (qwen-family.md §6.4, §6.5)."""
+    from .prompt import MediaItem
+
+    opens = [i for i, token in enumerate(ids) if token == start_id]
+    closes = [i for i, token in enumerate(ids) if token == start_id + 1]
+    if len(opens) != len(closes) or any(close <= start for start, close in zip(opens, closes)):
+        raise QwenError("the prompt's <img> and </img> tags do not pair up")
+    items = []
+    for start, close in zip(opens, closes):
+        span = ids[start + 1 : close]
+        raw = span[: span.index(start_id + 2)] if start_id + 2 in span else span
+        if any(token > 255 for token in raw):
+            raise QwenError("an <img> span holds ids that are not path bytes; write images as <img>PATH</img>")
+        try:
+            path = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            raise QwenError("an image path in the prompt is not UTF-8") from None
+        image = read(path)
+        items.append(MediaItem("image", image.digest, start + 1, len(span), pixels(image.image)))
+    return items

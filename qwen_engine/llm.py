@@ -22,6 +22,7 @@ from .engine.runner import ModelRunner
 from .engine.serving import Request, ServingEngine
 from .errors import QwenError
 from .runtime import DEFAULT_PREFILL_TOKENS, QUANT_CHOICES
+from .images import image_items
 from .kernels import cpu_kernels
 from .model.decoder import QwenDecoder
 from .model.fused import FusedDecodeStep
@@ -33,7 +34,8 @@ from .model.quantized import (
     quantize_modules,
     read_as_stored,
 )
-from .prompt import Prompt
+from .model.vision import VisionTower
+from .prompt import MediaItem, Prompt
 from .results import Completion, Delta, GenerationResult
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
@@ -122,6 +124,7 @@ class Model:
         info: ModelInfo,
         quant: str,
         load_s: float,
+        vision: VisionTower | None = None,
     ) -> None:
         self.decoder = decoder
         self.config = decoder.config
@@ -134,6 +137,7 @@ class Model:
         stop_ids = set(decoder.config.eos_token_ids)
         stop_ids.update(i for i in map(tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None)
         self.stop_token_ids = frozenset(stop_ids)
+        self.vision = vision  # Qwen-VL's visual tower: image items' encoder
         self._compute = threading.Lock()  # one forward at a time on this decoder, whichever engine asks
 
     @property
@@ -152,7 +156,12 @@ class Model:
     # ---- engines ------------------------------------------------------------------------------------------
     def runner(self, num_blocks: int) -> ModelRunner:
         """A model runner over a KV cache of `num_blocks` blocks (touched only as they are used)."""
-        return ModelRunner(self.decoder, num_blocks, lock=self._compute)
+        encoders = {"image": self._encode_image} if self.vision is not None else {}
+        return ModelRunner(self.decoder, num_blocks, encoders=encoders, lock=self._compute)
+
+    def _encode_image(self, item: MediaItem) -> torch.Tensor:
+        """An image item's 256 vectors: its payload is normalized pixels [3, 448, 448] (images.pixels)."""
+        return self.vision(item.payload[None].to(self.vision.proj.device))[0]
 
     def serving_engine(self, *, kv_cache_gb: float | None = None, num_blocks: int | None = None, max_seqs: int = 32,
                        prefill_tokens: int | None = None) -> ServingEngine:
@@ -213,7 +222,9 @@ class Model:
         (`<|im_start|>` …) parsed, as transformers, vLLM and llama.cpp do; `special=False` keeps every character as
         text. A `max_tokens` not given is what the context leaves, at most the default's."""
         if isinstance(prompt, str):
-            prompt = Prompt(self.tokenizer.encode(prompt, special=special))
+            ids = self.tokenizer.encode(prompt, special=special)
+            vision = self.config.vision
+            prompt = Prompt(ids, image_items(ids, vision.image_start_id) if vision is not None and special else [])
         elif not isinstance(prompt, Prompt):
             prompt = Prompt(list(prompt))
         if sampling.get("max_tokens") is None:
@@ -373,6 +384,15 @@ def load(
             save_converted(cache, decoder.state_dict(), plan)
     decoder.eval()
     decoder.fused_decode = FusedDecodeStep.build(decoder)
+    vision = None
+    if checkpoint.config.vision is not None:
+        with torch.device("meta"):
+            vision = VisionTower(checkpoint.config.vision)
+        try:
+            vision.load_state_dict(checkpoint.vision_tensors(chosen_dtype, chosen_device), assign=True)
+        except RuntimeError as err:  # names or shapes that are not the tower's
+            raise QwenError(f"{checkpoint.path}: the visual tower's tensors do not match its config ({str(err)[:300]})") from None
+        vision.eval()
     if chosen_device.type == "cpu":
         keep_temporaries_in_heap()
     return Model(
@@ -383,4 +403,5 @@ def load(
         checkpoint.info(),
         chosen_quant,
         time.perf_counter() - started,
+        vision,
     )

@@ -12,6 +12,7 @@ import base64
 import codecs
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -39,6 +40,11 @@ _UNMARK = re.compile(_MARK + "(" + _MARK + "?)")
 # qwen-family.md §1.6: Qwen v1 numbers its control tokens after the 151,643 BPE ranks, from 151643 up.
 V1_BPE_RANKS = 151643
 V1_CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_{n}|>" for n in range(205)))
+# qwen-family.md §6.4: Qwen-VL's nine tokens after v1's 208 (ids 151851…151859); an image is written
+# <img>PATH</img>, and the span between the tags is always IMAGE_POSITIONS ids: the path's bytes, then <imgpad>.
+VL_IMAGE_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
+IMAGE_POSITIONS = 256
+MAX_IMAGE_PATH_BYTES = 255  # the tokenizer takes 256, but the model's own reading of the ids fails at 256 (§6.5)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -141,15 +147,15 @@ class Tokenizer:
         self._control_re = re.compile("|".join(map(re.escape, forms)) or "(?!)")
 
     @classmethod
-    def from_hf_dir(cls, path: Path) -> Tokenizer:
+    def from_hf_dir(cls, path: Path, image_tokens: bool = False) -> Tokenizer:
         """Load `tokenizer.json`, or else `vocab.json` + `merges.txt` with added tokens from `tokenizer_config.json`,
-        or else Qwen v1's `qwen.tiktoken`."""
+        or else Qwen v1's `qwen.tiktoken` (with Qwen-VL's image tokens where `image_tokens`)."""
         path = Path(path)
         if (path / "tokenizer.json").is_file():
             return cls(_HFTokenizer.from_file(str(path / "tokenizer.json")))
         if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
             if (path / "qwen.tiktoken").is_file():
-                return cls.from_tiktoken(path / "qwen.tiktoken")
+                return cls.from_tiktoken(path / "qwen.tiktoken", image_tokens)
             raise QwenError(
                 f"no tokenizer in {path}: expected tokenizer.json, vocab.json and merges.txt, or qwen.tiktoken; "
                 "copy them from the model's Hugging Face repository"
@@ -201,15 +207,17 @@ class Tokenizer:
         return cls(backend, unused)
 
     @classmethod
-    def from_tiktoken(cls, path: Path) -> Tokenizer:
+    def from_tiktoken(cls, path: Path, image_tokens: bool = False) -> Tokenizer:
         """Build from Qwen v1's `qwen.tiktoken` (qwen-family.md §1.6).
 
         v1 and Qwen2 share vocabulary, regex and NFC, so this is the Qwen2 pipeline with merges derived from the
-        ranks (rank = id), plus v1's 208 control tokens as special tokens with ids 151643…151850.
+        ranks (rank = id), plus v1's 208 control tokens as special tokens with ids 151643…151850, and with
+        `image_tokens` Qwen-VL's nine after them (§6.4).
         """
         vocab = _read_tiktoken(Path(path))
         backend = _qwen2_pipeline(vocab, _merges_from_ranks(vocab))
-        backend.add_tokens([AddedToken(token, special=True, normalized=False) for token in V1_CONTROL_TOKENS])
+        controls = V1_CONTROL_TOKENS + (VL_IMAGE_TOKENS if image_tokens else ())
+        backend.add_tokens([AddedToken(token, special=True, normalized=False) for token in controls])
         return cls(backend)
 
     def encode(self, text: str, special: bool = False) -> list[int]:
@@ -231,15 +239,30 @@ class Tokenizer:
 
     def _encode_with_controls(self, text: str, encode_between: Callable[[str], list[int]]) -> list[int]:
         """Control-token surface forms as their ids (leftmost-longest, before normalization, as the backend matches
-        added tokens), the text between them through `encode_between`."""
+        added tokens), the text between them through `encode_between`. With Qwen-VL's tokens, `<img>PATH</img>`
+        becomes the tags around the image span (`image_span`), as the original tokenizer makes it."""
         ids: list[int] = []
         start = 0
-        for match in self._control_re.finditer(text):
+        while (match := self._control_re.search(text, start)) is not None:
             ids += encode_between(text[start : match.start()])
             ids.append(self._control_by_text[match.group()])
             start = match.end()
+            if match.group() == "<img>":
+                close = text.find("</img>", start)
+                if close < 0:
+                    raise QwenError("an <img> in the prompt has no </img>: write images as <img>PATH</img>")
+                ids += self.image_span(text[start:close]) + [self._control_by_text["</img>"]]
+                start = close + len("</img>")
         ids += encode_between(text[start:])
         return ids
+
+    def image_span(self, path: str) -> list[int]:
+        """The IMAGE_POSITIONS ids between <img> and </img>: the NFC path's UTF-8 bytes as ids, then <imgpad>."""
+        raw = unicodedata.normalize("NFC", path).encode("utf-8")
+        if not raw or len(raw) > MAX_IMAGE_PATH_BYTES:
+            raise QwenError(f"an image path must be 1…{MAX_IMAGE_PATH_BYTES} bytes of UTF-8 (got {len(raw)}): "
+                            f"{path[:60]!r}")
+        return [*raw, *[self._control_by_text["<imgpad>"]] * (IMAGE_POSITIONS - len(raw))]
 
     def _encode_defused(self, text: str) -> list[int]:
         """Ids of markup between control tokens, with `defuse`'s markers taken out (a doubled one stays single)."""

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen_engine.model.vision import VisionConfig, VisionTower, resize_grid, sincos_table
+from qwen_engine.config import VisionConfig
+from qwen_engine.model.vision import VisionTower, resize_grid, sincos_table
 
 CONFIG = VisionConfig(width=48, layers=2, heads=4, mlp_ratio=2.5, output_dim=256, n_queries=256)
 

@@ -6,49 +6,14 @@ Module names follow the checkpoint's `transformer.visual.*` tensors, so a stripp
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import VisionConfig
+
 LAYER_NORM_EPS = 1e-6  # every LayerNorm of the tower (§6.2)
 LEARNED_POSITIONS = 256  # the tower's learned position table: a 16×16 grid (trained at 224 px), resized (§6.2)
-
-
-@dataclass(frozen=True, slots=True)
-class VisionConfig:
-    """config.json's `visual` sub-config; unknown keys are ignored (defaults: Qwen-VL's, §6.1)."""
-
-    image_size: int = 448
-    patch_size: int = 14
-    width: int = 1664
-    layers: int = 48
-    heads: int = 16
-    mlp_ratio: float = 4.9231
-    output_dim: int = 4096
-    n_queries: int = 256
-    image_start_id: int = 151857
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
-        names = {field.name for field in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in raw.items() if key in names})
-
-    @property
-    def grid(self) -> int:
-        """Patches per side (32 at 448 px)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def mlp_width(self) -> int:
-        return int(self.width * self.mlp_ratio)  # int(1664 · 4.9231) = 8192
-
-    @property
-    def pool_heads(self) -> int:
-        return self.output_dim // 128  # the resampler's heads are 128 wide (§6.2)
 
 
 def resize_grid(table: torch.Tensor, side: int) -> torch.Tensor:

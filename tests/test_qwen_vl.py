@@ -1,0 +1,98 @@
+"""Qwen-VL checkpoints (issue 13, in progress): a tiny Qwen-VL-Chat directory in the official layout loads with its
+visual tower, the list format `<img>PATH</img>` becomes the 256-id span of the original tokenizer, and the tower's
+256 vectors replace exactly the embeddings between the tags (qwen-family.md §6.4), through the engine's media
+items: chunk boundaries inside the image and the prefix cache included."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from test_vision import official_state
+from tiny import hf_config, random_model, to_v1_state, v1_config, write_qwen_tiktoken
+
+import qwen_engine
+from qwen_engine.config import VisionConfig
+from qwen_engine.engine.serving import Request
+from qwen_engine.errors import QwenError
+from qwen_engine.images import load_image, pixels
+
+IMG, END, PAD = 151857, 151858, 151859
+VISUAL = {"image_size": 448, "patch_size": 14, "width": 48, "layers": 2, "heads": 4, "mlp_ratio": 2.5,
+          "output_dim": 128, "image_start_id": IMG}
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory, gguf_arrays):
+    config = hf_config("qwen1.5", hidden_size=128, intermediate_size=176, max_position_embeddings=2048)
+    directory = tmp_path_factory.mktemp("qwen-vl-chat")
+    state = to_v1_state(random_model(config, seed=5).state_dict())
+    state |= {f"transformer.visual.{name}": tensor for name, tensor in official_state(VisionConfig.from_dict(VISUAL)).items()}
+    save_file(state, str(directory / "model.safetensors"))
+    raw = v1_config(config, seq_length=2048, use_dynamic_ntk=True, use_logn_attn=True, visual=VISUAL)
+    (directory / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+    write_qwen_tiktoken(directory / "qwen.tiktoken", gguf_arrays[0])
+    for i, colour in enumerate(((200, 30, 30), (20, 90, 220))):
+        Image.new("RGB", (320, 200), colour).save(directory / f"picture{i}.png")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def vl(vl_dir):
+    return qwen_engine.load(vl_dir, dtype="float32")
+
+
+def first_logits(model, text: str, **engine_options) -> torch.Tensor:
+    request = model.request(text, max_tokens=1, temperature=0)
+    request.keep_logits = True
+    engine = model.serving_engine(num_blocks=128, **engine_options)
+    return engine.run([request])[request.request_id][0][0].logits
+
+
+def by_hand(model, text: str, paths: list) -> torch.Tensor:
+    """The original model's first forward: the ids' embeddings, the 256 rows strictly between each pair of tags
+    replaced by that image's tower output."""
+    ids = model.tokenizer.encode(text, special=True)
+    with torch.inference_mode():
+        hidden = model.decoder.embed(torch.tensor([ids]))
+        for start, path in zip([i for i, t in enumerate(ids) if t == IMG], paths):
+            hidden[0, start + 1 : start + 257] = model.vision(pixels(load_image(path).image)[None])[0]
+        return model.decoder(inputs_embeds=hidden)[0, -1]
+
+
+def test_a_qwen_vl_chat_directory_loads_with_its_tower(vl) -> None:
+    assert vl.vision is not None and vl.config.vision == VisionConfig.from_dict(VISUAL)
+    assert [vl.tokenizer.token_to_id(t) for t in ("<ref>", "<img>", "</img>", "<imgpad>")] == [151851, IMG, END, PAD]
+
+
+def test_the_list_format_is_tokenized_as_the_original_tokenizer_does(vl, vl_dir) -> None:
+    path = str(vl_dir / "picture0.png")
+    ids = vl.tokenizer.encode(f"Picture 1: <img>{path}</img>\nWhat is it?", special=True)
+    start, end = ids.index(IMG), ids.index(END)
+    span = ids[start + 1 : end]
+    assert len(span) == 256 and span[: len(path.encode())] == list(path.encode()) and set(span[len(path.encode()):]) == {PAD}
+    assert IMG not in vl.tokenizer.encode(f"<img>{path}</img>")  # without special: text
+    with pytest.raises(QwenError, match="255 bytes"):
+        vl.tokenizer.encode("<img>" + "a" * 256 + "</img>", special=True)
+    with pytest.raises(QwenError, match="no </img>"):
+        vl.tokenizer.encode("<img>x.png", special=True)
+
+
+@pytest.mark.parametrize("chunk", [2048, 100])  # 100: prompt chunks end inside the first image
+def test_one_and_two_images_give_the_original_forward(vl, vl_dir, chunk: int) -> None:
+    paths = [vl_dir / "picture0.png", vl_dir / "picture1.png"]
+    one = f"Picture 1: <img>{paths[0]}</img>\nWhat colour is it?"
+    two = f"Picture 1: <img>{paths[0]}</img>\nPicture 2: <img>{paths[1]}</img>\nWhich is red?"
+    for text, images in ((one, paths[:1]), (two, paths)):
+        expected = by_hand(vl, text, images)
+        ours = first_logits(vl, text, prefill_tokens=chunk)
+        assert (ours - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (first_logits(vl, two) - first_logits(vl, two.replace("picture1", "picture0"))).abs().max() > 1e-3
+
+
+def test_a_missing_image_is_one_clear_error(vl, vl_dir) -> None:
+    with pytest.raises(QwenError, match="image not found"):
+        vl.generate(f"<img>{vl_dir / 'absent.png'}</img>", max_tokens=1)
