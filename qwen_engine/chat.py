@@ -12,6 +12,7 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -19,6 +20,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import QwenError
+from .images import LoadedImage, image_items, load_image
 from .prompt import Prompt
 from .tokenizer import Tokenizer
 
@@ -131,7 +133,47 @@ class QwenV1ChatFormat(ChatFormat):
     def __init__(self, max_window_size: int = DEFAULT_WINDOW) -> None:
         self.max_window_size = max_window_size
 
+    def prompt(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> Prompt:
+        """make_context's prompt; a content may be a list of parts, images among them for Qwen-VL-Chat (§6.4):
+        `Picture n: <img>…</img>\n` for the n-th image of the conversation, then the text. The span between the tags
+        holds the image's path as the original tokenizer writes it (a digest for bytes, PIL images and data: URLs);
+        the image's 256 vectors replace it."""
+        images: list[tuple[str, LoadedImage]] = []  # in the conversation's order, repeats included
+        ids = self._context(messages, tokenizer, tools, lambda i: self._content_ids(messages, i, tokenizer, images))
+        items = image_items(ids, tokenizer.token_to_id("<img>"), dict(images).__getitem__) if images else []
+        return Prompt(ids, items)
+
     def prompt_ids(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> list[int]:
+        return self.prompt(messages, tokenizer, tools).token_ids
+
+    def _content_ids(self, messages: list[Message], i: int, tokenizer: Tokenizer,
+                     images: list[tuple[str, LoadedImage]]) -> list[int]:
+        """A message's content as ids: a string as plain text (markup in it stays text), parts as the list format."""
+        content = messages[i].get("content")
+        if not isinstance(content, list):
+            return tokenizer.encode(_content(messages, i))
+        texts, ids, start = [], [], tokenizer.token_to_id("<img>")
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image" and start is not None and start in tokenizer.control_ids:
+                source = part.get("image")
+                image = load_image(source)
+                named = isinstance(source, (str, Path)) and not str(source).startswith("data:")
+                key = str(source) if named else f"image:{image.digest.hex()}"
+                images.append((key, image))
+                ids += [*tokenizer.encode(("\n" if ids else "") + f"Picture {len(images)}: "), start,
+                        *tokenizer.image_span(key), start + 1]
+            elif kind == "image":
+                raise QwenError(f"message {i} holds an image, but this model reads text only; give images to a "
+                                "Qwen-VL checkpoint")
+            else:
+                raise QwenError(f"message {i} has a content part that is not {{'type': 'text'|'image', …}}: {part!r:.60}")
+        return ids + tokenizer.encode(("\n" if ids else "") + "".join(texts))
+
+    def _context(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None,
+                 content_ids: Callable[[int], list[int]]) -> list[int]:
         if tools:
             raise QwenError("Qwen (v1) chat models have no tool calling; call them without tools")
         if not messages:
@@ -140,11 +182,11 @@ class QwenV1ChatFormat(ChatFormat):
         im_start, im_end = (_control_id(tokenizer, name) for name in ("<|im_start|>", "<|im_end|>"))
         newline = tokenizer.encode("\n")
 
-        def turn(role: str, content: str) -> list[int]:
-            return [im_start, *tokenizer.encode(role), *newline, *tokenizer.encode(content), im_end]
+        def turn(role: str, content: list[int]) -> list[int]:
+            return [im_start, *tokenizer.encode(role), *newline, *content, im_end]
 
         has_system = messages[0]["role"] == "system"
-        system = turn("system", _content(messages, 0) if has_system else self.DEFAULT_SYSTEM)
+        system = turn("system", content_ids(0) if has_system else tokenizer.encode(self.DEFAULT_SYSTEM))
         turns = []
         for i in range(1 if has_system else 0, len(messages)):
             role = messages[i]["role"]
@@ -152,7 +194,7 @@ class QwenV1ChatFormat(ChatFormat):
                 raise QwenError(f"message {i} is a system message: Qwen (v1) chat takes one, as the first message")
             if role not in ("user", "assistant"):
                 raise QwenError(f"message {i} has role {role!r}: Qwen (v1) chat knows only system, user and assistant")
-            turns.append((role, [*newline, *turn(role, _content(messages, i))]))
+            turns.append((role, [*newline, *turn(role, content_ids(i))]))
         # make_context's history is (query, response) pairs, kept newest first while they fit; a message outside such
         # a pair goes alone. The last message is the query: always kept.
         history: list[int] = []

@@ -96,3 +96,41 @@ def test_one_and_two_images_give_the_original_forward(vl, vl_dir, chunk: int) ->
 def test_a_missing_image_is_one_clear_error(vl, vl_dir) -> None:
     with pytest.raises(QwenError, match="image not found"):
         vl.generate(f"<img>{vl_dir / 'absent.png'}</img>", max_tokens=1)
+
+
+def test_chat_image_parts_become_the_list_format_in_qwen_vl_chats_chatml(vl, vl_dir) -> None:
+    path = str(vl_dir / "picture0.png")
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What colour is it?"}, {"type": "image", "image": path}]}]
+    prompt = vl.chat_prompt(messages)
+    raw = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+           f"Picture 1: <img>{path}</img>\nWhat colour is it?<|im_end|>\n<|im_start|>assistant\n")
+    assert prompt.token_ids == vl.tokenizer.encode(raw, special=True)
+    assert [(item.kind, item.offset, item.length) for item in prompt.items] == [("image", prompt.token_ids.index(IMG) + 1, 256)]
+    reply = vl.chat(messages, max_tokens=3, temperature=0)
+    assert reply.token_ids == vl.generate(raw, max_tokens=3, temperature=0).token_ids
+    # Bytes, a PIL image and a data: URL of the same picture: the same image, the same reply.
+    data = (vl_dir / "picture0.png").read_bytes()
+    for source in (data, Image.open(vl_dir / "picture0.png")):
+        same = [{"role": "user", "content": [{"type": "image", "image": source}, {"type": "text", "text": "What colour is it?"}]}]
+        assert vl.chat(same, max_tokens=3, temperature=0).token_ids == reply.token_ids
+
+
+def test_two_images_are_numbered_across_the_conversation(vl, vl_dir) -> None:
+    image = lambda name: {"type": "image", "image": str(vl_dir / name)}  # noqa: E731
+    messages = [{"role": "user", "content": [image("picture0.png"), {"type": "text", "text": "And this?"}]},
+                {"role": "assistant", "content": "Red."},
+                {"role": "user", "content": [image("picture1.png"), {"type": "text", "text": "Which is blue?"}]}]
+    prompt = vl.chat_prompt(messages)
+    assert len(prompt.items) == 2 and "Picture 2: " in vl.tokenizer.decode(prompt.token_ids, skip_special=False)
+
+
+def test_markup_in_user_text_stays_text(vl, vl_dir) -> None:
+    text = f"<img>{vl_dir / 'picture0.png'}</img><ref>x</ref><|im_end|>"
+    prompt = vl.chat_prompt([{"role": "user", "content": text}])
+    assert not prompt.items and IMG not in prompt.token_ids and prompt.token_ids.count(151645) == 2  # the template's own
+
+
+def test_a_text_only_model_refuses_an_image(tiny_gguf, vl_dir) -> None:
+    text_only = qwen_engine.load(tiny_gguf, dtype="float32")
+    with pytest.raises(QwenError, match="reads text"):
+        text_only.chat([{"role": "user", "content": [{"type": "image", "image": str(vl_dir / "picture0.png")}]}])
