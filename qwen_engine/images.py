@@ -122,5 +122,5 @@ def image_items(ids: list[int], start_id: int, read: Callable[[ImageSource], Loa
         except UnicodeDecodeError:
             raise QwenError("an image path in the prompt is not UTF-8") from None
         image = read(path)
-        items.append(MediaItem("image", image.digest, start + 1, len(span), pixels(image.image)))
+        items.append(MediaItem("image", image.digest, start + 1, len(span), image))
     return items

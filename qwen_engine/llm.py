@@ -22,7 +22,8 @@ from .engine.runner import ModelRunner
 from .engine.serving import Request, ServingEngine
 from .errors import QwenError
 from .runtime import DEFAULT_PREFILL_TOKENS, QUANT_CHOICES
-from .images import image_items
+from .grounding import read_boxes
+from .images import image_items, pixels
 from .kernels import cpu_kernels
 from .model.decoder import QwenDecoder
 from .model.fused import FusedDecodeStep
@@ -160,8 +161,8 @@ class Model:
         return ModelRunner(self.decoder, num_blocks, encoders=encoders, lock=self._compute)
 
     def _encode_image(self, item: MediaItem) -> torch.Tensor:
-        """An image item's 256 vectors: its payload is normalized pixels [3, 448, 448] (images.pixels)."""
-        return self.vision(item.payload[None].to(self.vision.proj.device))[0]
+        """An image item's 256 vectors (its payload is the LoadedImage; preprocessed as the original does)."""
+        return self.vision(pixels(item.payload.image)[None].to(self.vision.proj.device))[0]
 
     def serving_engine(self, *, kv_cache_gb: float | None = None, num_blocks: int | None = None, max_seqs: int = 32,
                        prefill_tokens: int | None = None) -> ServingEngine:
@@ -286,6 +287,10 @@ class Model:
                         choice.finish_reason = event.finish_reason
                     if event.index == 0 and (event.text or event.token_id is not None):
                         yield Delta(-1 if event.token_id is None else event.token_id, event.text)
+            images = [item.payload for item in request.prompt.items if item.kind == "image"]
+            if images:  # Qwen-VL's grounding, in the pixels of the prompt's last image (§6.4)
+                for choice in result.choices:
+                    choice.boxes = read_boxes(choice.text, images[-1].size)
         finally:  # a consumer that stops early frees the engine's sequences
             engine.abort(request.request_id)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .grounding import Box
+
 
 @dataclass(slots=True)
 class TokenLogprob:
@@ -40,6 +42,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"  # "stop" (stop token or string, a finished JSON object) or "length"
     logprobs: list[TokenLogprob] | None = None  # with logprobs=…: one entry per generated token
+    boxes: list[Box] = field(default_factory=list)  # Qwen-VL's grounding boxes, in the last image's pixels
 
 
 @dataclass(slots=True)
@@ -65,6 +68,10 @@ class GenerationResult:
     @property
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.choices[0].logprobs
+
+    @property
+    def boxes(self) -> list[Box]:
+        return self.choices[0].boxes
 
     @property
     def completion_tokens(self) -> int:

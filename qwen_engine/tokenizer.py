@@ -43,6 +43,7 @@ V1_CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", *(f"<|extra_
 # qwen-family.md §6.4: Qwen-VL's nine tokens after v1's 208 (ids 151851…151859); an image is written
 # <img>PATH</img>, and the span between the tags is always IMAGE_POSITIONS ids: the path's bytes, then <imgpad>.
 VL_IMAGE_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
+GROUNDING_TOKENS = VL_IMAGE_TOKENS[:6]
 IMAGE_POSITIONS = 256
 MAX_IMAGE_PATH_BYTES = 255  # the tokenizer takes 256, but the model's own reading of the ids fails at 256 (§6.5)
 
@@ -141,6 +142,10 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self._control_by_text = {t.content: i for i, t in added.items() if t.special}
         self.control_ids: frozenset[int] = frozenset(self._control_by_text.values())
+        # Qwen-VL's grounding markup is control tokens that output text keeps (its own chat decodes them), so replies
+        # can be read for boxes; user text still never becomes them.
+        self.markup_ids: frozenset[int] = frozenset(self._control_by_text[t] for t in GROUNDING_TOKENS
+                                                    if t in self._control_by_text)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         # Longest first, so a form that is a prefix of another never wins (the backend matches leftmost-longest).
         forms = sorted(self._control_by_text, key=len, reverse=True)
@@ -278,9 +283,10 @@ class Tokenizer:
         return self._control_re.sub(lambda m: m.group()[0] + _MARK + m.group()[1:], escaped)
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
-        """Text of `ids`; control tokens are dropped when `skip_special`, unused slots always."""
-        kept = [i for i in ids if i not in self._unused_ids]
-        return self._backend.decode(kept, skip_special_tokens=skip_special)
+        """Text of `ids`; control tokens other than grounding markup are dropped when `skip_special`, unused slots
+        always."""
+        dropped = self._unused_ids | (self.control_ids - self.markup_ids if skip_special else frozenset())
+        return self._backend.decode([i for i in ids if i not in dropped], skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token spelled as in the vocabulary (byte alphabet, e.g. `Ġworld`) or of an added token."""
@@ -307,7 +313,7 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
         self._token_bytes = tokenizer.token_bytes
-        self._skipped = tokenizer.control_ids if skip_special else frozenset()
+        self._skipped = tokenizer.control_ids - tokenizer.markup_ids if skip_special else frozenset()
         # Holds back the bytes of a character split across tokens until its last byte arrives.
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

@@ -19,6 +19,7 @@ from qwen_engine.config import VisionConfig
 from qwen_engine.engine.serving import Request
 from qwen_engine.errors import QwenError
 from qwen_engine.images import load_image, pixels
+from qwen_engine.tokenizer import IncrementalDecoder
 
 IMG, END, PAD = 151857, 151858, 151859
 VISUAL = {"image_size": 448, "patch_size": 14, "width": 48, "layers": 2, "heads": 4, "mlp_ratio": 2.5,
@@ -134,3 +135,26 @@ def test_a_text_only_model_refuses_an_image(tiny_gguf, vl_dir) -> None:
     text_only = qwen_engine.load(tiny_gguf, dtype="float32")
     with pytest.raises(QwenError, match="reads text"):
         text_only.chat([{"role": "user", "content": [{"type": "image", "image": str(vl_dir / "picture0.png")}]}])
+
+
+def test_grounding_boxes_are_read_in_the_images_pixels_and_drawn() -> None:
+    from qwen_engine.grounding import draw_boxes, read_boxes
+
+    text = ("<ref>the cat</ref><box>(100,200),(500,750)</box><box>(0,0),(10,10)</box> and "
+            "<box>(900,900),(999,999)</box><quad>(0,0),(500,0),(500,500),(0,500)</quad><box>(1,2)</box>")
+    boxes = read_boxes(text, (640, 400))
+    assert [(b.label, b.kind, b.rectangle) for b in boxes] == [
+        ("the cat", "box", (64.0, 80.0, 320.0, 300.0)), ("the cat", "box", (0.0, 0.0, 6.4, 4.0)),
+        ("the cat", "box", (576.0, 360.0, 639.36, 399.6)), ("the cat", "quad", (0.0, 0.0, 320.0, 200.0))]
+    assert read_boxes("<box>(10,10),(20,20)</box>", (1000, 1000))[0].label is None
+    drawn = draw_boxes(Image.new("RGB", (640, 400), "white"), boxes[:1])
+    assert drawn.getpixel((64, 150)) == (255, 0, 0) and drawn.getpixel((320, 150)) == (255, 0, 0)  # left and right edges
+    assert drawn.getpixel((200, 150)) == (255, 255, 255) and drawn.getpixel((30, 30)) == (255, 255, 255)
+
+
+def test_replies_keep_the_grounding_markup(vl) -> None:
+    """Output text keeps <ref>/<box> (so replies can be read for boxes), drops the other control tokens."""
+    ids = vl.tokenizer.encode("<ref>a</ref><box>(1,2),(3,4)</box><imgpad><|im_end|>", special=True)
+    assert vl.tokenizer.decode(ids) == "<ref>a</ref><box>(1,2),(3,4)</box>"
+    decoder = IncrementalDecoder(vl.tokenizer)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == "<ref>a</ref><box>(1,2),(3,4)</box>"
