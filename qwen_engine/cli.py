@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(chat)
     chat.add_argument("--system", "-s", help="system prompt")
     chat.add_argument("--once", metavar="PROMPT", help="answer one message and exit")
+    chat.add_argument("--image", action="append", default=[], metavar="PATH",
+                      help="an image for the first message (Qwen-VL); repeatable. Interactive: /image PATH adds one "
+                           "to the next message")
+    chat.add_argument("--draw-boxes", metavar="PNG", help="write the last image with the reply's grounding boxes drawn")
 
     bench = commands.add_parser("bench", help="measure load, time to first token, prefill and decode speed, peak memory")
     _add_model_options(bench)
@@ -232,25 +236,54 @@ def _read_messages(stream: TextIO, interactive: bool) -> Iterator[str]:
             yield text
 
 
-def _answer(model: Any, messages: list[dict[str, str]], sampling: dict[str, Any]) -> str:
-    reply = []
-    for piece in model.stream(model.chat_prompt(messages), **sampling):
-        reply.append(piece)
-        sys.stdout.write(piece)
+def _answer(model: Any, messages: list[dict[str, Any]], sampling: dict[str, Any], draw_boxes: str | None) -> str:
+    result = GenerationResult()
+    for delta in model.stream_deltas(model.chat_prompt(messages), result, **sampling):
+        sys.stdout.write(delta.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     sys.stdout.flush()
-    return "".join(reply)
+    images = [part["image"] for m in messages if isinstance(m["content"], list) for part in m["content"]
+              if part.get("type") == "image"]
+    if draw_boxes and images and result.boxes:
+        _save_drawn(images[-1], result.boxes, draw_boxes)
+    return result.text
+
+
+def _save_drawn(image: str, boxes: list[Any], target: str) -> None:
+    """The image with its boxes, written to a temporary name and renamed: never a half-written file."""
+    import os
+
+    from .grounding import draw_boxes
+    from .images import load_image
+
+    partial = f"{target}.partial-{os.getpid()}"
+    try:
+        draw_boxes(load_image(image).image, boxes).save(partial, format="PNG")
+        os.replace(partial, target)
+    except OSError as err:
+        raise QwenError(f"cannot write {target} ({err.strerror or err})") from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    sys.stderr.write(f"qwen: {len(boxes)} box(es) drawn into {target}\n")
+
+
+def _user_message(text: str, images: list[str]) -> dict[str, Any]:
+    """A user turn: text alone, or the images (Qwen-VL's list format) and then the text."""
+    if not images:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [*({"type": "image", "image": path} for path in images), {"type": "text", "text": text}]}
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     sampling = _sampling_overrides(args)
     model = _load(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(start)
+    messages, images = list(start), list(args.image)
     if args.once is not None:
-        messages.append({"role": "user", "content": args.once})
-        _answer(model, messages, sampling)
+        messages.append(_user_message(args.once, images))
+        _answer(model, messages, sampling, args.draw_boxes)
         return
     interactive = sys.stdin.isatty()
     if interactive:
@@ -260,12 +293,18 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if command == "/exit":
             return
         if command == "/reset":
-            messages = list(start)
+            messages, images = list(start), []
             if interactive:
                 print("(conversation cleared)")
             continue
-        messages.append({"role": "user", "content": text})
-        messages.append({"role": "assistant", "content": _answer(model, messages, sampling)})
+        if command.startswith("/image "):
+            images.append(command.removeprefix("/image ").strip())
+            if interactive:
+                print(f"(image added to the next message: {images[-1]})")
+            continue
+        messages.append(_user_message(text, images))
+        images = []
+        messages.append({"role": "assistant", "content": _answer(model, messages, sampling, args.draw_boxes)})
 
 
 def cmd_info(args: argparse.Namespace) -> None:

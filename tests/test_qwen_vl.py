@@ -5,6 +5,7 @@ items: chunk boundaries inside the image and the prefix cache included."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -158,3 +159,26 @@ def test_replies_keep_the_grounding_markup(vl) -> None:
     assert vl.tokenizer.decode(ids) == "<ref>a</ref><box>(1,2),(3,4)</box>"
     decoder = IncrementalDecoder(vl.tokenizer)
     assert "".join(decoder.push(i) for i in ids) + decoder.flush() == "<ref>a</ref><box>(1,2),(3,4)</box>"
+
+
+def test_qwen_chat_with_an_image_gives_the_librarys_reply(vl, vl_dir, capsys, monkeypatch) -> None:
+    from qwen_engine import cli
+
+    path = str(vl_dir / "picture0.png")
+    options = ["--model", str(vl_dir), "--dtype", "float32", "--max-tokens", "3", "--temperature", "0"]
+    expected = vl.chat([{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": "What?"}]}],
+                       max_tokens=3, temperature=0)
+    assert cli.main(["chat", *options, "--image", path, "--once", "What?"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {path}\nWhat?\n"))
+    assert cli.main(["chat", *options]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+def test_qwen_chat_image_errors_are_one_line(vl_dir, tiny_gguf, capsys) -> None:
+    from qwen_engine import cli
+
+    assert cli.main(["chat", "--model", str(vl_dir), "--image", str(vl_dir / "absent.png"), "--once", "Hi"]) != 0
+    assert capsys.readouterr().err.strip().splitlines() == [f"qwen: error: image not found: {vl_dir / 'absent.png'}"]
+    assert cli.main(["chat", "--model", str(tiny_gguf), "--image", str(vl_dir / "picture0.png"), "--once", "Hi"]) != 0
+    assert "reads text" in capsys.readouterr().err
