@@ -182,3 +182,44 @@ def test_qwen_chat_image_errors_are_one_line(vl_dir, tiny_gguf, capsys) -> None:
     assert capsys.readouterr().err.strip().splitlines() == [f"qwen: error: image not found: {vl_dir / 'absent.png'}"]
     assert cli.main(["chat", "--model", str(tiny_gguf), "--image", str(vl_dir / "picture0.png"), "--once", "Hi"]) != 0
     assert "reads text" in capsys.readouterr().err
+
+
+def test_the_server_takes_data_url_images_and_refuses_the_rest(vl, vl_dir, tiny_gguf) -> None:
+    import base64
+
+    import openai
+    from test_server import Running
+
+    data = (vl_dir / "picture0.png").read_bytes()
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+
+    def ask(client, *urls: str, stream: bool = False):
+        content = [*({"type": "image_url", "image_url": {"url": u}} for u in urls), {"type": "text", "text": "What?"}]
+        return client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": content}],
+                                              max_tokens=3, temperature=0, stream=stream)
+
+    expected = vl.chat([{"role": "user", "content": [{"type": "image", "image": data}, {"type": "text", "text": "What?"}]}],
+                       max_tokens=3, temperature=0).text
+    running = Running(vl)
+    try:
+        client = running.client()
+        assert ask(client, url).choices[0].message.content == expected
+        assert "".join(c.choices[0].delta.content or "" for c in ask(client, url, stream=True) if c.choices) == expected
+        for bad, message in (("https://example.com/cat.png", "remote image URLs"), (str(vl_dir / "picture0.png"), "image paths"),
+                             ("data:image/png;base64,AAAA", "not an image"), ("data:image/png,raw", "base64")):
+            with pytest.raises(openai.BadRequestError, match=message):
+                ask(client, bad)
+        with pytest.raises(openai.BadRequestError, match="at most 4"):
+            ask(client, *[url] * 5)
+        for prompt, message in ((f"<img>{vl_dir / 'picture0.png'}</img>What?", "does not read"), ("<img>x.png", "no </img>")):
+            with pytest.raises(openai.BadRequestError, match=message):
+                client.completions.create(model="qwen2.5-coder-0.5b-instruct", prompt=prompt, max_tokens=1)
+        assert ask(client, url).choices[0].message.content == expected  # still serving
+    finally:
+        running.close()
+    text_only = Running(qwen_engine.load(tiny_gguf, dtype="float32"))
+    try:
+        with pytest.raises(openai.BadRequestError, match="reads text"):
+            ask(text_only.client(), url)
+    finally:
+        text_only.close()

@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ..engine.serving import Event, Request as EngineRequest
+from ..errors import QwenError
 from .errors import ApiError
 from .protocol import CompletionRequest
 from .responses import DONE, Choice, sse, sse_error, usage
@@ -26,7 +27,15 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
         server.check_text_fits([body.prompt], "prompt")
         # A raw prompt's markup means what it says (`<|im_start|>` is the control token), as vLLM reads it; tokenizing
         # a long one takes a while, so not on the event loop.
-        prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, special=True)
+        try:
+            prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, special=True)
+        except QwenError as err:  # a malformed <img> span (Qwen-VL)
+            raise ApiError(400, str(err), param="prompt") from None
+        vision = server.model.config.vision
+        if vision is not None and vision.image_start_id in prompt_ids:
+            # The span names a file: a server never reads one because a request said so.
+            raise ApiError(400, "<img>PATH</img> in a raw prompt names a file, which this server does not read; "
+                                "send images as data: URLs in /v1/chat/completions", param="prompt")
     else:
         vocab = server.model.config.vocab_size
         if any(not 0 <= token < vocab for token in body.prompt):

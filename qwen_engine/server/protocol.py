@@ -81,10 +81,26 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ContentPart(BaseModel):
+class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str
+
+
+class ImagePart(BaseModel):
+    """OpenAI's image part; this server takes `data:` URLs (server/chat.py says why not the others)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
