@@ -12,7 +12,6 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import jinja2
@@ -158,13 +157,10 @@ class QwenV1ChatFormat(ChatFormat):
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
             elif kind == "image" and start is not None and start in tokenizer.control_ids:
-                source = part.get("image")
-                image = load_image(source)
-                named = isinstance(source, (str, Path)) and not str(source).startswith("data:")
-                key = str(source) if named else f"image:{image.digest.hex()}"
-                images.append((key, image))
+                image = load_image(part.get("image"))
+                images.append((image.name, image))
                 ids += [*tokenizer.encode(("\n" if ids else "") + f"Picture {len(images)}: "), start,
-                        *tokenizer.image_span(key), start + 1]
+                        *tokenizer.image_span(image.name), start + 1]
             elif kind == "image":
                 raise QwenError(f"message {i} holds an image, but this model reads text only; give images to a "
                                 "Qwen-VL checkpoint")

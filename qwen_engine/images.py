@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DATA_URL = "data:"
 MAX_PIXELS = 50_000_000  # Pillow's decompression-bomb guard, as a clear error rather than a warning
 
 ImageSource = Union[str, Path, bytes, "PILImage.Image"]
@@ -37,6 +38,12 @@ ImageSource = Union[str, Path, bytes, "PILImage.Image"]
 class LoadedImage:
     image: PILImage.Image  # as opened (its size is what grounding boxes are scaled to)
     digest: bytes
+    path: str | None = None  # the file it came from, if any
+
+    @property
+    def name(self) -> str:
+        """How a prompt's <img> span names it: its path as the original tokenizer writes it, else its digest."""
+        return self.path if self.path is not None else f"image:{self.digest.hex()}"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -52,7 +59,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> LoadedImage
         return LoadedImage(source, hashlib.blake2b(source.tobytes() + repr((source.mode, source.size)).encode(),
                                                    digest_size=16).digest())
     name = "the image"
-    if isinstance(source, (str, Path)) and str(source).startswith("data:"):
+    if isinstance(source, (str, Path)) and str(source).startswith(DATA_URL):
         data = _data_url(str(source))
     elif isinstance(source, (str, Path)):
         name = str(source)
@@ -76,7 +83,8 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> LoadedImage
         raise QwenError(f"{name} is not an image this engine can read ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise QwenError(f"{name} is not a readable image; it may be truncated or corrupt ({err})") from None
-    return LoadedImage(image, hashlib.blake2b(data, digest_size=16).digest())
+    path = str(source) if isinstance(source, (str, Path)) and not str(source).startswith(DATA_URL) else None
+    return LoadedImage(image, hashlib.blake2b(data, digest_size=16).digest(), path)
 
 
 def _data_url(url: str) -> bytes:

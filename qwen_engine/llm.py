@@ -38,7 +38,7 @@ from .model.quantized import (
 from .model.vision import VisionTower
 from .prompt import MediaItem, Prompt
 from .results import Completion, Delta, GenerationResult
-from .sampling_params import SamplingParams
+from .sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
 
@@ -50,7 +50,6 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 DEFAULT_CPU_QUANT = "auto"
 
 DEFAULT_KV_SHARE = 0.3  # of the memory available at start: the most a server's KV cache takes by default
-MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

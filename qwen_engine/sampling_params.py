@@ -12,6 +12,8 @@ from typing import Any
 
 from .errors import QwenError
 
+MAX_TOP_LOGPROBS = 20  # alternatives a request may ask for per token, as OpenAI's API allows
+
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:

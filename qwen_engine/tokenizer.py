@@ -144,8 +144,8 @@ class Tokenizer:
         self.control_ids: frozenset[int] = frozenset(self._control_by_text.values())
         # Qwen-VL's grounding markup is control tokens that output text keeps (its own chat decodes them), so replies
         # can be read for boxes; user text still never becomes them.
-        self.markup_ids: frozenset[int] = frozenset(self._control_by_text[t] for t in GROUNDING_TOKENS
-                                                    if t in self._control_by_text)
+        markup = frozenset(self._control_by_text[t] for t in GROUNDING_TOKENS if t in self._control_by_text)
+        self.hidden_ids: frozenset[int] = self.control_ids - markup  # what output text leaves out
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         # Longest first, so a form that is a prefix of another never wins (the backend matches leftmost-longest).
         forms = sorted(self._control_by_text, key=len, reverse=True)
@@ -285,7 +285,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of `ids`; control tokens other than grounding markup are dropped when `skip_special`, unused slots
         always."""
-        dropped = self._unused_ids | (self.control_ids - self.markup_ids if skip_special else frozenset())
+        dropped = self._unused_ids | self.hidden_ids if skip_special else self._unused_ids
         return self._backend.decode([i for i in ids if i not in dropped], skip_special_tokens=False)
 
     def token_to_id(self, token: str) -> int | None:
@@ -313,7 +313,7 @@ class IncrementalDecoder:
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
         self._token_bytes = tokenizer.token_bytes
-        self._skipped = tokenizer.control_ids - tokenizer.markup_ids if skip_special else frozenset()
+        self._skipped = tokenizer.hidden_ids if skip_special else frozenset()
         # Holds back the bytes of a character split across tokens until its last byte arrives.
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

@@ -130,10 +130,10 @@ class PagedBatch:
         new_positions = [range(start, start + length) for start, length in zip(starts, lengths)]
         self.positions = torch.tensor([p for positions in new_positions for p in positions])
         written = [table[p // size] * size + p % size for table, positions in zip(tables, new_positions) for p in positions]
-        self.written_rows = torch.tensor(written, device=cache.keys.device)
         # Consecutive rows (one sequence in consecutive blocks: a library call's) are written as a slice, 4× faster.
         consecutive = written[-1] - written[0] == len(written) - 1 and all(b - a == 1 for a, b in zip(written, written[1:]))
         self.written_slice = slice(written[0], written[-1] + 1) if consecutive else None
+        self.written_rows = None if consecutive else torch.tensor(written, device=cache.keys.device)
         self.token_slices, offset = [], 0
         for length in lengths:
             self.token_slices.append(slice(offset, offset + length))

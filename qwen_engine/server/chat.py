@@ -17,6 +17,7 @@ from fastapi.responses import Response
 from ..engine.constrained import JsonObjectConstraint
 from ..engine.serving import Event, Request as EngineRequest
 from ..errors import QwenError
+from ..images import DATA_URL
 from ..prompt import Prompt
 from .errors import ApiError
 from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, NamedToolChoice, TextPart
@@ -107,7 +108,7 @@ def _image_source(part: ImagePart) -> str:
     because a request named it could be made to reach other hosts or files (there is no operator opt-in for either
     yet), so both are refused."""
     url = part.image_url.url
-    if not url.startswith("data:"):
+    if not url.startswith(DATA_URL):
         kind = "remote image URLs" if url.startswith(("http://", "https://")) else "image paths and other URLs"
         raise ApiError(400, f"{kind} are not read by this server; send the image inline as a data: URL "
                             "(data:image/png;base64,…)", param="messages")

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..sampling_params import MAX_TOP_LOGPROBS
+
 MAX_N = 16
-MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16
 
 
