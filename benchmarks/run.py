@@ -23,7 +23,9 @@ import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -144,19 +146,23 @@ WORKERS = {
 BASELINE = "qwen-engine (baseline)"
 
 
-def baseline_env(checkout: Path) -> dict[str, str]:
-    """The environment that runs `checkout`'s qwen-engine, with a cache of its own: the converted-weights cache keeps
-    one version per model, so two engines sharing it would each convert again at every start."""
+def engine_env(checkout: Path | None, cache: Path) -> dict[str, str]:
+    """The environment of a qwen-engine compared with another: `checkout`'s code (None: this one's), and a fresh
+    cache of its own. Two engines cannot share the converted-weights cache (it keeps one version per model), and
+    both converting in the same run keeps them alike: where an older converted file happened to lie in memory moved
+    decoding by up to 10% either way, more than the code under test did."""
     import os
 
-    return {**os.environ, "PYTHONPATH": str(checkout), "QWEN_ENGINE_CACHE": str(checkout / ".qwen-engine-cache")}
+    env = {**os.environ, "QWEN_ENGINE_CACHE": str(cache)}
+    return env | ({"PYTHONPATH": str(checkout)} if checkout is not None else {})
 
 
 def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
     """Run a worker in a fresh process; the baseline's is the qwen-engine worker on the --baseline checkout's code."""
     env = None
-    if job == BASELINE:
-        job, env = "qwen-engine", baseline_env(args.baseline)
+    if args.baseline and job in (BASELINE, "qwen-engine"):
+        env = engine_env(args.baseline if job == BASELINE else None, args.cache / job.replace(" ", "-"))
+        job = "qwen-engine"
     command = [sys.executable, __file__, "--worker", job, "--model", args.model, "--prompt-tokens", str(args.prompt_tokens),
                "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--context", str(args.context)]
     for key, value in extra.items():
@@ -214,6 +220,8 @@ def main() -> None:
         return
 
     engines = list(args.engines) + ([BASELINE] if args.baseline else [])
+    if args.baseline:
+        args.cache = Path(tempfile.mkdtemp(prefix="qwen-bench-"))
     # Warm the converted-weights cache once, as a user's second start would find it.
     for engine in {"qwen-engine", BASELINE} & set(engines):
         spawn(args, engine)
@@ -224,6 +232,7 @@ def main() -> None:
             print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
     medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
     if args.baseline:
+        shutil.rmtree(args.cache, ignore_errors=True)
         text = against_baseline(args, medians, runs)
         update_section("engines-baseline", text, args.output)
         print(text)

@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -55,8 +56,10 @@ def free_port() -> int:
 def start(kind: str, args: argparse.Namespace, port: int) -> tuple[subprocess.Popen, str]:
     threads, model = str(args.threads), str(args.model)
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    if kind == BASELINE:  # with a cache of its own (see run.py's baseline_env)
-        env.update(PYTHONPATH=str(args.baseline), QWEN_ENGINE_CACHE=str(args.baseline / ".qwen-engine-cache"))
+    if args.baseline:  # each engine with a fresh cache of its own (run.py's engine_env says why)
+        env["QWEN_ENGINE_CACHE"] = str(args.cache / kind.replace(" ", "-"))
+    if kind == BASELINE:
+        env["PYTHONPATH"] = str(args.baseline)
     if kind in ("qwen-engine", BASELINE):
         command = [sys.executable, "-m", "qwen_engine.cli", "serve", "--model", model, "--port", str(port),
                    "--threads", threads, "--served-model-name", "bench", "--kv-cache-gb", "1"]
@@ -138,6 +141,8 @@ def main() -> None:
 
         args.model = default_model_path()
     runs: dict[str, dict[int, list[dict[str, float]]]] = {}
+    if args.baseline:
+        args.cache = Path(tempfile.mkdtemp(prefix="qwen-bench-"))
     for kind in args.servers + ([BASELINE] if args.baseline else []):
         process, url = start(kind, args, free_port())
         try:
@@ -151,6 +156,7 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=60)
     if args.baseline:
+        shutil.rmtree(args.cache, ignore_errors=True)
         write_baseline(args, runs)
     if set(SERVERS) <= set(args.servers):  # the side-by-side section needs every server
         write(args, {kind: rows for kind, rows in runs.items() if kind != BASELINE})
