@@ -57,7 +57,7 @@ class CatalogEntry:
             shapes = {name: shape for name, shape in shapes.items() if ".mlp." not in name}
             shapes.update(_moe_tensors(self.raw_config))
         if "visual" in self.raw_config:
-            shapes.update(_vision_tensors(self.raw_config["visual"]))
+            shapes.update(vision_shapes(self.raw_config["visual"]))
         if "audio" in self.raw_config:
             shapes.update(_audio_tensors(self.raw_config["audio"], self.config.hidden_size))
         return shapes
@@ -90,7 +90,7 @@ def _moe_tensors(raw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _vision_tensors(visual: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def vision_shapes(visual: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Qwen-VL's ViT and resampler (qwen-family.md §6.2)."""
     width, patch, out = visual["width"], visual["patch_size"], visual["output_dim"]
     mlp = int(width * visual["mlp_ratio"])

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from .errors import QwenError
+from .images import MAX_PIXELS
 from .runtime import QUANT_CHOICES
 from .results import GenerationResult
 from .sampling_params import SamplingParams
@@ -143,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "library uses, so both give the same output)")
     serve.add_argument("--max-request-mb", type=float, default=32,
                        help="largest request body in MiB; larger ones get 413 before they are read (default %(default)g)")
+    media = serve.add_argument_group("media (Qwen-VL images)")
+    media.add_argument("--allow-remote-media", action="store_true",
+                       help="fetch http(s) image URLs that requests name (off: only inline data: URLs are read)")
+    media.add_argument("--allowed-local-media-path", metavar="DIR",
+                       help="read image files that requests name (file:// URLs, paths, <img>PATH</img> in raw prompts) "
+                            "when they resolve to a file under DIR; off by default")
+    media.add_argument("--limit-mm-per-prompt", metavar="LIMITS", default="image=4", type=_media_limits,
+                       help="most media items a prompt may hold: image=N or JSON {\"image\": N} (default image=4)")
+    media.add_argument("--max-image-mb", type=float, default=20, help="largest image in MiB (default %(default)g)")
+    media.add_argument("--max-image-pixels", type=_positive_int, default=MAX_PIXELS,
+                       help="most pixels an image may have, checked before decoding (default %(default)d)")
 
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
@@ -336,9 +350,22 @@ def cmd_info(args: argparse.Namespace) -> None:
         "sampling_defaults": {name: {"value": getattr(defaults.params, name), "source": source}
                               for name, source in defaults.sources.items()},
     }
+    vision = config.vision
+    if vision is not None:
+        from dataclasses import asdict
+
+        from .catalog import vision_shapes
+
+        tower = asdict(vision) | {"parameters": sum(math.prod(shape) for shape in vision_shapes(asdict(vision)).values())}
+        facts["vision_tower"] = tower
     if args.json:
         print(json.dumps(facts))
         return
+    if vision is not None:
+        facts["vision_tower"] = (
+            f"{vision.layers} layers × {vision.width} ({vision.heads} heads, MLP {vision.mlp_width}); {vision.patch_size}-px "
+            f"patches of a {vision.image_size}² image ({vision.grid ** 2}) → resampler of {vision.n_queries} queries → "
+            f"{vision.output_dim}; {tower['parameters']:,} parameters")
     facts["parameters"] = f"{config.parameter_count():,} ({config.parameter_count() / 1e9:.2f} B)"
     facts["tensor_types"] = ", ".join(f"{name} ×{count}" for name, count in sorted(info.tensor_types.items()))
     facts["chat_template"] = "yes" if info.has_chat_template else (
@@ -462,6 +489,22 @@ def cmd_memory(args: argparse.Namespace) -> None:
         print(f"  plot written to {args.plot}")
 
 
+MEDIA_KINDS = ("image", "audio")
+
+
+def _media_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt: `image=4,audio=1` or vLLM's JSON `{"image": 4}`."""
+    try:
+        limits = json.loads(text) if text.lstrip().startswith("{") else dict(
+            (kind.strip(), int(count)) for kind, _, count in (pair.partition("=") for pair in text.split(",")))
+    except ValueError:
+        limits = None
+    if not isinstance(limits, dict) or any(kind not in MEDIA_KINDS or type(count) is not int or count < 0
+                                           for kind, count in limits.items()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a media limit: write image=N (N ≥ 0) or {{\"image\": N}}")
+    return limits
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
     import signal
@@ -481,14 +524,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as err:
         raise QwenError(f"the server needs its extra dependencies ({err.name} is missing); pip install 'qwen-engine[serve]'") from None
     from .server.listen import listen
+    from .server.media import MediaPolicy
 
+    root = None
+    if args.allowed_local_media_path is not None:
+        root = Path(args.allowed_local_media_path).resolve()
+        if not root.is_dir():
+            raise QwenError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
+    if not args.max_image_mb > 0:
+        raise QwenError(f"--max-image-mb must be positive (got {args.max_image_mb:g})")
+    media = MediaPolicy(args.allow_remote_media, root, args.limit_mm_per_prompt, int(args.max_image_mb * 2**20),
+                        args.max_image_pixels)
     listener = listen(args.host, args.port)  # before the slow load: a port in use fails at once
     model = _load(args)
     engine = model.serving_engine(kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs,
                                   prefill_tokens=args.prefill_tokens)
     server = Server(model, engine, name=args.served_model_name or args.model,
                     api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue,
-                    max_request_bytes=int(args.max_request_mb * 2**20))
+                    max_request_bytes=int(args.max_request_mb * 2**20), media=media)
     # HTTP on a thread of its own, the engine on this one (the main thread: see ServingEngine.run_forever).
     http = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5))
     http_thread = threading.Thread(target=http.run, kwargs={"sockets": [listener]}, name="qwen-http", daemon=True)

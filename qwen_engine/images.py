@@ -31,7 +31,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 DATA_URL = "data:"
 MAX_PIXELS = 50_000_000  # Pillow's decompression-bomb guard, as a clear error rather than a warning
 
-ImageSource = Union[str, Path, bytes, "PILImage.Image"]
+ImageSource = Union[str, Path, bytes, "PILImage.Image", "LoadedImage"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +52,11 @@ class LoadedImage:
 
 def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """The image and its digest; one clear QwenError for a missing, unreadable, truncated or non-image input, or one
-    over `max_pixels`."""
+    over `max_pixels`. An image already loaded (a server reads its own under its limits) is taken as it is."""
     from PIL import Image, UnidentifiedImageError
 
+    if isinstance(source, LoadedImage):
+        return source
     if isinstance(source, Image.Image):
         return LoadedImage(source, hashlib.blake2b(source.tobytes() + repr((source.mode, source.size)).encode(),
                                                    digest_size=16).digest())

@@ -6,6 +6,7 @@ import ctypes
 import itertools
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from functools import cached_property, partial
 from pathlib import Path
@@ -48,6 +49,8 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
 
 # Chosen by measurement (benchmarks/RESULTS.md): the fastest format whose perplexity stays within 1% of float32.
 DEFAULT_CPU_QUANT = "auto"
+
+ENCODER_CACHE_ITEMS = 16  # encoder outputs kept by digest (a Qwen-VL image's: 256 × 4096 bfloat16, 2 MB)
 
 DEFAULT_KV_SHARE = 0.3  # of the memory available at start: the most a server's KV cache takes by default
 
@@ -138,6 +141,8 @@ class Model:
         stop_ids.update(i for i in map(tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None)
         self.stop_token_ids = frozenset(stop_ids)
         self.vision = vision  # Qwen-VL's visual tower: image items' encoder
+        self._encoders = {"image": self._encode_image} if vision is not None else {}
+        self._encoded: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()  # see _encode
         self._compute = threading.Lock()  # one forward at a time on this decoder, whichever engine asks
 
     @property
@@ -156,8 +161,21 @@ class Model:
     # ---- engines ------------------------------------------------------------------------------------------
     def runner(self, num_blocks: int) -> ModelRunner:
         """A model runner over a KV cache of `num_blocks` blocks (touched only as they are used)."""
-        encoders = {"image": self._encode_image} if self.vision is not None else {}
+        encoders = {kind: self._encode for kind in self._encoders}
         return ModelRunner(self.decoder, num_blocks, encoders=encoders, lock=self._compute)
+
+    def _encode(self, item: MediaItem) -> torch.Tensor:
+        """The item's encoder output, from a small LRU keyed by its digest: an image sent again (a conversation's
+        next turn, the same picture in another request) skips its encoder. Called under the compute lock."""
+        key = (item.kind, item.digest)
+        if key in self._encoded:
+            self._encoded.move_to_end(key)
+            return self._encoded[key]
+        embedding = self._encoders[item.kind](item)
+        self._encoded[key] = embedding
+        if len(self._encoded) > ENCODER_CACHE_ITEMS:
+            self._encoded.popitem(last=False)
+        return embedding
 
     def _encode_image(self, item: MediaItem) -> torch.Tensor:
         """An image item's 256 vectors (its payload is the LoadedImage; preprocessed as the original does)."""
@@ -183,12 +201,21 @@ class Model:
         return ServingEngine(self.runner(blocks), self.tokenizer, self.stop_token_ids, max_seqs=request.n)
 
     # ---- scoring ------------------------------------------------------------------------------------------
-    def logits(self, ids: list[int]) -> torch.Tensor:
-        """Float32 logits [len(ids), V] from one full forward pass without a cache."""
-        if not ids:
-            raise QwenError("logits() needs at least one token id")
+    def logits(self, prompt: str | list[int] | Prompt, *, special: bool = True) -> torch.Tensor:
+        """Float32 logits [len(ids), V] from one full forward pass without a cache. A string is encoded as `request`
+        encodes one (Qwen-VL's `<img>PATH</img>` list format included: the image's vectors replace the embeddings
+        between the tags, qwen-family.md §6.4)."""
+        prompt = self._prompt(prompt, special)
+        if not prompt.token_ids:
+            raise QwenError("logits() needs at least one token")
+        ids = torch.tensor([prompt.token_ids], device=self.device)
         with self._compute, torch.inference_mode():
-            return self.decoder(torch.tensor([ids], device=self.device))[0].to(torch.float32)
+            hidden = None
+            if prompt.items:
+                hidden = self.decoder.embed(ids)
+                for item in prompt.items:
+                    hidden[0, item.offset : item.end] = self._encode(item).to(hidden.dtype)
+            return self.decoder(None if hidden is not None else ids, inputs_embeds=hidden)[0].to(torch.float32)
 
     def stepwise_logits(self, ids: list[int], prefill: int) -> torch.Tensor:
         """Float32 logits [len(ids), V] computed the way generation computes them: the first `prefill` ids as a
@@ -221,12 +248,7 @@ class Model:
         """The engine request for a prompt and options. A raw string prompt is encoded with its control tokens
         (`<|im_start|>` …) parsed, as transformers, vLLM and llama.cpp do; `special=False` keeps every character as
         text. A `max_tokens` not given is what the context leaves, at most the default's."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt, special=special)
-            vision = self.config.vision
-            prompt = Prompt(ids, image_items(ids, vision.image_start_id) if vision is not None and special else [])
-        elif not isinstance(prompt, Prompt):
-            prompt = Prompt(list(prompt))
+        prompt = self._prompt(prompt, special)
         if sampling.get("max_tokens") is None:
             room = self.config.context_length - len(prompt)
             sampling["max_tokens"] = max(1, min(self.defaults.max_tokens, room))
@@ -249,6 +271,17 @@ class Model:
         wants_logprobs = (logprobs is not None and logprobs is not False) or top_logprobs is not None
         return Request(f"call-{next(_calls)}", prompt, params, n=n, logprobs=top if wants_logprobs else None,
                        constraint=constraint, logit_bias=bias)
+
+    def _prompt(self, prompt: str | list[int] | Prompt, special: bool) -> Prompt:
+        """A raw prompt as the engine takes it: a string encoded (with `special`, Qwen-VL's list format loads its
+        images), ids as they are."""
+        if isinstance(prompt, Prompt):
+            return prompt
+        if not isinstance(prompt, str):
+            return Prompt(list(prompt))
+        ids = self.tokenizer.encode(prompt, special=special)
+        vision = self.config.vision
+        return Prompt(ids, image_items(ids, vision.image_start_id) if vision is not None and special else [])
 
     def stream_deltas(self, prompt: str | list[int] | Prompt, result: GenerationResult | None = None,
                       **options: Any) -> Iterator[Delta]:

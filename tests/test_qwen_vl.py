@@ -6,6 +6,7 @@ items: chunk boundaries inside the image and the prefix cache included."""
 from __future__ import annotations
 
 import io
+import random
 import json
 
 import pytest
@@ -205,13 +206,15 @@ def test_the_server_takes_data_url_images_and_refuses_the_rest(vl, vl_dir, tiny_
         client = running.client()
         assert ask(client, url).choices[0].message.content == expected
         assert "".join(c.choices[0].delta.content or "" for c in ask(client, url, stream=True) if c.choices) == expected
-        for bad, message in (("https://example.com/cat.png", "remote image URLs"), (str(vl_dir / "picture0.png"), "image paths"),
+        for bad, message in (("https://example.com/cat.png", "remote image URLs are not fetched.*--allow-remote-media"),
+                             (str(vl_dir / "picture0.png"), "image paths are not read.*--allowed-local-media-path"),
+                             (f"file://{vl_dir / 'picture0.png'}", "image paths are not read"),
                              ("data:image/png;base64,AAAA", "not an image"), ("data:image/png,raw", "base64")):
             with pytest.raises(openai.BadRequestError, match=message):
                 ask(client, bad)
-        with pytest.raises(openai.BadRequestError, match="at most 4"):
+        with pytest.raises(openai.BadRequestError, match="holds 5 images; .* at most 4 .*--limit-mm-per-prompt"):
             ask(client, *[url] * 5)
-        for prompt, message in ((f"<img>{vl_dir / 'picture0.png'}</img>What?", "does not read"), ("<img>x.png", "no </img>")):
+        for prompt, message in ((f"<img>{vl_dir / 'picture0.png'}</img>What?", "image paths are not read"), ("<img>x.png", "no </img>")):
             with pytest.raises(openai.BadRequestError, match=message):
                 client.completions.create(model="qwen2.5-coder-0.5b-instruct", prompt=prompt, max_tokens=1)
         assert ask(client, url).choices[0].message.content == expected  # still serving
@@ -223,3 +226,217 @@ def test_the_server_takes_data_url_images_and_refuses_the_rest(vl, vl_dir, tiny_
             ask(text_only.client(), url)
     finally:
         text_only.close()
+
+
+def list_prompts(vl_dir) -> list[tuple[str, list]]:
+    paths = [vl_dir / "picture0.png", vl_dir / "picture1.png"]
+    return [(f"Picture 1: <img>{paths[0]}</img>\nWhat colour is it?", paths[:1]),
+            (f"Picture 1: <img>{paths[0]}</img>\nPicture 2: <img>{paths[1]}</img>\nWhich is red?", paths)]
+
+
+def coloured(directory, *colours) -> list:
+    paths = []
+    for colour in colours:
+        paths.append(directory / f"{'-'.join(map(str, colour))}.png")
+        Image.new("RGB", (180, 240), colour).save(paths[-1])
+    return paths
+
+
+def test_logits_take_the_list_format(vl, vl_dir) -> None:
+    for text, paths in list_prompts(vl_dir):
+        got = vl.logits(text)
+        assert got.shape == (len(vl.tokenizer.encode(text, special=True)), vl.config.vocab_size)
+        expected = by_hand(vl, text, paths)
+        assert (got[-1] - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.equal(vl.logits("Hello"), vl.logits(vl.tokenizer.encode("Hello")))
+
+
+def test_an_image_seen_again_skips_its_encoder(vl, tmp_path, monkeypatch) -> None:
+    """Encoder outputs are kept by the image's digest (a small LRU): the same bytes under another name hit too."""
+    monkeypatch.setattr("qwen_engine.llm.ENCODER_CACHE_ITEMS", 2)
+    a, b, c = coloured(tmp_path, (10, 200, 10), (200, 200, 10), (10, 200, 200))
+    again = tmp_path / "again.png"
+    again.write_bytes(a.read_bytes())
+    calls = []
+    vl._encoded.clear()
+    handle = vl.vision.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        counts = []
+        for path in (a, a, again, b, c, a, c):
+            vl.generate(f"<img>{path}</img>What?", max_tokens=1)
+            counts.append(len(calls))
+        assert counts == [1, 1, 1, 2, 3, 4, 4]  # a is dropped for c (two kept), then encoded again
+    finally:
+        handle.remove()
+        vl._encoded.clear()
+
+
+def test_preemption_keeps_image_prompts_output(vl, tmp_path) -> None:
+    """Too few blocks for three one-image prompts: running ones are preempted and recomputed, each image encoded
+    once, and every output is the one the prompt gets alone."""
+    texts = [f"Picture 1: <img>{path}</img>\nWhat is it?" for path in coloured(tmp_path, (90, 0, 0), (0, 90, 0), (0, 0, 90))]
+    options = dict(max_tokens=20, temperature=0, ignore_eos=True)
+    alone = [vl.generate(text, **options).token_ids for text in texts]
+    vl._encoded.clear()
+    calls, preempted = [], []
+    handle = vl.vision.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        engine = vl.serving_engine(num_blocks=35)  # 17 blocks a prompt, 18 at its longest: two fit, then not
+        engine.on_step = lambda step, _: preempted.extend(step.preempted)
+        requests = [vl.request(text, **options) for text in texts]
+        results = engine.run(requests)
+    finally:
+        handle.remove()
+        vl._encoded.clear()
+    assert preempted and len(calls) == 3
+    assert [[e.token_id for e in results[r.request_id][0]] for r in requests] == alone
+
+
+def test_qwen_info_describes_the_tower(vl, vl_dir, capsys) -> None:
+    from qwen_engine import cli
+
+    assert cli.main(["info", "--json", "--model", str(vl_dir)]) == 0
+    tower = json.loads(capsys.readouterr().out)["vision_tower"]
+    assert (tower["layers"], tower["width"], tower["output_dim"]) == (2, 48, 128)
+    assert tower["parameters"] == sum(p.numel() for p in vl.vision.parameters())  # the catalog's count, as loaded
+    assert cli.main(["info", "--model", str(vl_dir)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vision tower"))
+    assert "2 layers × 48 (4 heads, MLP 120)" in line and f"{tower['parameters']:,} parameters" in line
+
+
+def test_qwen_generate_takes_the_list_format(vl, vl_dir, capsys) -> None:
+    from qwen_engine import cli
+
+    for text, _ in list_prompts(vl_dir):
+        expected = vl.generate(text, max_tokens=3, temperature=0).text
+        assert cli.main(["generate", "--model", str(vl_dir), "--dtype", "float32", "--max-tokens", "3",
+                         "--temperature", "0", text]) == 0
+        assert capsys.readouterr().out == expected + "\n"
+
+
+def test_every_bad_image_is_one_line(vl_dir, tmp_path, capsys) -> None:
+    from qwen_engine import cli
+
+    noise = Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3))
+    encoded = io.BytesIO()
+    noise.save(encoded, format="PNG")
+    (tmp_path / "truncated.png").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) // 2])
+    (tmp_path / "notes.png").write_text("not a picture")
+    Image.new("1", (8000, 7000)).save(tmp_path / "huge.png")  # 56 MP, a few kB on disk
+    deep = tmp_path / ("d" * 120) / ("e" * 120)
+    deep.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(deep / "long.png")
+    for name, message in (("truncated.png", "not a readable image; it may be truncated"),
+                          ("notes.png", "is not an image this engine can read"),
+                          ("huge.png", "8000×7000 pixels, over the limit of 50,000,000"),
+                          (deep / "long.png", "255 bytes")):
+        path = tmp_path / name
+        assert cli.main(["chat", "--model", str(vl_dir), "--image", str(path), "--once", "Hi"]) != 0
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qwen: error: ") and message in lines[0], lines
+
+
+def test_draw_boxes_writes_the_replys_boxes_on_the_image(vl, vl_dir, tmp_path, capsys, monkeypatch) -> None:
+    """The reply is scripted at the sampler (a random model draws no boxes); the rest is the real path: the reply's
+    text, its boxes in the image's pixels (320×200: x·0.32, y·0.2), the drawing and its atomic write."""
+    from qwen_engine import cli
+    from qwen_engine.engine.runner import ModelRunner
+
+    reply = "<ref>it</ref><box>(100,200),(500,750)</box>"
+    script = vl.tokenizer.encode(reply, special=True) + [vl.tokenizer.token_to_id("<|im_end|>")]
+    monkeypatch.setattr(ModelRunner, "sample", lambda self, seq, logits: script[len(seq.output_ids)])
+    target = tmp_path / "boxes.png"
+    assert cli.main(["chat", "--model", str(vl_dir), "--image", str(vl_dir / "picture0.png"), "--draw-boxes",
+                     str(target), "--once", "Where is it?"]) == 0
+    assert capsys.readouterr().out == reply + "\n" and [p.name for p in tmp_path.iterdir()] == ["boxes.png"]
+    drawn = Image.open(target).convert("RGB")
+    assert drawn.size == (320, 200)
+    for edge in ((32, 100), (160, 100), (96, 40), (96, 150)):  # left, right, top and bottom edges
+        assert drawn.getpixel(edge) == (255, 0, 0), edge
+    assert drawn.getpixel((96, 100)) == drawn.getpixel((250, 180)) == (200, 30, 30)  # inside and outside: the image
+
+
+def test_the_operators_media_policy(vl, vl_dir, tmp_path) -> None:
+    """--allow-remote-media fetches (here from a server on 127.0.0.1); --allowed-local-media-path reads files under
+    its directory only (`..` and symlinks cannot leave it), raw prompts' <img>PATH</img> included; every limit is a
+    400 naming its flag, and the server keeps serving through them all."""
+    import base64
+    import functools
+    import http.server
+    import threading
+
+    import openai
+    from test_server import Running
+
+    from qwen_engine.server.media import MediaPolicy
+
+    root = tmp_path / "media"
+    (root / "sub").mkdir(parents=True)
+    data = (vl_dir / "picture0.png").read_bytes()
+    (root / "sub" / "cat.png").write_bytes(data)
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(data)
+    (root / "link.png").symlink_to(outside)
+    Image.frombytes("RGB", (64, 64), random.Random(0).randbytes(64 * 64 * 3)).save(root / "noise.png")  # ~12 kB: over the byte limit
+    Image.new("RGB", (300, 300), "white").save(root / "wide.png")  # 90,000 pixels: over the pixel limit
+    assert len(data) < 4000 < (root / "noise.png").stat().st_size
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    remote = f"http://127.0.0.1:{files.server_address[1]}"
+    inline = lambda path: "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()  # noqa: E731
+
+    def ask(client, *urls: str) -> str:
+        content = [*({"type": "image_url", "image_url": {"url": u}} for u in urls), {"type": "text", "text": "What?"}]
+        return client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", messages=[{"role": "user", "content": content}],
+                                              max_tokens=3, temperature=0).choices[0].message.content
+
+    expected = vl.chat([{"role": "user", "content": [{"type": "image", "image": data}, {"type": "text", "text": "What?"}]}],
+                       max_tokens=3, temperature=0).text
+    policy = MediaPolicy(allow_remote=True, local_root=root.resolve(), per_prompt={"image": 2}, max_bytes=4000,
+                         max_pixels=70_000)
+    running = Running(vl, media=policy)
+    try:
+        client = running.client()
+        for url in (f"{remote}/sub/cat.png", "sub/cat.png", f"file://{root}/sub/cat.png", str(root / "sub" / ".." / "sub" / "cat.png")):
+            assert ask(client, url) == expected, url
+        for url, message in ((str(root / ".." / "secret.png"), "leads outside"), ("../secret.png", "leads outside"),
+                             (str(root / "link.png"), "leads outside"), (str(outside), "leads outside"),
+                             (f"file://{outside}", "leads outside"), ("sub/absent.png", "no image file"),
+                             (f"{remote}/absent.png", "HTTP 404"), (f"{remote}/noise.png", "over 4,000 bytes.*--max-image-mb"),
+                             (inline(root / "noise.png"), "--max-image-mb"), ("noise.png", "--max-image-mb"),
+                             (inline(root / "wide.png"), "300×300 pixels, over the limit of 70,000"),
+                             ("wide.png", "300×300 pixels")):
+            with pytest.raises(openai.BadRequestError, match=message):
+                ask(client, url)
+        with pytest.raises(openai.BadRequestError, match="holds 3 images; .* at most 2"):
+            ask(client, *[inline(root / "sub" / "cat.png")] * 3)
+        text = f"Picture 1: <img>{root}/sub/cat.png</img>\nWhat?"
+        served = client.completions.create(model="qwen2.5-coder-0.5b-instruct", prompt=text, max_tokens=3, temperature=0)
+        assert served.choices[0].text == vl.generate(text, max_tokens=3, temperature=0).text
+        with pytest.raises(openai.BadRequestError, match="leads outside"):
+            client.completions.create(model="qwen2.5-coder-0.5b-instruct", prompt=f"<img>{outside}</img>", max_tokens=1)
+        assert ask(client, inline(root / "sub" / "cat.png")) == expected  # still serving
+    finally:
+        running.close()
+        files.shutdown()
+
+
+def test_serve_media_flags_are_checked_before_loading(capsys, tmp_path) -> None:
+    from qwen_engine import cli
+    from qwen_engine.cli import _media_limits
+
+    assert _media_limits("image=2") == {"image": 2} and _media_limits('{"image": 0, "audio": 1}') == {"image": 0, "audio": 1}
+    for bad in ("image", "video=1", "image=-1", '{"image": "x"}'):
+        with pytest.raises(SystemExit):
+            cli.main(["serve", "--limit-mm-per-prompt", bad])
+        assert "not a media limit" in capsys.readouterr().err
+    for flags, message in ((["--allowed-local-media-path", str(tmp_path / "absent")], "is not a directory"),
+                           (["--max-image-mb", "0"], "--max-image-mb must be positive")):
+        assert cli.main(["serve", "--model", str(tmp_path / "never-loaded"), *flags]) != 0
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qwen: error: ") and message in lines[0], lines

@@ -17,7 +17,6 @@ from fastapi.responses import Response
 from ..engine.constrained import JsonObjectConstraint
 from ..engine.serving import Event, Request as EngineRequest
 from ..errors import QwenError
-from ..images import DATA_URL
 from ..prompt import Prompt
 from .errors import ApiError
 from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, NamedToolChoice, TextPart
@@ -45,20 +44,13 @@ async def chat_completion(server: Server, body: ChatCompletionRequest, http: Req
                                 lambda events, choices: _stream(server, request, body, events, choices, forced, tools_on))
 
 
-MAX_IMAGES_PER_PROMPT = 4  # as vLLM's --limit-mm-per-prompt default for images
-MAX_IMAGE_BYTES = 20 << 20
-MAX_IMAGE_URL_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 64  # its base64, and the data: header
-
-
 def chat_prompt(server: Server, body: ChatCompletionRequest) -> tuple[Prompt, str]:
     """The prompt, and the text the reply is forced to start with (for a required or named tool call: the call's
     opening tag, and the name; the rest is then constrained to a JSON object)."""
     _check_text_fits(server, body.messages)
     images = sum(isinstance(part, ImagePart) for m in body.messages if isinstance(m.content, list) for part in m.content)
-    if images > MAX_IMAGES_PER_PROMPT:
-        raise ApiError(400, f"the conversation holds {images} images; at most {MAX_IMAGES_PER_PROMPT} are taken",
-                       param="messages")
-    messages = [_template_message(m) for m in body.messages]
+    server.media.check_count("image", images, "messages")
+    messages = [_template_message(server, m) for m in body.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     choice = body.tool_choice
     if choice == "none":
@@ -103,30 +95,13 @@ def _texts(message: ChatMessage) -> list[str]:
     return [content or ""]
 
 
-def _image_source(part: ImagePart) -> str:
-    """A `data:` URL image as the chat format reads it. Nothing else: a server that fetched a URL or read a path
-    because a request named it could be made to reach other hosts or files (there is no operator opt-in for either
-    yet), so both are refused."""
-    url = part.image_url.url
-    if not url.startswith(DATA_URL):
-        kind = "remote image URLs" if url.startswith(("http://", "https://")) else "image paths and other URLs"
-        raise ApiError(400, f"{kind} are not read by this server; send the image inline as a data: URL "
-                            "(data:image/png;base64,…)", param="messages")
-    if len(url) > MAX_IMAGE_URL_BYTES:
-        raise ApiError(400, f"an image is over {MAX_IMAGE_BYTES // 2**20} MB; send a smaller one", param="messages")
-    return url
-
-
-def _parts(content: list[TextPart | ImagePart]) -> list[dict[str, Any]]:
-    return [{"type": "image", "image": _image_source(part)} if isinstance(part, ImagePart) else part.model_dump()
-            for part in content]
-
-
-def _template_message(message: ChatMessage) -> dict[str, Any]:
-    """The message as the chat format reads it (content parts go through as parts)."""
+def _template_message(server: Server, message: ChatMessage) -> dict[str, Any]:
+    """The message as the chat format reads it: content parts go through as parts, images read under the server's
+    media policy (server/media.py)."""
     content = message.content
     if isinstance(content, list):
-        content = _parts(content)
+        content = [{"type": "image", "image": server.media.image(part.image_url.url)} if isinstance(part, ImagePart)
+                   else part.model_dump() for part in content]
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
     if message.tool_calls:
         calls = []

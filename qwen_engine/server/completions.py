@@ -14,6 +14,8 @@ from fastapi.responses import Response
 
 from ..engine.serving import Event, Request as EngineRequest
 from ..errors import QwenError
+from ..images import image_items
+from ..prompt import Prompt
 from .errors import ApiError
 from .protocol import CompletionRequest
 from .responses import DONE, Choice, sse, sse_error, usage
@@ -27,28 +29,34 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
         server.check_text_fits([body.prompt], "prompt")
         # A raw prompt's markup means what it says (`<|im_start|>` is the control token), as vLLM reads it; tokenizing
         # a long one takes a while, so not on the event loop.
-        try:
-            prompt_ids = await asyncio.to_thread(tokenizer.encode, body.prompt, special=True)
-        except QwenError as err:  # a malformed <img> span (Qwen-VL)
-            raise ApiError(400, str(err), param="prompt") from None
-        vision = server.model.config.vision
-        if vision is not None and vision.image_start_id in prompt_ids:
-            # The span names a file: a server never reads one because a request said so.
-            raise ApiError(400, "<img>PATH</img> in a raw prompt names a file, which this server does not read; "
-                                "send images as data: URLs in /v1/chat/completions", param="prompt")
+        prompt = await asyncio.to_thread(_raw_prompt, server, body.prompt)
     else:
         vocab = server.model.config.vocab_size
         if any(not 0 <= token < vocab for token in body.prompt):
             raise ApiError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
-        prompt_ids = list(body.prompt)
-    if not prompt_ids:
+        prompt = Prompt(list(body.prompt))
+    if not prompt.token_ids:
         raise ApiError(400, "the prompt is empty", param="prompt")
-    params = server.sampling(body, len(prompt_ids))
-    request = EngineRequest(f"cmpl-{uuid.uuid4().hex}", prompt_ids, params, n=body.n, logprobs=body.logprobs,
+    params = server.sampling(body, len(prompt))
+    request = EngineRequest(f"cmpl-{uuid.uuid4().hex}", prompt, params, n=body.n, logprobs=body.logprobs,
                             logit_bias=server.bias(body))
-    echo = tokenizer.decode(prompt_ids) if body.echo else ""
+    echo = tokenizer.decode(prompt.token_ids) if body.echo else ""
     return await server.respond(request, body, http, lambda choices: _whole(server, request, choices, echo),
                                 lambda events, choices: _stream(server, request, body, events, choices, echo))
+
+
+def _raw_prompt(server: Server, text: str) -> Prompt:
+    """A raw prompt's ids (its markup means what it says: `<|im_start|>` is the control token, as vLLM reads it) and,
+    for Qwen-VL, the images its `<img>PATH</img>` spans name: files read only under the media policy's directory."""
+    try:
+        ids = server.model.tokenizer.encode(text, special=True)
+        vision = server.model.config.vision
+        if vision is None or vision.image_start_id not in ids:
+            return Prompt(ids)
+        server.media.check_count("image", ids.count(vision.image_start_id), "prompt")
+        return Prompt(ids, image_items(ids, vision.image_start_id, server.media.local_image))
+    except QwenError as err:  # a malformed <img> span
+        raise ApiError(400, str(err), param="prompt") from None
 
 
 def _whole(server: Server, request: EngineRequest, choices: list[Choice], echo: str) -> dict[str, Any]:

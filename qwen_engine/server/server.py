@@ -23,6 +23,7 @@ from ..engine.serving import Event, Request as EngineRequest, ServingEngine
 from ..errors import QwenError
 from ..llm import Model
 from .errors import ApiError
+from .media import MediaPolicy
 from .metrics import Metrics
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Choice
@@ -32,9 +33,10 @@ DISCONNECT_POLL_S = 0.25
 
 class Server:
     def __init__(self, model: Model, engine: ServingEngine, *, name: str, api_key: str | None = None,
-                 max_queue: int = 64, max_request_bytes: int) -> None:
+                 max_queue: int = 64, max_request_bytes: int, media: MediaPolicy | None = None) -> None:
         self.model, self.engine, self.name = model, engine, name
         self.api_key, self.max_queue, self.max_request_bytes = api_key, max_queue, max_request_bytes
+        self.media = media if media is not None else MediaPolicy()
         self.in_flight = 0
         self.metrics = Metrics(engine, lambda: self.in_flight)
         self.created = int(time.time())
