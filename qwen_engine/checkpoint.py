@@ -21,7 +21,7 @@ from .sampling_params import SamplingDefaults, SamplingParams
 from .errors import QwenError
 from .tokenizer import Tokenizer
 from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
-from .weights.safetensors import load_safetensors, read_json, shard_files, stored_dtypes
+from .weights.safetensors import load_weights, read_json, shard_files, stored_dtypes
 from .weights.v1 import split_fused_qkv, v1_name
 
 if TYPE_CHECKING:
@@ -210,14 +210,13 @@ class HFSource(Checkpoint):
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
                 placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
         """The decoder's tensors (a Qwen-VL tower's are `vision_tensors`)."""
-        loaded = load_safetensors(self.path, dtype, device, progress)  # memory-mapped: nothing to spare
-        return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()
-                                if not name.startswith(VISION_PREFIX)})
+        loaded = load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(VISION_PREFIX))
+        return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()})
 
     def vision_tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """Qwen-VL's visual tower under its module names (`transformer.visual.` taken off, qwen-family.md §6.2)."""
-        loaded = load_safetensors(self.path, dtype, device)
-        return {name[len(VISION_PREFIX):]: tensor for name, tensor in loaded.items() if name.startswith(VISION_PREFIX)}
+        loaded = load_weights(self.path, dtype, device, keep=lambda name: name.startswith(VISION_PREFIX))
+        return {name[len(VISION_PREFIX):]: tensor for name, tensor in loaded.items()}
 
 
 VISION_PREFIX = "transformer.visual."  # Qwen-VL's tower in a v1 checkpoint

@@ -1,4 +1,4 @@
-"""Qwen-VL checkpoints (issue 13, in progress): a tiny Qwen-VL-Chat directory in the official layout loads with its
+"""Qwen-VL checkpoints: a tiny Qwen-VL-Chat directory in the official layout loads with its
 visual tower, the list format `<img>PATH</img>` becomes the 256-id span of the original tokenizer, and the tower's
 256 vectors replace exactly the embeddings between the tags (qwen-family.md §6.4), through the engine's media
 items: chunk boundaries inside the image and the prefix cache included."""
@@ -6,15 +6,13 @@ items: chunk boundaries inside the image and the prefix cache included."""
 from __future__ import annotations
 
 import io
-import random
 import json
+import random
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
-from test_vision import official_state
-from tiny import hf_config, random_model, to_v1_state, v1_config, write_qwen_tiktoken
+from tiny import TINY_VISUAL, write_qwen_vl
 
 import qwen_engine
 from qwen_engine.config import VisionConfig
@@ -24,20 +22,12 @@ from qwen_engine.images import load_image, pixels
 from qwen_engine.tokenizer import IncrementalDecoder
 
 IMG, END, PAD = 151857, 151858, 151859
-VISUAL = {"image_size": 448, "patch_size": 14, "width": 48, "layers": 2, "heads": 4, "mlp_ratio": 2.5,
-          "output_dim": 128, "image_start_id": IMG}
 
 
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory, gguf_arrays):
-    config = hf_config("qwen1.5", hidden_size=128, intermediate_size=176, max_position_embeddings=2048)
     directory = tmp_path_factory.mktemp("qwen-vl-chat")
-    state = to_v1_state(random_model(config, seed=5).state_dict())
-    state |= {f"transformer.visual.{name}": tensor for name, tensor in official_state(VisionConfig.from_dict(VISUAL)).items()}
-    save_file(state, str(directory / "model.safetensors"))
-    raw = v1_config(config, seq_length=2048, use_dynamic_ntk=True, use_logn_attn=True, visual=VISUAL)
-    (directory / "config.json").write_text(json.dumps(raw), encoding="utf-8")
-    write_qwen_tiktoken(directory / "qwen.tiktoken", gguf_arrays[0])
+    write_qwen_vl(directory, gguf_arrays[0])
     for i, colour in enumerate(((200, 30, 30), (20, 90, 220))):
         Image.new("RGB", (320, 200), colour).save(directory / f"picture{i}.png")
     return directory
@@ -67,7 +57,7 @@ def by_hand(model, text: str, paths: list) -> torch.Tensor:
 
 
 def test_a_qwen_vl_chat_directory_loads_with_its_tower(vl) -> None:
-    assert vl.vision is not None and vl.config.vision == VisionConfig.from_dict(VISUAL)
+    assert vl.vision is not None and vl.config.vision == VisionConfig.from_dict(TINY_VISUAL)
     assert [vl.tokenizer.token_to_id(t) for t in ("<ref>", "<img>", "</img>", "<imgpad>")] == [151851, IMG, END, PAD]
 
 
@@ -440,3 +430,42 @@ def test_serve_media_flags_are_checked_before_loading(capsys, tmp_path) -> None:
         assert cli.main(["serve", "--model", str(tmp_path / "never-loaded"), *flags]) != 0
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("qwen: error: ") and message in lines[0], lines
+
+
+class Planted:
+    """Unpickling this would create a file: a weights file must never run code."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_a_checkpoint_in_pytorch_bin_shards_loads_the_same(vl, vl_dir, tmp_path) -> None:
+    """Qwen-VL-Chat ships `pytorch_model-0000N-of-0000M.bin` shards: read with weights_only, memory-mapped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    state = load_file(vl_dir / "model.safetensors")
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, members in shards.items():
+        torch.save({name: state[name] for name in members}, tmp_path / file)
+    weight_map = {name: file for file, members in shards.items() for name in members}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    for name in ("config.json", "qwen.tiktoken"):
+        shutil.copy(vl_dir / name, tmp_path / name)
+    text = list_prompts(vl_dir)[1][0]
+    assert torch.equal(qwen_engine.load(tmp_path, dtype="float32").logits(text), vl.logits(text))
+    marker = tmp_path / "ran"
+    torch.save({"x": Planted(marker)}, tmp_path / "pytorch_model-00002-of-00002.bin")
+    with pytest.raises(QwenError, match="cannot read .*pytorch_model-00002-of-00002.bin .*not a PyTorch weights file"):
+        qwen_engine.load(tmp_path, dtype="float32")
+    assert not marker.exists()
+    (tmp_path / "pytorch_model-00002-of-00002.bin").write_bytes(b"PK\x03\x04 cut off")
+    with pytest.raises(QwenError, match="truncated, corrupt"):
+        qwen_engine.load(tmp_path, dtype="float32")

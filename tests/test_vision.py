@@ -13,36 +13,9 @@ import torch.nn.functional as F
 
 from qwen_engine.config import VisionConfig
 from qwen_engine.model.vision import VisionTower, resize_grid, sincos_table
+from tiny import official_state
 
 CONFIG = VisionConfig(width=48, layers=2, heads=4, mlp_ratio=2.5, output_dim=256, n_queries=256)
-
-
-def official_state(config: VisionConfig, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random tensors under the checkpoint's `transformer.visual.*` names and shapes (§6.2)."""
-    g = torch.Generator().manual_seed(seed)
-    w, d, m = config.width, config.output_dim, config.mlp_width
-
-    def rand(*shape: int, scale: float = 0.05) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
-
-    state = {"conv1.weight": rand(w, 3, 14, 14), "positional_embedding": rand(256, w, scale=0.5),
-             "ln_pre.weight": 1 + rand(w), "ln_pre.bias": rand(w)}
-    for n in range(config.layers):
-        block = f"transformer.resblocks.{n}."
-        state |= {block + "ln_1.weight": 1 + rand(w), block + "ln_1.bias": rand(w),
-                  block + "attn.in_proj.weight": rand(3 * w, w, scale=0.2), block + "attn.in_proj.bias": rand(3 * w),
-                  block + "attn.out_proj.weight": rand(w, w, scale=0.2), block + "attn.out_proj.bias": rand(w),
-                  block + "ln_2.weight": 1 + rand(w), block + "ln_2.bias": rand(w),
-                  block + "mlp.c_fc.weight": rand(m, w, scale=0.2), block + "mlp.c_fc.bias": rand(m),
-                  block + "mlp.c_proj.weight": rand(w, m, scale=0.2), block + "mlp.c_proj.bias": rand(w)}
-    state |= {"attn_pool.query": rand(256, d, scale=0.5), "attn_pool.pos_embed": sincos_table(d, 16),
-              "attn_pool.kv_proj.weight": rand(d, w, scale=0.2),
-              "attn_pool.ln_q.weight": 1 + rand(d), "attn_pool.ln_q.bias": rand(d),
-              "attn_pool.ln_kv.weight": 1 + rand(d), "attn_pool.ln_kv.bias": rand(d),
-              "attn_pool.attn.in_proj_weight": rand(3 * d, d, scale=0.1), "attn_pool.attn.in_proj_bias": rand(3 * d),
-              "attn_pool.attn.out_proj.weight": rand(d, d, scale=0.1), "attn_pool.attn.out_proj.bias": rand(d),
-              "ln_post.weight": 1 + rand(d), "ln_post.bias": rand(d), "proj": rand(d, d, scale=0.1)}
-    return state
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,56 @@ def write_qwen_tiktoken(path: Path, tokens: list[str]) -> Path:
     lines = [f"{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {rank}" for rank, token in enumerate(tokens[:151643])]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def official_state(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors of a Qwen-VL tower (a VisionConfig) under the checkpoint's `transformer.visual.*` names and
+    shapes (qwen-family.md §6.2), prefix taken off."""
+    from qwen_engine.model.vision import sincos_table
+
+    g = torch.Generator().manual_seed(seed)
+    w, d, m = config.width, config.output_dim, config.mlp_width
+
+    def rand(*shape: int, scale: float = 0.05) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"conv1.weight": rand(w, 3, 14, 14), "positional_embedding": rand(256, w, scale=0.5),
+             "ln_pre.weight": 1 + rand(w), "ln_pre.bias": rand(w)}
+    for n in range(config.layers):
+        block = f"transformer.resblocks.{n}."
+        state |= {block + "ln_1.weight": 1 + rand(w), block + "ln_1.bias": rand(w),
+                  block + "attn.in_proj.weight": rand(3 * w, w, scale=0.2), block + "attn.in_proj.bias": rand(3 * w),
+                  block + "attn.out_proj.weight": rand(w, w, scale=0.2), block + "attn.out_proj.bias": rand(w),
+                  block + "ln_2.weight": 1 + rand(w), block + "ln_2.bias": rand(w),
+                  block + "mlp.c_fc.weight": rand(m, w, scale=0.2), block + "mlp.c_fc.bias": rand(m),
+                  block + "mlp.c_proj.weight": rand(w, m, scale=0.2), block + "mlp.c_proj.bias": rand(w)}
+    state |= {"attn_pool.query": rand(256, d, scale=0.5), "attn_pool.pos_embed": sincos_table(d, 16),
+              "attn_pool.kv_proj.weight": rand(d, w, scale=0.2),
+              "attn_pool.ln_q.weight": 1 + rand(d), "attn_pool.ln_q.bias": rand(d),
+              "attn_pool.ln_kv.weight": 1 + rand(d), "attn_pool.ln_kv.bias": rand(d),
+              "attn_pool.attn.in_proj_weight": rand(3 * d, d, scale=0.1), "attn_pool.attn.in_proj_bias": rand(3 * d),
+              "attn_pool.attn.out_proj.weight": rand(d, d, scale=0.1), "attn_pool.attn.out_proj.bias": rand(d),
+              "ln_post.weight": 1 + rand(d), "ln_post.bias": rand(d), "proj": rand(d, d, scale=0.1)}
+    return state
+
+
+TINY_VISUAL = {"image_size": 448, "patch_size": 14, "width": 48, "layers": 2, "heads": 4, "mlp_ratio": 2.5,
+               "output_dim": 128, "image_start_id": 151857}  # patch and image size kept: the real preprocessing
+
+
+def write_qwen_vl(directory: Path, tokens: list[str]) -> None:
+    """A tiny Qwen-VL-Chat directory in the official layout: config.json with its `visual` sub-config, one
+    model.safetensors with the v1 decoder and `transformer.visual.*`, qwen.tiktoken made of `tokens` (the default
+    GGUF's vocabulary)."""
+    from safetensors.torch import save_file
+
+    from qwen_engine.config import VisionConfig
+
+    config = hf_config("qwen1.5", hidden_size=128, intermediate_size=176, max_position_embeddings=2048)
+    state = to_v1_state(random_model(config, seed=5).state_dict())
+    state |= {f"transformer.visual.{name}": t for name, t in official_state(VisionConfig.from_dict(TINY_VISUAL)).items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "model.safetensors"))
+    raw = v1_config(config, seq_length=2048, use_dynamic_ntk=True, use_logn_attn=True, visual=TINY_VISUAL)
+    (directory / "config.json").write_text(json.dumps(raw), encoding="utf-8")
+    write_qwen_tiktoken(directory / "qwen.tiktoken", tokens)
