@@ -207,6 +207,11 @@ def test_the_server_takes_data_url_images_and_refuses_the_rest(vl, vl_dir, tiny_
         for prompt, message in ((f"<img>{vl_dir / 'picture0.png'}</img>What?", "image paths are not read"), ("<img>x.png", "no </img>")):
             with pytest.raises(openai.BadRequestError, match=message):
                 client.completions.create(model="qwen2.5-coder-0.5b-instruct", prompt=prompt, max_tokens=1)
+        # <img> in a user's chat text is text: no file is read, the reply is the library's for the same text.
+        text = f"<img>{vl_dir / 'picture0.png'}</img> What?"
+        served = client.chat.completions.create(model="qwen2.5-coder-0.5b-instruct", max_tokens=3, temperature=0,
+                                                messages=[{"role": "user", "content": text}])
+        assert served.choices[0].message.content == vl.chat([{"role": "user", "content": text}], max_tokens=3, temperature=0).text
         assert ask(client, url).choices[0].message.content == expected  # still serving
     finally:
         running.close()
@@ -316,7 +321,9 @@ def test_every_bad_image_is_one_line(vl_dir, tmp_path, capsys) -> None:
     deep = tmp_path / ("d" * 120) / ("e" * 120)
     deep.mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(deep / "long.png")
+    (tmp_path / "folder.png").mkdir()
     for name, message in (("truncated.png", "not a readable image; it may be truncated"),
+                          ("folder.png", "cannot read the image"),
                           ("notes.png", "is not an image this engine can read"),
                           ("huge.png", "8000×7000 pixels, over the limit of 50,000,000"),
                           (deep / "long.png", "255 bytes")):
@@ -469,3 +476,25 @@ def test_a_checkpoint_in_pytorch_bin_shards_loads_the_same(vl, vl_dir, tmp_path)
     (tmp_path / "pytorch_model-00002-of-00002.bin").write_bytes(b"PK\x03\x04 cut off")
     with pytest.raises(QwenError, match="truncated, corrupt"):
         qwen_engine.load(tmp_path, dtype="float32")
+
+
+def test_the_prefix_cache_tells_images_apart_by_their_bytes(vl, tmp_path) -> None:
+    """The same path (so the same ids) holding other bytes on the next request: the blocks before the image are
+    reused, none from the image on, and the logits are those of the new picture."""
+    path = coloured(tmp_path, (250, 250, 250))[0]
+    text = f"Some words before the picture, enough to fill a block or two of the cache. Picture 1: <img>{path}</img>\nWhat?"
+    engine = vl.serving_engine(num_blocks=128)
+
+    def run() -> torch.Tensor:
+        request = vl.request(text, max_tokens=1, temperature=0)
+        request.keep_logits = True
+        return engine.run([request])[request.request_id][0][0].logits
+
+    run()
+    Image.new("RGB", (180, 240), (0, 0, 0)).save(path)
+    before = engine.stats()["prefix_hit_tokens"]
+    changed = run()
+    image_at = vl.tokenizer.encode(text, special=True).index(IMG) + 1
+    assert 0 < engine.stats()["prefix_hit_tokens"] - before <= image_at
+    expected = by_hand(vl, text, [path])
+    assert (changed - expected).abs().max() <= 1e-4 * expected.abs().max()
