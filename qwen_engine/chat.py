@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -19,9 +20,21 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import QwenError
+from .audio import LoadedAudio, audio_items, load_audio
 from .images import LoadedImage, image_items, load_image
 from .prompt import Prompt
 from .tokenizer import Tokenizer
+
+_MEDIA_TAGS = {"image": "<img>", "audio": "<audio>"}  # content part kind → the token that opens its span
+
+
+@dataclass
+class _Media:
+    """A conversation's images and audio clips in order (repeats included), as its list format numbers them."""
+
+    images: list[tuple[str, LoadedImage]] = field(default_factory=list)
+    clips: list[LoadedAudio] = field(default_factory=list)
+
 
 # Used when a checkpoint ships no template: the ChatML layout every Qwen chat model is trained on.
 CHATML_TEMPLATE = (
@@ -133,39 +146,54 @@ class QwenV1ChatFormat(ChatFormat):
         self.max_window_size = max_window_size
 
     def prompt(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> Prompt:
-        """make_context's prompt; a content may be a list of parts, images among them for Qwen-VL-Chat (§6.4):
-        `Picture n: <img>…</img>\n` for the n-th image of the conversation, then the text. The span between the tags
-        holds the image's path as the original tokenizer writes it (a digest for bytes, PIL images and data: URLs);
-        the image's 256 vectors replace it."""
-        images: list[tuple[str, LoadedImage]] = []  # in the conversation's order, repeats included
-        ids = self._context(messages, tokenizer, tools, lambda i: self._content_ids(messages, i, tokenizer, images))
-        items = image_items(ids, tokenizer.token_to_id("<img>"), dict(images).__getitem__) if images else []
-        return Prompt(ids, items)
+        """make_context's prompt; a content may be a list of parts, images among them for Qwen-VL-Chat (§6.4) and
+        audio for Qwen-Audio-Chat (§7.4), each written in its list format before the message's text: `Picture n:
+        <img>…</img>\n` for the n-th image of the conversation (the span holds the image's path as the original
+        tokenizer writes it, a digest for bytes, PIL images and data: URLs; its 256 vectors replace it), `Audio
+        n:<audio>…</audio>\n` for the n-th clip (its encoder's vectors replace the whole span, tags included)."""
+        media = _Media()
+        ids = self._context(messages, tokenizer, tools, lambda i: self._content_ids(messages, i, tokenizer, media))
+        items = []
+        if media.images:
+            items += image_items(ids, tokenizer.token_to_id("<img>"), dict(media.images).__getitem__)
+        if media.clips:
+            items += audio_items(ids, tokenizer.token_to_id("<audio>"), media.clips)
+        return Prompt(ids, sorted(items, key=lambda item: item.offset))
 
     def prompt_ids(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None = None) -> list[int]:
         return self.prompt(messages, tokenizer, tools).token_ids
 
-    def _content_ids(self, messages: list[Message], i: int, tokenizer: Tokenizer,
-                     images: list[tuple[str, LoadedImage]]) -> list[int]:
+    def _content_ids(self, messages: list[Message], i: int, tokenizer: Tokenizer, media: _Media) -> list[int]:
         """A message's content as ids: a string as plain text (markup in it stays text), parts as the list format."""
         content = messages[i].get("content")
         if not isinstance(content, list):
             return tokenizer.encode(_content(messages, i))
-        texts, ids, start = [], [], tokenizer.token_to_id("<img>")
+        texts: list[str] = []
+        ids: list[int] = []
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
-            elif kind == "image" and start is not None and start in tokenizer.control_ids:
-                image = load_image(part.get("image"))
-                images.append((image.name, image))
-                ids += [*tokenizer.encode(("\n" if ids else "") + f"Picture {len(images)}: "), start,
-                        *tokenizer.image_span(image.name), start + 1]
-            elif kind == "image":
-                raise QwenError(f"message {i} holds an image, but this model reads text only; give images to a "
-                                "Qwen-VL checkpoint")
+            elif kind in _MEDIA_TAGS:
+                start = tokenizer.token_to_id(_MEDIA_TAGS[kind])
+                if start is None or start not in tokenizer.control_ids:
+                    reads = next((other for other, tag in _MEDIA_TAGS.items() if tokenizer.token_to_id(tag) in tokenizer.control_ids), None)
+                    raise QwenError(f"message {i} holds {'an image' if kind == 'image' else 'audio'}, but this model reads "
+                                    f"{'text and ' + reads if reads else 'text only'}; give {kind}s to a "
+                                    f"{'Qwen-VL' if kind == 'image' else 'Qwen-Audio'} checkpoint")
+                lead = "\n" if ids else ""
+                if kind == "image":
+                    image = load_image(part.get("image"))
+                    media.images.append((image.name, image))
+                    ids += [*tokenizer.encode(lead + f"Picture {len(media.images)}: "), start,
+                            *tokenizer.image_span(image.name), start + 1]
+                else:
+                    clip = load_audio(part.get("audio"))
+                    media.clips.append(clip)
+                    ids += [*tokenizer.encode(lead + f"Audio {len(media.clips)}:"), *tokenizer.audio_span(clip.span)]
             else:
-                raise QwenError(f"message {i} has a content part that is not {{'type': 'text'|'image', …}}: {part!r:.60}")
+                raise QwenError(f"message {i} has a content part that is not {{'type': 'text'|'image'|'audio', …}}: "
+                                f"{part!r:.60}")
         return ids + tokenizer.encode(("\n" if ids else "") + "".join(texts))
 
     def _context(self, messages: list[Message], tokenizer: Tokenizer, tools: list[Tool] | None,

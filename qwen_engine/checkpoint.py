@@ -19,7 +19,7 @@ from .config import ModelConfig, RopeScaling
 from .default_model import default_model_path
 from .sampling_params import SamplingDefaults, SamplingParams
 from .errors import QwenError
-from .tokenizer import Tokenizer
+from .tokenizer import AUDIO_TOKENS, VL_IMAGE_TOKENS, Tokenizer
 from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
 from .weights.safetensors import load_weights, read_json, shard_files, stored_dtypes
 from .weights.v1 import split_fused_qkv, v1_name
@@ -188,7 +188,8 @@ class HFSource(Checkpoint):
         return template
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_hf_dir(self.path, image_tokens=self.config.vision is not None)
+        media = VL_IMAGE_TOKENS if self.config.vision is not None else AUDIO_TOKENS if self.config.audio is not None else ()
+        return Tokenizer.from_hf_dir(self.path, media)
 
     def template_tokens(self, tokenizer: Tokenizer) -> dict[str, str | None]:
         def content(value: Any) -> str | None:  # written as a string or as {"content": …}
@@ -209,17 +210,20 @@ class HFSource(Checkpoint):
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
                 placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-        """The decoder's tensors (a Qwen-VL tower's are `vision_tensors`)."""
-        loaded = load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(VISION_PREFIX))
+        """The decoder's tensors (a Qwen-VL tower's and a Qwen-Audio encoder's are `encoder_tensors`)."""
+        loaded = load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES))
         return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()})
 
-    def vision_tensors(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """Qwen-VL's visual tower under its module names (`transformer.visual.` taken off, qwen-family.md §6.2)."""
-        loaded = load_weights(self.path, dtype, device, keep=lambda name: name.startswith(VISION_PREFIX))
-        return {name[len(VISION_PREFIX):]: tensor for name, tensor in loaded.items()}
+    def encoder_tensors(self, prefix: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """An encoder's tensors under its module names, `prefix` taken off: Qwen-VL's tower (VISION_PREFIX,
+        qwen-family.md §6.2), Qwen-Audio's encoder (AUDIO_PREFIX, §7.2)."""
+        loaded = load_weights(self.path, dtype, device, keep=lambda name: name.startswith(prefix))
+        return {name[len(prefix):]: tensor for name, tensor in loaded.items()}
 
 
 VISION_PREFIX = "transformer.visual."  # Qwen-VL's tower in a v1 checkpoint
+AUDIO_PREFIX = "transformer.audio."  # Qwen-Audio's encoder
+ENCODER_PREFIXES = (VISION_PREFIX, AUDIO_PREFIX)
 
 
 def open_checkpoint(model: str | Path, progress: bool = False, rope_scaling: str | None = None) -> Checkpoint:

@@ -95,7 +95,20 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--image", action="append", default=[], metavar="PATH",
                       help="an image for the first message (Qwen-VL); repeatable. Interactive: /image PATH adds one "
                            "to the next message")
+    chat.add_argument("--audio", action="append", default=[], metavar="PATH",
+                      help="an audio clip for the first message (Qwen-Audio: WAV, FLAC, OGG or MP3); repeatable. "
+                           "Interactive: /audio PATH adds one to the next message")
     chat.add_argument("--draw-boxes", metavar="PNG", help="write the last image with the reply's grounding boxes drawn")
+
+    transcribe = commands.add_parser("transcribe", help="speech to text with Qwen-Audio (transcribe, translate, caption)")
+    _add_model_options(transcribe)
+    transcribe.add_argument("file", help="the audio: WAV, FLAC, OGG or MP3, any length (cut into 30 s windows)")
+    transcribe.add_argument("--task", choices=("transcribe", "translate", "caption"), default="transcribe")
+    transcribe.add_argument("--language", help="the spoken language (en, zh, de, es, ko, fr, ja, it); default: detected")
+    transcribe.add_argument("--to", default="en", help="translate: the language to translate to (default en)")
+    transcribe.add_argument("--timestamps", action="store_true", help="word timestamps, as segments")
+    transcribe.add_argument("--format", choices=("text", "json", "srt", "vtt"), default="text")
+    transcribe.add_argument("--output", "-o", metavar="FILE", help="write there (through a temporary name) instead of stdout")
 
     bench = commands.add_parser("bench", help="measure load, time to first token, prefill and decode speed, peak memory")
     _add_model_options(bench)
@@ -146,17 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "library uses, so both give the same output)")
     serve.add_argument("--max-request-mb", type=float, default=32,
                        help="largest request body in MiB; larger ones get 413 before they are read (default %(default)g)")
-    media = serve.add_argument_group("media (Qwen-VL images)")
+    media = serve.add_argument_group("media (Qwen-VL images, Qwen-Audio clips)")
     media.add_argument("--allow-remote-media", action="store_true",
                        help="fetch http(s) image URLs that requests name (off: only inline data: URLs are read)")
     media.add_argument("--allowed-local-media-path", metavar="DIR",
                        help="read image files that requests name (file:// URLs, paths, <img>PATH</img> in raw prompts) "
                             "when they resolve to a file under DIR; off by default")
-    media.add_argument("--limit-mm-per-prompt", metavar="LIMITS", default="image=4", type=_media_limits,
-                       help="most media items a prompt may hold: image=N or JSON {\"image\": N} (default image=4)")
+    media.add_argument("--limit-mm-per-prompt", metavar="LIMITS", default={}, type=_media_limits,
+                       help="most media items a prompt may hold: image=N,audio=N or JSON {\"image\": N} (default 4 of each)")
     media.add_argument("--max-image-mb", type=float, default=20, help="largest image in MiB (default %(default)g)")
     media.add_argument("--max-image-pixels", type=_positive_int, default=MAX_PIXELS,
                        help="most pixels an image may have, checked before decoding (default %(default)d)")
+    media.add_argument("--max-audio-mb", type=float, default=25,
+                       help="largest audio clip or upload in MiB (default %(default)g, OpenAI's)")
+    media.add_argument("--max-audio-seconds", type=float, default=1800,
+                       help="longest audio a request may bring (default %(default)g)")
 
     info = commands.add_parser("info", help="describe a model without loading its weights")
     info.add_argument("--model", "-m", default="default", help="'default', a .gguf file or an HF checkpoint directory")
@@ -265,38 +282,36 @@ def _answer(model: Any, messages: list[dict[str, Any]], sampling: dict[str, Any]
 
 
 def _save_drawn(image: str, boxes: list[Any], target: str) -> None:
-    """The image with its boxes, written to a temporary name and renamed: never a half-written file."""
-    import os
+    """The image with its boxes, as a PNG written through a temporary name."""
+    import io
 
     from .grounding import draw_boxes
     from .images import load_image
 
-    partial = f"{target}.partial-{os.getpid()}"
-    try:
-        draw_boxes(load_image(image).image, boxes).save(partial, format="PNG")
-        os.replace(partial, target)
-    except OSError as err:
-        raise QwenError(f"cannot write {target} ({err.strerror or err})") from None
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    png = io.BytesIO()
+    draw_boxes(load_image(image).image, boxes).save(png, format="PNG")
+    _write_atomically(target, png.getvalue())
     sys.stderr.write(f"qwen: {len(boxes)} box(es) drawn into {target}\n")
 
 
-def _user_message(text: str, images: list[str]) -> dict[str, Any]:
-    """A user turn: text alone, or the images (Qwen-VL's list format) and then the text."""
-    if not images:
+def _user_message(text: str, media: list[dict[str, str]]) -> dict[str, Any]:
+    """A user turn: text alone, or the media parts (images, audio: their list format) and then the text."""
+    if not media:
         return {"role": "user", "content": text}
-    return {"role": "user", "content": [*({"type": "image", "image": path} for path in images), {"type": "text", "text": text}]}
+    return {"role": "user", "content": [*media, {"type": "text", "text": text}]}
+
+
+MEDIA_COMMANDS = {"/image ": "image", "/audio ": "audio"}
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     sampling = _sampling_overrides(args)
     model = _load(args)
     start = [{"role": "system", "content": args.system}] if args.system else []
-    messages, images = list(start), list(args.image)
+    media = [{"type": "image", "image": path} for path in args.image] + [{"type": "audio", "audio": path} for path in args.audio]
+    messages = list(start)
     if args.once is not None:
-        messages.append(_user_message(args.once, images))
+        messages.append(_user_message(args.once, media))
         _answer(model, messages, sampling, args.draw_boxes)
         return
     interactive = sys.stdin.isatty()
@@ -307,18 +322,48 @@ def cmd_chat(args: argparse.Namespace) -> None:
         if command == "/exit":
             return
         if command == "/reset":
-            messages, images = list(start), []
+            messages, media = list(start), []
             if interactive:
                 print("(conversation cleared)")
             continue
-        if command.startswith("/image "):
-            images.append(command.removeprefix("/image ").strip())
+        kind = next((kind for prefix, kind in MEDIA_COMMANDS.items() if command.startswith(prefix)), None)
+        if kind is not None:
+            media.append({"type": kind, kind: command.split(" ", 1)[1].strip()})
             if interactive:
-                print(f"(image added to the next message: {images[-1]})")
+                print(f"({kind} added to the next message: {media[-1][kind]})")
             continue
-        messages.append(_user_message(text, images))
-        images = []
+        messages.append(_user_message(text, media))
+        media = []
         messages.append({"role": "assistant", "content": _answer(model, messages, sampling, args.draw_boxes)})
+
+
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    from .transcribe import as_json, srt, transcribe, vtt
+
+    model = _load(args)
+    result = transcribe(model, args.file, task=args.task, language=args.language, target=args.to,
+                        timestamps=args.timestamps or args.format in ("srt", "vtt"))
+    text = {"text": lambda r: r.text + "\n", "json": lambda r: as_json(r) + "\n", "srt": srt, "vtt": vtt}[args.format](result)
+    if args.output is None:
+        sys.stdout.write(text)
+        return
+    _write_atomically(args.output, text.encode("utf-8"))
+
+
+def _write_atomically(target: str, data: bytes) -> None:
+    """Write to a temporary name beside the target, then rename: never a half-written file."""
+    import os
+
+    partial = f"{target}.partial-{os.getpid()}"
+    try:
+        with open(partial, "wb") as handle:
+            handle.write(data)
+        os.replace(partial, target)
+    except OSError as err:
+        raise QwenError(f"cannot write {target} ({err.strerror or err})") from None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -531,10 +576,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
         root = Path(args.allowed_local_media_path).resolve()
         if not root.is_dir():
             raise QwenError(f"--allowed-local-media-path {args.allowed_local_media_path} is not a directory")
-    if not args.max_image_mb > 0:
-        raise QwenError(f"--max-image-mb must be positive (got {args.max_image_mb:g})")
-    media = MediaPolicy(args.allow_remote_media, root, args.limit_mm_per_prompt, int(args.max_image_mb * 2**20),
-                        args.max_image_pixels)
+    for flag in ("max_image_mb", "max_audio_mb", "max_audio_seconds"):
+        if not getattr(args, flag) > 0:
+            raise QwenError(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag):g})")
+    media = MediaPolicy(args.allow_remote_media, root, {"image": 4, "audio": 4} | args.limit_mm_per_prompt,
+                        int(args.max_image_mb * 2**20), args.max_image_pixels, int(args.max_audio_mb * 2**20),
+                        args.max_audio_seconds)
     listener = listen(args.host, args.port)  # before the slow load: a port in use fails at once
     model = _load(args)
     engine = model.serving_engine(kv_cache_gb=args.kv_cache_gb, max_seqs=args.max_num_seqs,
@@ -564,7 +611,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         http_thread.join(timeout=10)
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "transcribe": cmd_transcribe, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity,
             "models": cmd_models, "memory": cmd_memory, "serve": cmd_serve}
 
 

@@ -102,6 +102,27 @@ class VisionConfig:
         return self.output_dim // 128  # the resampler's heads are 128 wide (§6.2)
 
 
+@dataclass(frozen=True, slots=True)
+class AudioConfig:
+    """config.json's `audio` sub-config (Qwen-Audio's Whisper-large-v2 encoder, pooling and projection); unknown keys
+    are ignored (defaults: Qwen-Audio's, qwen-family.md §7.1)."""
+
+    n_mels: int = 80
+    n_ctx: int = 1500  # positions of the sinusoid table: 30 s after conv2
+    n_state: int = 1280
+    n_head: int = 20
+    n_layer: int = 32
+    output_dim: int = 4096
+    avg_pool: bool = True
+    add_audio_bos_eos_token: bool = True
+    audio_start_id: int = 155163  # <audio>; </audio> follows it (§7.4)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> AudioConfig:
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in raw.items() if key in names})
+
+
 @dataclass(slots=True, frozen=True)
 class ModelConfig:
     """Shapes and constants of a decoder-only Qwen model (notation of qwen-family.md: H, n_h, n_kv, d, L, F, V)."""
@@ -131,6 +152,7 @@ class ModelConfig:
     sliding_window: int | None = None
     max_window_layers: int = 0
     vision: VisionConfig | None = None  # Qwen-VL's visual tower (config.json's `visual`, qwen-family.md §6.1)
+    audio: AudioConfig | None = None  # Qwen-Audio's encoder (config.json's `audio`, qwen-family.md §7.1)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -266,6 +288,7 @@ class ModelConfig:
                 use_logn_attn=bool(raw.get("use_logn_attn", False)),
                 seq_length=int(raw.get("seq_length") or 2048),
                 vision=VisionConfig.from_dict(raw["visual"]) if isinstance(raw.get("visual"), dict) else None,
+                audio=AudioConfig.from_dict(raw["audio"]) if isinstance(raw.get("audio"), dict) else None,
             )
 
     @classmethod

@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from .chat import ChatFormat, Message
-from .checkpoint import ModelInfo, open_checkpoint
+from .audio import LoadedAudio, audio_items, encoder_frames, log_mel
+from .checkpoint import AUDIO_PREFIX, VISION_PREFIX, Checkpoint, ModelInfo, open_checkpoint
 from .engine.constrained import JsonObjectConstraint, token_texts
 from .engine.paged import BLOCK_SIZE, block_bytes
 from .engine.runner import ModelRunner
@@ -36,6 +37,7 @@ from .model.quantized import (
     quantize_modules,
     read_as_stored,
 )
+from .model.audio import AudioEncoder
 from .model.vision import VisionTower
 from .prompt import MediaItem, Prompt
 from .results import Completion, Delta, GenerationResult
@@ -128,6 +130,7 @@ class Model:
         quant: str,
         load_s: float,
         vision: VisionTower | None = None,
+        audio: AudioEncoder | None = None,
     ) -> None:
         self.decoder = decoder
         self.config = decoder.config
@@ -141,7 +144,9 @@ class Model:
         stop_ids.update(i for i in map(tokenizer.token_to_id, END_OF_TURN_TOKENS) if i is not None)
         self.stop_token_ids = frozenset(stop_ids)
         self.vision = vision  # Qwen-VL's visual tower: image items' encoder
-        self._encoders = {"image": self._encode_image} if vision is not None else {}
+        self.audio = audio  # Qwen-Audio's encoder: audio items'
+        self._encoders = {kind: encode for kind, encode, module in (("image", self._encode_image, vision),
+                                                                     ("audio", self._encode_audio, audio)) if module is not None}
         self._encoded: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()  # see _encode
         self._compute = threading.Lock()  # one forward at a time on this decoder, whichever engine asks
 
@@ -180,6 +185,12 @@ class Model:
     def _encode_image(self, item: MediaItem) -> torch.Tensor:
         """An image item's 256 vectors (its payload is the LoadedImage; preprocessed as the original does)."""
         return self.vision(pixels(item.payload.image)[None].to(self.vision.proj.device))[0]
+
+    def _encode_audio(self, item: MediaItem) -> torch.Tensor:
+        """An audio item's span vectors: its own log-mel (each clip alone, so the output depends on the clip only and
+        can be kept by digest; qwen-family.md §7.5 says how the original's batching differs), then the encoder."""
+        clip = item.payload
+        return self.audio(log_mel(clip.samples).to(self.audio.proj.weight.device), encoder_frames(len(clip.samples))[0])
 
     def serving_engine(self, *, kv_cache_gb: float | None = None, num_blocks: int | None = None, max_seqs: int = 32,
                        prefill_tokens: int | None = None) -> ServingEngine:
@@ -279,9 +290,13 @@ class Model:
             return prompt
         if not isinstance(prompt, str):
             return Prompt(list(prompt))
-        ids = self.tokenizer.encode(prompt, special=special)
-        vision = self.config.vision
-        return Prompt(ids, image_items(ids, vision.image_start_id) if vision is not None and special else [])
+        clips: list[LoadedAudio] = []
+        ids = self.tokenizer.encode(prompt, special=special, audio=clips)
+        vision, audio = self.config.vision, self.config.audio
+        items = image_items(ids, vision.image_start_id) if vision is not None and special else []
+        if audio is not None and clips:
+            items += audio_items(ids, audio.audio_start_id, clips)
+        return Prompt(ids, items)
 
     def stream_deltas(self, prompt: str | list[int] | Prompt, result: GenerationResult | None = None,
                       **options: Any) -> Iterator[Delta]:
@@ -421,15 +436,9 @@ def load(
             save_converted(cache, decoder.state_dict(), plan)
     decoder.eval()
     decoder.fused_decode = FusedDecodeStep.build(decoder)
-    vision = None
-    if checkpoint.config.vision is not None:
-        with torch.device("meta"):
-            vision = VisionTower(checkpoint.config.vision)
-        try:
-            vision.load_state_dict(checkpoint.vision_tensors(chosen_dtype, chosen_device), assign=True)
-        except RuntimeError as err:  # names or shapes that are not the tower's
-            raise QwenError(f"{checkpoint.path}: the visual tower's tensors do not match its config ({str(err)[:300]})") from None
-        vision.eval()
+    config = checkpoint.config
+    vision = _load_encoder(checkpoint, VisionTower, config.vision, VISION_PREFIX, chosen_dtype, chosen_device)
+    audio = _load_encoder(checkpoint, AudioEncoder, config.audio, AUDIO_PREFIX, chosen_dtype, chosen_device)
     if chosen_device.type == "cpu":
         keep_temporaries_in_heap()
     return Model(
@@ -441,4 +450,19 @@ def load(
         chosen_quant,
         time.perf_counter() - started,
         vision,
+        audio,
     )
+
+
+def _load_encoder(checkpoint: Checkpoint, module: type[torch.nn.Module], config: Any, prefix: str, dtype: torch.dtype,
+                  device: torch.device) -> Any:
+    """A multimodal checkpoint's encoder (None where its config has none), in the compute dtype."""
+    if config is None:
+        return None
+    with torch.device("meta"):
+        encoder = module(config)
+    try:
+        encoder.load_state_dict(checkpoint.encoder_tensors(prefix, dtype, device), assign=True)
+    except RuntimeError as err:  # names or shapes that are not the encoder's
+        raise QwenError(f"{checkpoint.path}: the {prefix}* tensors do not match the config ({str(err)[:300]})") from None
+    return encoder.eval()

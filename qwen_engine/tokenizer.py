@@ -16,11 +16,15 @@ import unicodedata
 from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import QwenError
+
+if TYPE_CHECKING:
+    from .audio import LoadedAudio
 
 # qwen-family.md §1.6: the pre-tokenizer regex, identical in Qwen v1 and Qwen2 (every digit is its own piece).
 PRETOKENIZE_REGEX = (
@@ -46,6 +50,27 @@ VL_IMAGE_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<
 GROUNDING_TOKENS = VL_IMAGE_TOKENS[:6]
 IMAGE_POSITIONS = 256
 MAX_IMAGE_PATH_BYTES = 255  # the tokenizer takes 256, but the model's own reading of the ids fails at 256 (§6.5)
+# qwen-family.md §7.4: Qwen-Audio's 3,314 tokens after v1's 208 (ids 151851…155164), in the original's order. An
+# audio clip is written <audio>PATH</audio> and becomes <audio>, span − 2 pads, </audio> (span: the clip's length).
+AUDIO_TIMESTAMPS = tuple(f"<|{n // 100}.{n % 100:02d}|>" for n in range(3001))  # <|0.00|> … <|30.00|>, 10 ms apart
+AUDIO_TOKENS = (
+    "[[[AUDIO:modality]]]", "<|startoftranscript|>", "<|startofanalysis|>",
+    "<|translate|>", "<|transcribe|>", "<|caption|>", "<|keyword|>", "<|unknown|>",
+    "<|en|>", "<|zh|>", "<|de|>", "<|es|>", "<|ko|>", "<|fr|>", "<|ja|>", "<|it|>", "<|zh_tr|>",
+    "<|notimestamps|>", "<|sil|>", "<|timestamps|>", *AUDIO_TIMESTAMPS,
+    "<|caption_audiocaps|>", "<|caption_clotho|>", "<|audioset_ontology|>", "<|caption_plain|>", "<|itn|>", "<|wo_itn|>",
+    "<|startofentityvalue|>", "<|endofentityvalue|>", "<|startofentitytype|>", "<|endofentitytype|>",
+    "<|named_entity_recognition|>", "<|audio_grounding|>", "<|startofword|>", "<|endofword|>", "<|delim|>",
+    "<|emotion_recognition|>", "<|music_description|>", "<|note_analysis|>", "<|pitch|>",
+    *(f"<|midi_pitch_{n}|>" for n in range(128)), "<|velocity|>", *(f"<|midi_velocity_{n}|>" for n in range(128)),
+    "<|sonic|>", "<|instrument|>", "<|speaker_meta|>", "<|song_meta|>", "<|question|>", "<|answer|>", "<|choice|>",
+    "<|scene|>", "<|event|>", "<|vocal_classification|>", "<|speech_understanding|>", "<|scenario|>", "<|action|>",
+    "<|entities|>", "<|speech_edit|>", "<audio>", "</audio>",
+)
+AUDIO_PAD = AUDIO_TOKENS[0]
+# Control tokens that output text keeps, so replies can be read for them: Qwen-VL's grounding boxes, Qwen-Audio's
+# timestamps (its chat writes them as text too). User text still never becomes them.
+OUTPUT_MARKUP = (*GROUNDING_TOKENS, *AUDIO_TIMESTAMPS)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -142,9 +167,7 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self._control_by_text = {t.content: i for i, t in added.items() if t.special}
         self.control_ids: frozenset[int] = frozenset(self._control_by_text.values())
-        # Qwen-VL's grounding markup is control tokens that output text keeps (its own chat decodes them), so replies
-        # can be read for boxes; user text still never becomes them.
-        markup = frozenset(self._control_by_text[t] for t in GROUNDING_TOKENS if t in self._control_by_text)
+        markup = frozenset(self._control_by_text[t] for t in OUTPUT_MARKUP if t in self._control_by_text)
         self.hidden_ids: frozenset[int] = self.control_ids - markup  # what output text leaves out
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         # Longest first, so a form that is a prefix of another never wins (the backend matches leftmost-longest).
@@ -152,15 +175,15 @@ class Tokenizer:
         self._control_re = re.compile("|".join(map(re.escape, forms)) or "(?!)")
 
     @classmethod
-    def from_hf_dir(cls, path: Path, image_tokens: bool = False) -> Tokenizer:
+    def from_hf_dir(cls, path: Path, media_tokens: Sequence[str] = ()) -> Tokenizer:
         """Load `tokenizer.json`, or else `vocab.json` + `merges.txt` with added tokens from `tokenizer_config.json`,
-        or else Qwen v1's `qwen.tiktoken` (with Qwen-VL's image tokens where `image_tokens`)."""
+        or else Qwen v1's `qwen.tiktoken` (with a multimodal checkpoint's `media_tokens` after v1's own)."""
         path = Path(path)
         if (path / "tokenizer.json").is_file():
             return cls(_HFTokenizer.from_file(str(path / "tokenizer.json")))
         if not ((path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
             if (path / "qwen.tiktoken").is_file():
-                return cls.from_tiktoken(path / "qwen.tiktoken", image_tokens)
+                return cls.from_tiktoken(path / "qwen.tiktoken", media_tokens)
             raise QwenError(
                 f"no tokenizer in {path}: expected tokenizer.json, vocab.json and merges.txt, or qwen.tiktoken; "
                 "copy them from the model's Hugging Face repository"
@@ -212,25 +235,28 @@ class Tokenizer:
         return cls(backend, unused)
 
     @classmethod
-    def from_tiktoken(cls, path: Path, image_tokens: bool = False) -> Tokenizer:
+    def from_tiktoken(cls, path: Path, media_tokens: Sequence[str] = ()) -> Tokenizer:
         """Build from Qwen v1's `qwen.tiktoken` (qwen-family.md §1.6).
 
         v1 and Qwen2 share vocabulary, regex and NFC, so this is the Qwen2 pipeline with merges derived from the
-        ranks (rank = id), plus v1's 208 control tokens as special tokens with ids 151643…151850, and with
-        `image_tokens` Qwen-VL's nine after them (§6.4).
+        ranks (rank = id), plus v1's 208 control tokens as special tokens with ids 151643…151850, then
+        `media_tokens` from 151851: Qwen-VL's nine (§6.4) or Qwen-Audio's 3,314 (§7.4).
         """
         vocab = _read_tiktoken(Path(path))
         backend = _qwen2_pipeline(vocab, _merges_from_ranks(vocab))
-        controls = V1_CONTROL_TOKENS + (VL_IMAGE_TOKENS if image_tokens else ())
+        controls = V1_CONTROL_TOKENS + tuple(media_tokens)
         backend.add_tokens([AddedToken(token, special=True, normalized=False) for token in controls])
         return cls(backend)
 
-    def encode(self, text: str, special: bool = False) -> list[int]:
+    def encode(self, text: str, special: bool = False, audio: list[LoadedAudio] | None = None,
+               read_audio: Callable[[str], LoadedAudio] | None = None) -> list[int]:
         """Ids of text: NFC, non-special added tokens (`<tool_call>`) match. Control-token surface forms stay plain
         text, or with `special` become their ids, as transformers, vLLM, llama.cpp and Qwen v1's tokenizer
-        (`allowed_special="all"`, qwen-family.md §1.6) encode a raw prompt."""
+        (`allowed_special="all"`, qwen-family.md §1.6) encode a raw prompt. Qwen-Audio's `<audio>PATH</audio>` reads
+        the clip for its length, as the original tokenizer does, through `read_audio` (by default `load_audio`; a
+        server passes its media policy's); pass `audio` to collect the clips read."""
         if special:
-            return self._encode_with_controls(text, self._encode_text)
+            return self._encode_with_controls(text, self._encode_text, audio, read_audio)
         return self._encode_text(text)
 
     def encode_markup(self, text: str) -> list[int]:
@@ -242,24 +268,44 @@ class Tokenizer:
         # worker thread keeps answering meanwhile.
         return self._backend.encode_batch([text], add_special_tokens=False)[0].ids if text else []
 
-    def _encode_with_controls(self, text: str, encode_between: Callable[[str], list[int]]) -> list[int]:
+    def _encode_with_controls(self, text: str, encode_between: Callable[[str], list[int]],
+                              audio: list[LoadedAudio] | None = None,
+                              read_audio: Callable[[str], LoadedAudio] | None = None) -> list[int]:
         """Control-token surface forms as their ids (leftmost-longest, before normalization, as the backend matches
-        added tokens), the text between them through `encode_between`. With Qwen-VL's tokens, `<img>PATH</img>`
-        becomes the tags around the image span (`image_span`), as the original tokenizer makes it."""
+        added tokens), the text between them through `encode_between`. Media spans become what the original
+        tokenizers make of them: `<img>PATH</img>` the tags around the image span (`image_span`), `<audio>PATH</audio>`
+        the clip's `audio_span` (the clip read, and appended to `audio` where given)."""
         ids: list[int] = []
         start = 0
         while (match := self._control_re.search(text, start)) is not None:
             ids += encode_between(text[start : match.start()])
-            ids.append(self._control_by_text[match.group()])
+            tag = match.group()
             start = match.end()
-            if match.group() == "<img>":
-                close = text.find("</img>", start)
-                if close < 0:
-                    raise QwenError("an <img> in the prompt has no </img>: write images as <img>PATH</img>")
-                ids += self.image_span(text[start:close]) + [self._control_by_text["</img>"]]
-                start = close + len("</img>")
+            if tag not in ("<img>", "<audio>"):
+                ids.append(self._control_by_text[tag])
+                continue
+            close_tag = "</" + tag[1:]
+            close = text.find(close_tag, start)
+            if close < 0:
+                kind = "images" if tag == "<img>" else "audio clips"
+                raise QwenError(f"an {tag} in the prompt has no {close_tag}: write {kind} as {tag}PATH{close_tag}")
+            if tag == "<img>":
+                ids += [self._control_by_text["<img>"], *self.image_span(text[start:close]), self._control_by_text["</img>"]]
+            else:
+                if read_audio is None:
+                    from .audio import load_audio as read_audio
+                clip = read_audio(text[start:close])
+                if audio is not None:
+                    audio.append(clip)
+                ids += self.audio_span(clip.span)
+            start = close + len(close_tag)
         ids += encode_between(text[start:])
         return ids
+
+    def audio_span(self, span: int) -> list[int]:
+        """A clip's `span` ids: <audio>, span − 2 pads, </audio> (§7.4; the encoder's vectors replace all of them)."""
+        pad = self._control_by_text[AUDIO_PAD]
+        return [self._control_by_text["<audio>"], *[pad] * (span - 2), self._control_by_text["</audio>"]]
 
     def image_span(self, path: str) -> list[int]:
         """The IMAGE_POSITIONS ids between <img> and </img>: the NFC path's UTF-8 bytes as ids, then <imgpad>."""

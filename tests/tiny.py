@@ -241,15 +241,66 @@ def write_qwen_vl(directory: Path, tokens: list[str]) -> None:
     """A tiny Qwen-VL-Chat directory in the official layout: config.json with its `visual` sub-config, one
     model.safetensors with the v1 decoder and `transformer.visual.*`, qwen.tiktoken made of `tokens` (the default
     GGUF's vocabulary)."""
-    from safetensors.torch import save_file
-
     from qwen_engine.config import VisionConfig
 
     config = hf_config("qwen1.5", hidden_size=128, intermediate_size=176, max_position_embeddings=2048)
-    state = to_v1_state(random_model(config, seed=5).state_dict())
-    state |= {f"transformer.visual.{name}": t for name, t in official_state(VisionConfig.from_dict(TINY_VISUAL)).items()}
+    _write_multimodal(directory, tokens, config, 5, "visual", TINY_VISUAL, official_state(VisionConfig.from_dict(TINY_VISUAL)))
+
+
+def _write_multimodal(directory: Path, tokens: list[str], config, seed: int, key: str, sub_config: dict[str, Any],
+                      encoder: dict[str, torch.Tensor]) -> None:
+    """A Qwen v1 checkpoint with an encoder: its tensors under `transformer.{key}.`, its config under `key`."""
+    from safetensors.torch import save_file
+
+    state = to_v1_state(random_model(config, seed=seed).state_dict())
+    state |= {f"transformer.{key}.{name}": t for name, t in encoder.items()}
     directory.mkdir(parents=True, exist_ok=True)
     save_file(state, str(directory / "model.safetensors"))
-    raw = v1_config(config, seq_length=2048, use_dynamic_ntk=True, use_logn_attn=True, visual=TINY_VISUAL)
+    raw = v1_config(config, seq_length=2048, use_dynamic_ntk=True, use_logn_attn=True, **{key: sub_config})
     (directory / "config.json").write_text(json.dumps(raw), encoding="utf-8")
     write_qwen_tiktoken(directory / "qwen.tiktoken", tokens)
+
+
+def official_audio_state(config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors of a Qwen-Audio encoder (an AudioConfig) under the checkpoint's `transformer.audio.*` names and
+    shapes (qwen-family.md §7.2), prefix taken off; the position table is the real sinusoids."""
+    from qwen_engine.model.audio import sinusoids
+
+    g = torch.Generator().manual_seed(seed)
+    w, m, d = config.n_state, 4 * config.n_state, config.output_dim
+
+    def rand(*shape: int, scale: float = 0.05) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    state = {"conv1.weight": rand(w, config.n_mels, 3), "conv1.bias": rand(w),
+             "conv2.weight": rand(w, w, 3, scale=0.1), "conv2.bias": rand(w),
+             "positional_embedding": sinusoids(config.n_ctx, w)}
+    for n in range(config.n_layer):
+        block = f"blocks.{n}."
+        state |= {block + "attn_ln.weight": 1 + rand(w), block + "attn_ln.bias": rand(w),
+                  block + "attn.query.weight": rand(w, w, scale=0.2), block + "attn.query.bias": rand(w),
+                  block + "attn.key.weight": rand(w, w, scale=0.2),
+                  block + "attn.value.weight": rand(w, w, scale=0.2), block + "attn.value.bias": rand(w),
+                  block + "attn.out.weight": rand(w, w, scale=0.2), block + "attn.out.bias": rand(w),
+                  block + "mlp_ln.weight": 1 + rand(w), block + "mlp_ln.bias": rand(w),
+                  block + "mlp.0.weight": rand(m, w, scale=0.2), block + "mlp.0.bias": rand(m),
+                  block + "mlp.2.weight": rand(w, m, scale=0.1), block + "mlp.2.bias": rand(w)}
+    state |= {"ln_post.weight": 1 + rand(w), "ln_post.bias": rand(w),
+              "proj.weight": rand(d, w, scale=0.2), "proj.bias": rand(d),
+              "audio_bos_eos_token.weight": rand(2, d, scale=0.5)}
+    return state
+
+
+TINY_AUDIO = {"n_mels": 80, "n_ctx": 1500, "n_state": 64, "n_head": 4, "n_layer": 2, "output_dim": 128, "avg_pool": True,
+              "add_audio_bos_eos_token": True, "audio_start_id": 155163}  # 80 mels kept: the real features
+AUDIO_VOCAB = 155947  # Qwen-Audio's embedding rows (qwen-family.md §7.1)
+
+
+def write_qwen_audio(directory: Path, tokens: list[str]) -> None:
+    """A tiny Qwen-Audio(-Chat) directory in the official layout: config.json with its `audio` sub-config, one
+    model.safetensors with the v1 decoder (155,947 embedding rows) and `transformer.audio.*`, qwen.tiktoken made of
+    `tokens` (the default GGUF's vocabulary; the audio tokens come from the tokenizer itself)."""
+    from qwen_engine.config import AudioConfig
+
+    config = hf_config("qwen1.5", hidden_size=128, intermediate_size=176, max_position_embeddings=8192, vocab_size=AUDIO_VOCAB)
+    _write_multimodal(directory, tokens, config, 7, "audio", TINY_AUDIO, official_audio_state(AudioConfig.from_dict(TINY_AUDIO)))

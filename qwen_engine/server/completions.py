@@ -14,6 +14,7 @@ from fastapi.responses import Response
 
 from ..engine.serving import Event, Request as EngineRequest
 from ..errors import QwenError
+from ..audio import audio_items
 from ..images import image_items
 from ..prompt import Prompt
 from .errors import ApiError
@@ -46,16 +47,21 @@ async def completion(server: Server, body: CompletionRequest, http: Request) -> 
 
 
 def _raw_prompt(server: Server, text: str) -> Prompt:
-    """A raw prompt's ids (its markup means what it says: `<|im_start|>` is the control token, as vLLM reads it) and,
-    for Qwen-VL, the images its `<img>PATH</img>` spans name: files read only under the media policy's directory."""
+    """A raw prompt's ids (its markup means what it says: `<|im_start|>` is the control token, as vLLM reads it) and
+    the media its `<img>PATH</img>` and `<audio>PATH</audio>` spans name: files read only under the media policy."""
+    config, media = server.model.config, server.media
+    clips: list = []
     try:
-        ids = server.model.tokenizer.encode(text, special=True)
-        vision = server.model.config.vision
-        if vision is None or vision.image_start_id not in ids:
-            return Prompt(ids)
-        server.media.check_count("image", ids.count(vision.image_start_id), "prompt")
-        return Prompt(ids, image_items(ids, vision.image_start_id, server.media.local_image))
-    except QwenError as err:  # a malformed <img> span
+        ids = server.model.tokenizer.encode(text, special=True, audio=clips, read_audio=media.local_audio)
+        items = []
+        if config.vision is not None and config.vision.image_start_id in ids:
+            media.check_count("image", ids.count(config.vision.image_start_id), "prompt")
+            items += image_items(ids, config.vision.image_start_id, media.local_image)
+        if clips:
+            media.check_count("audio", len(clips), "prompt")
+            items += audio_items(ids, config.audio.audio_start_id, clips)
+        return Prompt(ids, sorted(items, key=lambda item: item.offset))
+    except QwenError as err:  # a malformed <img> or <audio> span
         raise ApiError(400, str(err), param="prompt") from None
 
 
