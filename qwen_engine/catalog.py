@@ -59,7 +59,7 @@ class CatalogEntry:
         if "visual" in self.raw_config:
             shapes.update(vision_shapes(self.raw_config["visual"]))
         if "audio" in self.raw_config:
-            shapes.update(_audio_tensors(self.raw_config["audio"], self.config.hidden_size))
+            shapes.update(audio_shapes(self.raw_config["audio"], self.config.hidden_size))
         return shapes
 
     def parameters(self) -> int:
@@ -122,7 +122,7 @@ def vision_shapes(visual: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _audio_tensors(audio: dict[str, Any], llm_hidden: int) -> dict[str, tuple[int, ...]]:
+def audio_shapes(audio: dict[str, Any], llm_hidden: int) -> dict[str, tuple[int, ...]]:
     """Qwen-Audio's Whisper-style encoder, pooling and projection (qwen-family.md §7.2); the fixed sinusoid
     position table is a buffer, not a parameter, and is left out."""
     width, mels = audio["n_state"], audio["n_mels"]

@@ -395,17 +395,25 @@ def cmd_info(args: argparse.Namespace) -> None:
         "sampling_defaults": {name: {"value": getattr(defaults.params, name), "source": source}
                               for name, source in defaults.sources.items()},
     }
-    vision = config.vision
-    if vision is not None:
+    vision, audio = config.vision, config.audio
+    if vision is not None or audio is not None:
         from dataclasses import asdict
 
-        from .catalog import vision_shapes
-
+        from .catalog import audio_shapes, vision_shapes
+    if vision is not None:
         tower = asdict(vision) | {"parameters": sum(math.prod(shape) for shape in vision_shapes(asdict(vision)).values())}
         facts["vision_tower"] = tower
+    if audio is not None:
+        shapes = audio_shapes(asdict(audio), config.hidden_size)
+        encoder = asdict(audio) | {"parameters": sum(math.prod(shape) for shape in shapes.values())}
+        facts["audio_encoder"] = encoder
     if args.json:
         print(json.dumps(facts))
         return
+    if audio is not None:
+        facts["audio_encoder"] = (
+            f"{audio.n_layer} layers × {audio.n_state} ({audio.n_head} heads), {audio.n_mels} mel bins, 40 ms a "
+            f"position (at most {audio.n_ctx // 2} for 30 s) → {audio.output_dim}; {encoder['parameters']:,} parameters")
     if vision is not None:
         facts["vision_tower"] = (
             f"{vision.layers} layers × {vision.width} ({vision.heads} heads, MLP {vision.mlp_width}); {vision.patch_size}-px "

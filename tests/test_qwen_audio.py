@@ -238,3 +238,15 @@ def test_a_last_piece_too_short_to_encode_is_left_out() -> None:
     samples = np.ones(30 * RATE + 100, dtype=np.float32)
     samples[30 * RATE - 320 : 30 * RATE] = 0  # the quietest 20 ms end the first window: 260 samples are left after it
     assert windows(samples) == [(0, 30 * RATE - 160)]
+
+
+def test_qwen_info_describes_the_encoder(qa, audio_dir, capsys) -> None:
+    from qwen_engine import cli
+
+    assert cli.main(["info", "--json", "--model", str(audio_dir)]) == 0
+    encoder = json.loads(capsys.readouterr().out)["audio_encoder"]
+    assert (encoder["n_layer"], encoder["n_state"], encoder["output_dim"]) == (2, 64, 128)
+    assert encoder["parameters"] == sum(p.numel() for p in qa.audio.parameters())  # the catalog's count, as loaded
+    assert cli.main(["info", "--model", str(audio_dir)]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("audio encoder"))
+    assert "2 layers × 64 (4 heads), 80 mel bins" in line and f"{encoder['parameters']:,} parameters" in line
