@@ -141,8 +141,8 @@ def _decode(data: bytes, name: str, max_seconds: float | None) -> tuple[np.ndarr
             frames = file.read(dtype="float32", always_2d=True)
     except soundfile.SoundFileError as err:
         reason = getattr(err, "error_string", None) or str(err)
-        raise QwenError(f"{name} is not audio this engine can decode (WAV, FLAC, OGG, MP3; libsndfile: {reason})") \
-            from None
+        raise QwenError(f"{name} is not in an audio format this engine can decode (WAV, FLAC, OGG, MP3; libsndfile: "
+                        f"{reason})") from None
     return frames, rate
 
 
@@ -176,9 +176,13 @@ def _pcm_to_float(array: np.ndarray) -> np.ndarray:
     return ((array.astype(np.float64) - offset) / full_scale).astype(np.float32)
 
 
+class TooLong(QwenError):
+    """A clip over the `max_seconds` it was loaded with (a server names its flag)."""
+
+
 def _check_length(frames: int, rate: float, name: str, max_seconds: float | None) -> None:
     if max_seconds is not None and frames / rate > max_seconds:
-        raise QwenError(f"{name} is {frames / rate:.1f} s long, over the limit of {max_seconds:g} s; "
+        raise TooLong(f"{name} is {frames / rate:.1f} s long, over the limit of {max_seconds:g} s; "
                         "give a shorter clip")
 
 

@@ -26,6 +26,7 @@ from .prompt import Prompt
 from .tokenizer import Tokenizer
 
 _MEDIA_TAGS = {"image": "<img>", "audio": "<audio>"}  # content part kind → the token that opens its span
+_MEDIA_NAMES = {"image": "images", "audio": "audio"}
 
 
 @dataclass
@@ -177,9 +178,10 @@ class QwenV1ChatFormat(ChatFormat):
             elif kind in _MEDIA_TAGS:
                 start = tokenizer.token_to_id(_MEDIA_TAGS[kind])
                 if start is None or start not in tokenizer.control_ids:
-                    reads = next((other for other, tag in _MEDIA_TAGS.items() if tokenizer.token_to_id(tag) in tokenizer.control_ids), None)
+                    reads = next((_MEDIA_NAMES[other] for other, tag in _MEDIA_TAGS.items()
+                                  if tokenizer.token_to_id(tag) in tokenizer.control_ids), None)
                     raise QwenError(f"message {i} holds {'an image' if kind == 'image' else 'audio'}, but this model reads "
-                                    f"{'text and ' + reads if reads else 'text only'}; give {kind}s to a "
+                                    f"{'text and ' + reads if reads else 'text only'}; give {_MEDIA_NAMES[kind]} to a "
                                     f"{'Qwen-VL' if kind == 'image' else 'Qwen-Audio'} checkpoint")
                 lead = "\n" if ids else ""
                 if kind == "image":

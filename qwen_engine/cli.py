@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--prefill-tokens", type=_positive_int,
                        help="prompt tokens computed per step; longer prompts go in chunks (default: the chunks the "
                             "library uses, so both give the same output)")
-    serve.add_argument("--max-request-mb", type=float, default=32,
+    serve.add_argument("--max-request-mb", type=float, default=40,
                        help="largest request body in MiB; larger ones get 413 before they are read (default %(default)g)")
     media = serve.add_argument_group("media (Qwen-VL images, Qwen-Audio clips)")
     media.add_argument("--allow-remote-media", action="store_true",

@@ -75,7 +75,8 @@ def windows(samples: Any, size: int = CHUNK_SAMPLES) -> list[tuple[int, int]]:
 
 def transcribe(model: Model, audio: AudioSource, *, task: str = "transcribe", language: str | None = None,
                target: str = "en", timestamps: bool = False, max_seconds: float | None = None) -> Transcription:
-    """Greedy transcription (or translation to `target`, or a caption) of the whole clip, window by window."""
+    """Greedy transcription (or translation to `target`, or a caption) of the whole clip, window by window.
+    `timestamps` applies to transcription, the task the model stamps; the others give a segment a window."""
     if task not in TASKS:
         raise QwenError(f"unknown task {task!r}: use {', '.join(TASKS)}")
     for name, value in (("language", language), ("target language", target)):
@@ -84,6 +85,7 @@ def transcribe(model: Model, audio: AudioSource, *, task: str = "transcribe", la
     if model.audio is None:
         raise QwenError("this model reads no audio; transcribe with a Qwen-Audio checkpoint")
     clip = load_audio(audio, max_seconds)
+    timestamps = timestamps and task == "transcribe"
     stamp_ids = {model.tokenizer.token_to_id(tag): n / 100 for n, tag in enumerate(AUDIO_TIMESTAMPS)}
     texts, segments, detected = [], [], language
     for start, end in windows(clip.samples):
@@ -94,7 +96,7 @@ def transcribe(model: Model, audio: AudioSource, *, task: str = "transcribe", la
         detected = detected or source
         result = model.generate(_prompt(model, window, task_tags(task, source, target, timestamps)), temperature=0,
                                 repetition_penalty=1.0, max_tokens=MAX_WINDOW_TOKENS)
-        pieces = _pieces(model, result.token_ids, stamp_ids, 0.0 if timestamps else None)
+        pieces = _pieces(model, result.token_ids, stamp_ids, (end - start) / SAMPLE_RATE if timestamps else None)
         if timestamps:
             segments += [Segment(offset + a, offset + b, text) for a, b, text in pieces if text.strip()]
         text = "".join(text for _, _, text in pieces).strip()
@@ -117,20 +119,22 @@ def _detect(model: Model, clip: LoadedAudio) -> str:
     return LANGUAGES[int(logits[ids].argmax())]
 
 
-def _pieces(model: Model, ids: list[int], stamp_ids: dict[int, float], first: float | None) -> list[tuple[float, float, str]]:
-    """The reply cut at its timestamp tokens: (start, end, text) for the text between consecutive stamps (the prompt
-    ends with <|0.00|> where `first` is given). Without timestamps, one piece of all the text."""
-    if first is None:
+def _pieces(model: Model, ids: list[int], stamp_ids: dict[int, float],
+            window_s: float | None) -> list[tuple[float, float, str]]:
+    """The reply cut at its timestamp tokens: (start, end, text) for the text between consecutive stamps, from the
+    prompt's <|0.00|> on, when the window's length `window_s` is given. Without timestamps, one piece of all the
+    text."""
+    if window_s is None:
         return [(0.0, 0.0, model.tokenizer.decode([i for i in ids if i not in stamp_ids]))]
-    pieces, start, pending = [], first, []
+    pieces, start, pending = [], 0.0, []
     for token in ids:
         if token in stamp_ids:
             pieces.append((start, stamp_ids[token], model.tokenizer.decode(pending)))
             start, pending = stamp_ids[token], []
         else:
             pending.append(token)
-    if pending:  # text after the last stamp (cut off by the token limit): it ends where the window's speech ends
-        pieces.append((start, start, model.tokenizer.decode(pending)))
+    if pending:  # text after the last stamp (the reply cut off by the token limit): it runs to the window's end
+        pieces.append((start, max(start, window_s), model.tokenizer.decode(pending)))
     return pieces
 
 

@@ -267,10 +267,10 @@ def test_file_errors_are_one_clear_qwen_error_each(tmp_path: Path) -> None:
         load_audio(str(tmp_path))
     text = tmp_path / "notes.wav"
     text.write_text("not audio at all")
-    with pytest.raises(QwenError, match=r"notes\.wav is not audio this engine can decode \(WAV, FLAC, OGG, MP3; "
+    with pytest.raises(QwenError, match=r"notes\.wav is not in an audio format this engine can decode \(WAV, FLAC, OGG, MP3; "
                                          r"libsndfile: .*\)$"):
         load_audio(text)
-    with pytest.raises(QwenError, match=r"^the audio is not audio this engine can decode"):
+    with pytest.raises(QwenError, match=r"^the audio is not in an audio format this engine can decode"):
         load_audio(b"RIFF\x00\x00\x00\x00WAVEjunk")
 
 
@@ -293,7 +293,7 @@ def test_empty_and_overlong_clips_are_refused(tmp_path: Path) -> None:
     ("data:audio/wav,UklGRg==", r"^a data: URL audio clip must be base64 \(data:audio/wav;base64,…\)$"),
     ("data:audio/wav;base64", r"^a data: URL audio clip must be base64"),
     ("data:audio/wav;base64,@@not base64@@", r"^the audio data: URL's base64 does not decode$"),
-    ("data:audio/wav;base64," + base64.b64encode(b"hello").decode(), r"^the audio is not audio this engine can decode"),
+    ("data:audio/wav;base64," + base64.b64encode(b"hello").decode(), r"^the audio is not in an audio format this engine can decode"),
 ])
 def test_bad_data_urls_are_one_clear_error(url: str, message: str) -> None:
     with pytest.raises(QwenError, match=message):

@@ -250,3 +250,13 @@ def test_qwen_info_describes_the_encoder(qa, audio_dir, capsys) -> None:
     assert cli.main(["info", "--model", str(audio_dir)]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("audio encoder"))
     assert "2 layers × 64 (4 heads), 80 mel bins" in line and f"{encoder['parameters']:,} parameters" in line
+
+
+def test_text_after_the_last_stamp_runs_to_the_windows_end_and_translations_are_unstamped(qa, audio_dir, monkeypatch) -> None:
+    from qwen_engine.transcribe import transcribe
+
+    scripted(monkeypatch, qa, " Hello<|0.48|> unfinished")
+    stamped = transcribe(qa, audio_dir / "a.wav", language="en", timestamps=True)
+    assert [(s.start, s.end, s.text) for s in stamped.segments] == [(0.0, 0.48, " Hello"), (0.48, 2.5, " unfinished")]
+    translated = transcribe(qa, audio_dir / "a.wav", task="translate", language="de", timestamps=True)
+    assert [(s.start, s.end) for s in translated.segments] == [(0.0, 2.5)] and translated.text == "Hello unfinished"

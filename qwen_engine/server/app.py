@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API over the serving engine, assembled: /v1/models, /v1/chat/completions (chat.py),
-/v1/completions (completions.py), /health and /metrics (metrics.py), behind the gate (gate.py).
+/v1/completions (completions.py), /v1/audio/transcriptions and /v1/audio/translations (audio.py), /health and
+/metrics (metrics.py), behind the gate (gate.py: the API key and the body limit, multipart uploads included).
 
 Requests are validated before they reach the engine (protocol.py); every failure is an OpenAI-shaped JSON error
 (errors.py).
@@ -9,19 +10,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .audio import audio_task
 from .chat import chat_completion
 from .completions import completion
 from .errors import ApiError, error_response
 from .gate import Gate
-from .protocol import ChatCompletionRequest, CompletionRequest
+from .protocol import AudioForm, ChatCompletionRequest, CompletionRequest, audio_form
 from .server import Server
 
 
@@ -75,6 +77,14 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await completion(server, body, request)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(form: Annotated[AudioForm, Depends(audio_form)]) -> Response:
+        return await audio_task(server, form, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(form: Annotated[AudioForm, Depends(audio_form)]) -> Response:
+        return await audio_task(server, form, "translate")
 
     app.add_middleware(Gate, server=server)
     return app

@@ -1,5 +1,6 @@
-"""POST /v1/chat/completions: the conversation through the checkpoint's chat format, tool calls (forced, named or
-parsed from Qwen2.5's `<tool_call>` output, streamed too) and JSON mode."""
+"""POST /v1/chat/completions: the conversation through the checkpoint's chat format (with Qwen-VL's images and
+Qwen-Audio's clips), tool calls (forced, named or parsed from Qwen2.5's `<tool_call>` output, streamed too) and JSON
+mode."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..engine.serving import Event, Request as EngineRequest
 from ..errors import QwenError
 from ..prompt import Prompt
 from .errors import ApiError
-from .protocol import ChatCompletionRequest, ChatMessage, ImagePart, NamedToolChoice, TextPart
+from .protocol import AudioPart, ChatCompletionRequest, ChatMessage, ContentPart, ImagePart, NamedToolChoice, TextPart
 from .responses import DONE, Choice, sse, sse_error, usage
 from .server import Server
 from .tools import CLOSE, OPEN, StreamingToolParser, split_tool_calls
@@ -48,8 +49,9 @@ def chat_prompt(server: Server, body: ChatCompletionRequest) -> tuple[Prompt, st
     """The prompt, and the text the reply is forced to start with (for a required or named tool call: the call's
     opening tag, and the name; the rest is then constrained to a JSON object)."""
     _check_text_fits(server, body.messages)
-    images = sum(isinstance(part, ImagePart) for m in body.messages if isinstance(m.content, list) for part in m.content)
-    server.media.check_count("image", images, "messages")
+    parts = [part for m in body.messages if isinstance(m.content, list) for part in m.content]
+    for kind, part_type in (("image", ImagePart), ("audio", AudioPart)):  # counted before any is decoded
+        server.media.check_count(kind, sum(isinstance(part, part_type) for part in parts), "messages")
     messages = [_template_message(server, m) for m in body.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
     choice = body.tool_choice
@@ -96,12 +98,11 @@ def _texts(message: ChatMessage) -> list[str]:
 
 
 def _template_message(server: Server, message: ChatMessage) -> dict[str, Any]:
-    """The message as the chat format reads it: content parts go through as parts, images read under the server's
-    media policy (server/media.py)."""
+    """The message as the chat format reads it: content parts go through as parts, images and audio read under the
+    server's media policy (server/media.py); the chat format refuses those its model does not read."""
     content = message.content
     if isinstance(content, list):
-        content = [{"type": "image", "image": server.media.image(part.image_url.url)} if isinstance(part, ImagePart)
-                   else part.model_dump() for part in content]
+        content = [_template_part(server, part) for part in content]
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role, "content": content or ""}
     if message.tool_calls:
         calls = []
@@ -117,6 +118,14 @@ def _template_message(server: Server, message: ChatMessage) -> dict[str, Any]:
     if message.name:
         out["name"] = message.name
     return out
+
+
+def _template_part(server: Server, part: ContentPart) -> dict[str, Any]:
+    if isinstance(part, ImagePart):
+        return {"type": "image", "image": server.media.image(part.image_url.url)}
+    if isinstance(part, AudioPart):
+        return {"type": "audio", "audio": server.media.inline_audio(part.input_audio.data)}
+    return part.model_dump()
 
 
 def _whole(server: Server, request: EngineRequest, body: ChatCompletionRequest, choices: list[Choice], forced: str,

@@ -1,4 +1,4 @@
-"""Which images a request may bring, and reading them: the operator's media policy.
+"""Which images and audio clips a request may bring, and reading them: the operator's media policy.
 
 By default a server reads only what a request carries inline (`data:` URLs): one that fetched a URL or opened a
 path because a request named it could be made to reach other hosts or read other files. The operator opts in to
@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..audio import LoadedAudio, load_audio
+from ..audio import LoadedAudio, TooLong, load_audio
 from ..errors import QwenError
 from ..images import DATA_URL, MAX_PIXELS, LoadedImage, load_image
 from .errors import ApiError
@@ -77,6 +77,8 @@ class MediaPolicy:
             raise self._too_large(param, "audio clip", self.max_audio_bytes, "--max-audio-mb")
         try:
             return load_audio(data, self.max_audio_seconds)
+        except TooLong as err:
+            raise ApiError(400, f"{err} (--max-audio-seconds)", param=param) from None
         except QwenError as err:
             raise ApiError(400, str(err), param=param) from None
 

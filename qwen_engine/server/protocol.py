@@ -1,10 +1,12 @@
-"""Request bodies of the OpenAI API, validated: a field of the wrong type or out of range is a 400 with the
-field's name, never a failure deeper in."""
+"""Request bodies of the OpenAI API (JSON, and the audio endpoints' multipart forms), validated: a field of the
+wrong type or out of range is a 400 with the field's name, never a failure deeper in."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from fastapi import File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..sampling_params import MAX_TOP_LOGPROBS
@@ -101,7 +103,21 @@ class ImagePart(BaseModel):
     image_url: ImageUrl
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class InputAudio(BaseModel):
+    # The `format` OpenAI's part names ("wav", "mp3") is not read: the decoder tells the container from the bytes.
+    model_config = ConfigDict(extra="ignore")
+    data: str  # base64 of the clip's file
+
+
+class AudioPart(BaseModel):
+    """OpenAI's input_audio part, for Qwen-Audio-Chat (server/media.py reads it under the audio limits)."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
@@ -162,3 +178,29 @@ class CompletionRequest(_Request):
     @property
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+
+AudioResponseFormat = Literal["json", "text", "srt", "vtt", "verbose_json"]
+
+
+@dataclass(frozen=True)
+class AudioForm:
+    """The multipart form of /v1/audio/transcriptions and /v1/audio/translations, as `audio_form` read it."""
+
+    file: UploadFile
+    model: str
+    language: str | None
+    response_format: AudioResponseFormat
+
+
+def audio_form(file: Annotated[UploadFile, File()], model: Annotated[str, Form()],
+               language: Annotated[str | None, Form()] = None,
+               response_format: Annotated[AudioResponseFormat, Form()] = "json",
+               temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
+               timestamp_granularities: Annotated[list[Literal["segment", "word"]] | None,
+                                                  Form(alias="timestamp_granularities[]")] = None) -> AudioForm:
+    """The form's fields, validated (a FastAPI dependency: a function, whose annotations every FastAPI version
+    resolves). `temperature` and `timestamp_granularities` are checked as OpenAI checks them, then not needed
+    (server/audio.py says why); fields not named here, as `prompt`, are accepted and ignored, as in the JSON
+    bodies. An empty `language` is none, as form clients send an unset field."""
+    return AudioForm(file, model, language or None, response_format)
