@@ -51,6 +51,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weight format (default: auto on CPU — GGUF's Q5_0/Q8_0 blocks as stored, 8-bit blocks "
                              "elsewhere; none with --dtype float32 or on GPU)")
     parser.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--tp", type=_positive_int, default=1, metavar="N",
+                        help="tensor parallelism over N processes of this machine (one GPU each on CUDA; float "
+                             "formats; default 1)")
     _add_rope_scaling(parser)
 
 
@@ -208,7 +211,7 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     return {"dtype": args.dtype, "device": args.device, "quant": args.quant, "rope_scaling": args.rope_scaling,
-            "progress": sys.stderr.isatty()}
+            "progress": sys.stderr.isatty(), "tensor_parallel": args.tp}
 
 
 def _load(args: argparse.Namespace) -> Any:

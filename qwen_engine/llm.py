@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import itertools
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from functools import cached_property, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm import tqdm
@@ -20,7 +22,7 @@ from .audio import LoadedAudio, audio_items, encoder_frames, log_mel
 from .checkpoint import AUDIO_PREFIX, VISION_PREFIX, Checkpoint, ModelInfo, open_checkpoint
 from .engine.constrained import JsonObjectConstraint, token_texts
 from .engine.paged import BLOCK_SIZE, block_bytes
-from .engine.runner import ModelRunner
+from .engine.runner import ModelRunner, Step, run_step
 from .engine.serving import Request, ServingEngine
 from .errors import QwenError
 from .runtime import DEFAULT_PREFILL_TOKENS, QUANT_CHOICES
@@ -38,12 +40,17 @@ from .model.quantized import (
     read_as_stored,
 )
 from .model.audio import AudioEncoder
+from .model.parallel import TensorParallel
 from .model.vision import VisionTower
 from .prompt import MediaItem, Prompt
 from .results import Completion, Delta, GenerationResult
 from .sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+from .sharding import check_split, shard
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
+
+if TYPE_CHECKING:
+    from .distributed import LocalRanks
 
 # Tokens that end a turn in every Qwen chat format, whatever the checkpoint declares as eos (qwen-family.md §1.7,
 # §8.2): v1's chat stop words are <|im_end|> and <|im_start|>.
@@ -131,6 +138,7 @@ class Model:
         load_s: float,
         vision: VisionTower | None = None,
         audio: AudioEncoder | None = None,
+        ranks: LocalRanks | None = None,
     ) -> None:
         self.decoder = decoder
         self.config = decoder.config
@@ -149,6 +157,14 @@ class Model:
                                                                      ("audio", self._encode_audio, audio)) if module is not None}
         self._encoded: OrderedDict[tuple[str, bytes], torch.Tensor] = OrderedDict()  # see _encode
         self._compute = threading.Lock()  # one forward at a time on this decoder, whichever engine asks
+        self._ranks = ranks  # the other tensor-parallel ranks (distributed.py), or None
+        if ranks is not None:
+            atexit.register(ranks.close)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers (also done at exit); a model on one process holds nothing to close."""
+        if self._ranks is not None:
+            self._ranks.close()
 
     @property
     def device(self) -> torch.device:
@@ -167,7 +183,10 @@ class Model:
     def runner(self, num_blocks: int) -> ModelRunner:
         """A model runner over a KV cache of `num_blocks` blocks (touched only as they are used)."""
         encoders = {kind: self._encode for kind in self._encoders}
-        return ModelRunner(self.decoder, num_blocks, encoders=encoders, lock=self._compute)
+        runner = ModelRunner(self.decoder, num_blocks, encoders=encoders, lock=self._compute, ranks=self._ranks)
+        if self._ranks is not None:  # the workers free their copy of its cache once it is gone
+            weakref.finalize(runner, self._ranks.drop, runner.cache_id)
+        return runner
 
     def _encode(self, item: MediaItem) -> torch.Tensor:
         """The item's encoder output, from a small LRU keyed by its digest: an image sent again (a conversation's
@@ -219,14 +238,9 @@ class Model:
         prompt = self._prompt(prompt, special)
         if not prompt.token_ids:
             raise QwenError("logits() needs at least one token")
-        ids = torch.tensor([prompt.token_ids], device=self.device)
         with self._compute, torch.inference_mode():
-            hidden = None
-            if prompt.items:
-                hidden = self.decoder.embed(ids)
-                for item in prompt.items:
-                    hidden[0, item.offset : item.end] = self._encode(item).to(hidden.dtype)
-            return self.decoder(None if hidden is not None else ids, inputs_embeds=hidden)[0].to(torch.float32)
+            step = Step(prompt.token_ids, media=[(item.offset, self._encode(item)) for item in prompt.items])
+            return run_step(self.decoder, None, step, self._ranks)
 
     def stepwise_logits(self, ids: list[int], prefill: int) -> torch.Tensor:
         """Float32 logits [len(ids), V] computed the way generation computes them: the first `prefill` ids as a
@@ -384,8 +398,12 @@ def load(
     quant: str | None = None,
     rope_scaling: str | None = None,
     progress: bool = False,
+    tensor_parallel: int = 1,
 ) -> Model:
     """Load `model`: "default", a GGUF file, or an HF checkpoint directory.
+
+    `tensor_parallel=N` splits the decoder over N processes on this machine (this one is rank 0; sharding.py says
+    how), joined by torch.distributed (gloo on the CPU, NCCL with one GPU a rank): the float formats only for now.
 
     `quant` picks the runtime weight format: "none" (the dtype itself), "int8", "int4", "q8_0" or "auto" (GGUF's
     Q5_0/Q8_0 blocks kept as stored, 8-bit blocks elsewhere; see `quant_plan`); the CPU default is measured in
@@ -398,44 +416,27 @@ def load(
     chosen_quant = pick_quant(quant, chosen_dtype, chosen_device)
     checkpoint = open_checkpoint(model, progress=progress, rope_scaling=rope_scaling)
     tokenizer = checkpoint.tokenizer()
-    with torch.device("meta"):
-        decoder = QwenDecoder(checkpoint.config)
-    cache = None  # converted weights are cached for the CPU formats (pick_quant allows them there only)
-    if chosen_quant != "none":
-        # "auto" resolves differently where the block kernel cannot run, so that is part of the key.
-        fmt = chosen_quant if cpu_kernels() else f"{chosen_quant}-no-kernel"
-        cache = converted_path(checkpoint.path, checkpoint.fingerprint(), chosen_dtype, fmt, CONVERTER_ID)
-    # An untied embedding table can stay in the file (CPU formats): lookups read their rows from it.
-    rows = None
-    if chosen_quant != "none" and not checkpoint.config.tie_word_embeddings:
-        rows = checkpoint.stored_rows("model.embed_tokens.weight")
-    cached = load_converted(cache) if cache else None
-    if cached:
-        state, plan = cached
-        place_quantized(decoder, plan, state)
-        if rows is not None:
-            decoder.model.embed_tokens = StoredEmbedding(rows, chosen_dtype)
-        decoder.adopt_state(state)
+    ranks = None
+    if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
+        raise QwenError(f"tensor_parallel must be an integer ≥ 1 (got {tensor_parallel!r})")
+    if tensor_parallel > 1:
+        from .distributed import rank_device, rank_threads, spawn
+
+        if quant not in (None, "none"):
+            raise QwenError(f"--tp runs the float formats for now (the CPU block formats are not sharded yet): drop "
+                            f"--quant {quant} or give --quant none")
+        chosen_quant = "none"
+        check_split(checkpoint.config, tensor_parallel)
+        torch.set_num_threads(rank_threads(tensor_parallel))
+        ranks, parallel = spawn(tensor_parallel, chosen_device,
+                                partial(_load_rank, str(checkpoint.path), rope_scaling, chosen_dtype))
+        try:
+            decoder = load_decoder(checkpoint, chosen_dtype, rank_device(chosen_device, 0), "none", progress, parallel)
+        except BaseException:
+            ranks.close()
+            raise
     else:
-        # Planned on the shapes alone, so that tensors the formats take from the file as stored (blocks kept bit for
-        # bit, an embedding read by rows) are never dequantized: the first start then peaks near the final size.
-        stored_types = checkpoint.stored_types()
-        plan = quant_plan(decoder, chosen_quant, stored_types)
-        placeholders = read_as_stored(plan, stored_types)
-        if rows is not None:
-            plan.pop("model.embed_tokens", None)
-            placeholders |= {"model.embed_tokens.weight"}
-        bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
-        tensors = checkpoint.tensors(chosen_dtype, chosen_device, bar, placeholders)
-        decoder.load_weights(tensors, source=str(checkpoint.path))
-        del tensors
-        if rows is not None:
-            decoder.model.embed_tokens = StoredEmbedding(rows, chosen_dtype)
-        quantize_modules(decoder, plan, checkpoint.stored_blocks)
-        if cache:
-            save_converted(cache, decoder.state_dict(), plan)
-    decoder.eval()
-    decoder.fused_decode = FusedDecodeStep.build(decoder)
+        decoder = load_decoder(checkpoint, chosen_dtype, chosen_device, chosen_quant, progress)
     config = checkpoint.config
     vision = _load_encoder(checkpoint, VisionTower, config.vision, VISION_PREFIX, chosen_dtype, chosen_device)
     audio = _load_encoder(checkpoint, AudioEncoder, config.audio, AUDIO_PREFIX, chosen_dtype, chosen_device)
@@ -451,7 +452,65 @@ def load(
         time.perf_counter() - started,
         vision,
         audio,
+        ranks,
     )
+
+
+def _load_rank(path: str, rope_scaling: str | None, dtype: torch.dtype, parallel: TensorParallel,
+               device: torch.device) -> QwenDecoder:
+    """A worker rank's shard (distributed.py runs this in the worker's process)."""
+    return load_decoder(open_checkpoint(path, rope_scaling=rope_scaling), dtype, device, "none", False, parallel)
+
+
+def load_decoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, quant: str, progress: bool = False,
+                 parallel: TensorParallel | None = None) -> QwenDecoder:
+    """The checkpoint's decoder in `quant` (converted weights cached for the CPU formats), or under tensor
+    parallelism one rank's shard of it (the float formats only, for now)."""
+    with torch.device("meta"):
+        decoder = QwenDecoder(checkpoint.config, parallel)
+    if parallel is not None:  # a rank's shard, from the whole tensors (memory-mapped where the file allows)
+        tensors = checkpoint.tensors(dtype, device)
+        decoder.load_weights({name: shard(name, tensor, checkpoint.config, parallel.size, parallel.rank)
+                              for name, tensor in tensors.items()}, source=str(checkpoint.path))
+        del tensors
+        return decoder.eval()  # the native decoding step runs one process's layers: not under --tp yet
+    cache = None  # converted weights are cached for the CPU formats (pick_quant allows them there only)
+    if quant != "none":
+        # "auto" resolves differently where the block kernel cannot run, so that is part of the key.
+        fmt = quant if cpu_kernels() else f"{quant}-no-kernel"
+        cache = converted_path(checkpoint.path, checkpoint.fingerprint(), dtype, fmt, CONVERTER_ID)
+    # An untied embedding table can stay in the file (CPU formats): lookups read their rows from it.
+    rows = None
+    if quant != "none" and not checkpoint.config.tie_word_embeddings:
+        rows = checkpoint.stored_rows("model.embed_tokens.weight")
+    cached = load_converted(cache) if cache else None
+    if cached:
+        state, plan = cached
+        place_quantized(decoder, plan, state)
+        if rows is not None:
+            decoder.model.embed_tokens = StoredEmbedding(rows, dtype)
+        decoder.adopt_state(state)
+    else:
+        # Planned on the shapes alone, so that tensors the formats take from the file as stored (blocks kept bit for
+        # bit, an embedding read by rows) are never dequantized: the first start then peaks near the final size.
+        stored_types = checkpoint.stored_types()
+        plan = quant_plan(decoder, quant, stored_types)
+        placeholders = read_as_stored(plan, stored_types)
+        if rows is not None:
+            plan.pop("model.embed_tokens", None)
+            placeholders |= {"model.embed_tokens.weight"}
+        bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
+        tensors = checkpoint.tensors(dtype, device, bar, placeholders)
+        decoder.load_weights(tensors, source=str(checkpoint.path))
+        del tensors
+        if rows is not None:
+            decoder.model.embed_tokens = StoredEmbedding(rows, dtype)
+        quantize_modules(decoder, plan, checkpoint.stored_blocks)
+        if cache:
+            save_converted(cache, decoder.state_dict(), plan)
+    decoder.eval()
+    decoder.fused_decode = FusedDecodeStep.build(decoder)
+    return decoder
 
 
 def _load_encoder(checkpoint: Checkpoint, module: type[torch.nn.Module], config: Any, prefix: str, dtype: torch.dtype,

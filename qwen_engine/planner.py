@@ -21,6 +21,7 @@ from .catalog import DATA, CatalogEntry, local_entry, resolve
 from .config import ModelConfig
 from .errors import QwenError
 from .runtime import DEFAULT_PREFILL_TOKENS
+from .sharding import kv_heads_per_rank, shard_shape, split_problems
 from .weights.names import packed_with
 
 GiB = 1 << 30
@@ -105,20 +106,6 @@ class MemoryPlan:
         return self.per_gpu * self.tp
 
 
-def _split(name: str, shape: tuple[int, ...], tp: int, kv_per_gpu: int, head_dim: int) -> tuple[int, ...]:
-    """A tensor's shape on one GPU: column-parallel projections and the vocabulary split their rows, row-parallel
-    ones (o, down) their columns; k/v keep whole heads (replicated when there are fewer kv heads than GPUs)."""
-    if tp == 1 or name.startswith(("visual.", "audio.")):
-        return shape
-    if any(part in name for part in ("k_proj.", "v_proj.")):
-        return (kv_per_gpu * head_dim, *shape[1:])
-    if any(part in name for part in ("q_proj.", "gate_proj.", "up_proj.", "embed_tokens.", "lm_head.")):
-        return (shape[0] // tp, *shape[1:])
-    if any(part in name for part in ("o_proj.", "down_proj.")):
-        return (shape[0], shape[1] // tp)
-    return shape
-
-
 def _engine_cpu_bytes(entry: CatalogEntry, name: str, shape: tuple[int, ...]) -> int:
     """This engine's CPU default (`quant=auto`, bfloat16): a GGUF's Q5_0 blocks kept (all parts of a packed
     projection Q5_0), every other matrix in 8-bit blocks, vectors in bfloat16, and an untied GGUF embedding left in
@@ -146,20 +133,12 @@ def _prefill_piece(shape: tuple[int, int]) -> int:
 
 
 def divisibility(entry: CatalogEntry, tp: int, fmt: WeightFormat) -> list[str]:
-    """Why `tp` GPUs or the format's blocks cannot split this model evenly (empty when they can)."""
-    config, problems = entry.config, []
-    raw = entry.raw_config
-    width = raw.get("moe_intermediate_size", config.intermediate_size)
-    checks = [("attention heads", config.num_heads), ("intermediate size", width), ("vocabulary", config.vocab_size)]
-    problems += [f"{what} {n} is not divisible by tp={tp}" for what, n in checks if n % tp]
-    if config.num_kv_heads % tp and tp % config.num_kv_heads:
-        problems.append(f"kv heads {config.num_kv_heads} neither divide nor are divided by tp={tp}")
-    if fmt.block > 1:
-        inputs = {"hidden size": config.hidden_size, "o_proj input per GPU": config.num_heads * config.head_dim // tp,
-                  "down_proj input per GPU": width // tp}
-        problems += [f"{what} {n} is not a multiple of {fmt.name}'s {fmt.block}-weight groups"
-                     for what, n in inputs.items() if n % fmt.block]
-    return problems
+    """Why `tp` GPUs or the format's blocks cannot split this model evenly (empty when they can): sharding.py's
+    rules, the loader's own."""
+    config = entry.config
+    width = entry.raw_config.get("moe_intermediate_size", config.intermediate_size)
+    return split_problems(config.num_heads, config.num_kv_heads, width, config.vocab_size, config.hidden_size,
+                          config.head_dim, tp, fmt.block, fmt.name)
 
 
 def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = None, batch: int = 1,
@@ -176,11 +155,11 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
         raise QwenError("--dtype auto is this engine's CPU format (one process); use bf16, int8, int4 or gguf:<TYPE> with --tp")
     fmt = weight_format("gguf:Q8_0" if precision == "auto" else precision, group_size)
     kv_size = kv_bytes(kv_dtype) if kv_dtype else fmt.activation_bytes
-    kv_per_gpu = max(1, config.num_kv_heads // tp)
+    kv_per_gpu = kv_heads_per_rank(config.num_kv_heads, tp)
     weights = encoders = 0
     tensors = entry.tensors()
     for name, shape in tensors.items():
-        local = _split(name, shape, tp, kv_per_gpu, config.head_dim)
+        local = shard_shape(name, shape, tp, kv_per_gpu, config.head_dim)
         if name.startswith(("visual.", "audio.")):  # encoders run unquantized, in the compute dtype
             encoders += math.prod(local) * fmt.activation_bytes
         elif precision == "auto":

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Callable, Mapping
-from typing import ContextManager
+from dataclasses import dataclass, field
+from typing import ContextManager, Protocol
 
 import torch
 
@@ -27,17 +28,77 @@ from .sequence import Sequence
 Encoder = Callable[[MediaItem], torch.Tensor]  # an item → its embeddings [item.length, hidden]
 
 
+class Ranks(Protocol):
+    """The other tensor-parallel ranks, as rank 0's runners reach them (qwen_engine/distributed.py)."""
+
+    def new_cache(self, num_blocks: int, lock: ContextManager) -> int:
+        """Have every rank allocate a KV cache of `num_blocks` blocks for its shard; its id."""
+        ...
+
+    def send(self, cache_id: int | None, step: Step) -> None:
+        """Have every rank run `step` (on that cache; None: a forward without one) in step with this one."""
+        ...
+
+
+@dataclass
+class Step:
+    """One forward as every tensor-parallel rank runs it: the tokens, where their keys and values go (no tables: a
+    whole-sequence forward without a cache), which rows' logits are wanted, and the media rows (encoder outputs,
+    computed on rank 0) written over the token embeddings."""
+
+    tokens: list[int]
+    tables: list[list[int]] | None = None
+    starts: list[int] | None = None
+    counts: list[int] | None = None
+    rotary: list[RotaryChoice] | None = None
+    last: list[int] | None = None  # None: every row
+    media: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (first row, rows [n, hidden])
+
+
+def execute(decoder: QwenDecoder, cache: PagedKVCache | None, step: Step) -> torch.Tensor:
+    """Float32 logits of the step's wanted rows [n, V] (this rank's part of the collectives on the way)."""
+    device = decoder.device
+    ids = torch.tensor([step.tokens], device=device)
+    batch = None if step.tables is None else PagedBatch(cache, step.tables, step.starts, step.counts, step.rotary)
+    last = None if step.last is None else torch.tensor(step.last, dtype=torch.long, device=device)
+    hidden = None
+    if step.media:
+        hidden = decoder.embed(ids)
+        for first, rows in step.media:
+            hidden[0, first : first + len(rows)] = rows.to(hidden.dtype)
+    out = decoder(None if hidden is not None else ids, inputs_embeds=hidden, batch=batch, logits_at=last)
+    return out[0].to(torch.float32)
+
+
+def run_step(decoder: QwenDecoder, cache: PagedKVCache | None, step: Step, ranks: Ranks | None = None,
+             cache_id: int | None = None) -> torch.Tensor:
+    """`execute` here, and on every other rank where there are any (sent first, so all enter the same
+    collectives); a rank that fails or vanishes mid-step is one clear error (the collectives time out rather than
+    hang)."""
+    if ranks is None:
+        return execute(decoder, cache, step)
+    ranks.send(cache_id, step)
+    try:
+        return execute(decoder, cache, step)
+    except RuntimeError as err:  # the backend's own errors (a peer's connection closed, a timeout)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise QwenError(f"a tensor-parallel rank failed during a forward ({reason}); load the model again") from None
+
+
 class ModelRunner:
     def __init__(self, decoder: QwenDecoder, num_blocks: int, *, encoders: Mapping[str, Encoder] | None = None,
-                 lock: ContextManager | None = None) -> None:
+                 lock: ContextManager | None = None, ranks: Ranks | None = None) -> None:
         """`lock` is held around every forward: runners that share a decoder (the library's calls on several threads,
-        a server beside them) take turns instead of splitting the cores between them."""
+        a server beside them) take turns instead of splitting the cores between them. Under tensor parallelism
+        `ranks` sends every step to the other ranks, each running it on its own shard and KV cache."""
         self.decoder = decoder
         self.config = decoder.config
         self.num_blocks = num_blocks
-        self.cache = PagedKVCache(decoder.config, num_blocks, decoder.dtype, decoder.device)
+        self.cache = PagedKVCache(decoder.shard, num_blocks, decoder.dtype, decoder.device)
         self.encoders = dict(encoders or {})
         self._lock = lock if lock is not None else contextlib.nullcontext()
+        self._ranks = ranks
+        self.cache_id = None if ranks is None else ranks.new_cache(num_blocks, self._lock)
 
     def rotary_choice(self, prompt: Prompt) -> RotaryChoice:
         """The rotary frequencies of a sequence with this prompt, for all of its life."""
@@ -49,35 +110,26 @@ class ModelRunner:
     def run(self, seqs: list[Sequence], counts: list[int], wanted: list[bool]) -> torch.Tensor:
         """Compute `counts[i]` more tokens of each sequence in one forward (their keys and values go to the cache);
         float32 logits [n, V] at the last token of each sequence whose `wanted` is set, in order."""
-        device = self.decoder.device
         tokens = [t for seq, count in zip(seqs, counts) for t in seq.tokens[seq.computed : seq.computed + count]]
-        batch = PagedBatch(self.cache, [seq.block_table for seq in seqs], [seq.computed for seq in seqs], counts,
-                           [seq.rotary for seq in seqs])
         ends = list(itertools.accumulate(counts))
-        last = None if all(wanted) and len(tokens) == len(seqs) else torch.tensor(  # None: every row (decoding)
-            [end - 1 for end, want in zip(ends, wanted) if want], dtype=torch.long, device=device)
-        ids = torch.tensor([tokens], device=device)
+        last = None if all(wanted) and len(tokens) == len(seqs) else [end - 1 for end, want in zip(ends, wanted) if want]
+        step = Step(tokens, [seq.block_table for seq in seqs], [seq.computed for seq in seqs], counts,
+                    [seq.rotary for seq in seqs], last)
         with self._lock, torch.inference_mode():
-            embeddings = self._embeddings(seqs, counts, ids)
-            out = self.decoder(None if embeddings is not None else ids, inputs_embeds=embeddings, batch=batch,
-                               logits_at=last)
-        return out[0].to(torch.float32)
+            step.media = self._media_rows(seqs, counts)
+            return run_step(self.decoder, self.cache, step, self._ranks, self.cache_id)
 
-    def _embeddings(self, seqs: list[Sequence], counts: list[int], ids: torch.Tensor) -> torch.Tensor | None:
-        """Token embeddings [1, T, H] with every media item's encoder output written over the positions it fills in
-        this forward (a chunk may hold part of an item), or None when no item falls in it (the decoder embeds)."""
-        spans, offset = [], 0
+    def _media_rows(self, seqs: list[Sequence], counts: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """Every media item's encoder output rows over the positions it fills in this forward (a chunk may hold part
+        of an item), as (first row of the forward, rows)."""
+        rows, offset = [], 0
         for seq, count in zip(seqs, counts):
             start = seq.computed
-            spans += [(offset, start, start + count, item) for item in seq.prompt.items_in(start, start + count)]
+            for item in seq.prompt.items_in(start, start + count):
+                first, last = max(item.offset, start), min(item.end, start + count)
+                rows.append((offset + first - start, self._encoded(item)[first - item.offset : last - item.offset]))
             offset += count
-        if not spans:
-            return None
-        hidden = self.decoder.embed(ids)
-        for offset, start, end, item in spans:
-            first, last = max(item.offset, start), min(item.end, end)
-            hidden[0, offset + first - start : offset + last - start] = self._encoded(item)[first - item.offset : last - item.offset]
-        return hidden
+        return rows
 
     def _encoded(self, item: MediaItem) -> torch.Tensor:
         """The item's encoder output, computed on first use and kept on the item (a preempted sequence keeps it)."""

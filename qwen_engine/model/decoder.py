@@ -18,7 +18,9 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import QwenError
 from ..kernels import CpuKernels, cpu_kernels
+from ..sharding import shard_config
 from ..weights.names import PACKED
+from .parallel import TensorParallel, VocabParallelEmbedding
 from .rope import RotaryChoice, RotaryEmbedding, RotaryTables, apply_rotary
 
 
@@ -83,9 +85,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, parallel: TensorParallel | None = None) -> None:
+        """`config` as this rank sees it (sharding.shard_config): its heads; under tensor parallelism the ranks'
+        o_proj outputs are partial sums, added up by `parallel`."""
         super().__init__()
-        self.layer = layer
+        self.layer, self.parallel = layer, parallel
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.qkv_bias)
@@ -128,7 +132,8 @@ class Attention(nn.Module):
             if not parts:  # a prefill chunk whose outputs nobody reads
                 return x[:, :0]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
-        return self.o_proj(out.transpose(1, 2).reshape(sequences, out.shape[2], self.q_size))
+        projected = self.o_proj(out.transpose(1, 2).reshape(sequences, out.shape[2], self.q_size))
+        return projected if self.parallel is None else self.parallel.all_reduce(projected)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Attention of queries at positions start… over the keys held (those up to the last query)."""
@@ -173,12 +178,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(SiLU(gate(x)) · up(x)), no biases."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, parallel: TensorParallel | None = None) -> None:
         super().__init__()
+        self.parallel = parallel  # sums the ranks' partial down_proj outputs
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._swiglu(x)
+        return out if self.parallel is None else self.parallel.all_reduce(out)
+
+    def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         # A block-quantized projection fuses the whole SwiGLU into its prefill product (quantized.py BlockLinear).
         fused = getattr(self.gate_up_proj, "swiglu", None)
         mixed = fused(x) if fused is not None else None
@@ -197,12 +207,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); each residual add is taken by the norm after it."""
 
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+    def __init__(self, config: ModelConfig, layer: int, parallel: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
+        self.self_attn = Attention(config, layer, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, parallel)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryTables, batch: SequenceBatch | None,
@@ -224,24 +234,33 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """Embeddings, layers and final norm: the HF `model.` prefix."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, parallel: TensorParallel | None = None) -> None:
         super().__init__()
         # An explicit (uninitialised) table skips the random init: on the meta device that alone costs a second
         # of imports, and checkpoint weights replace it anyway.
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        if parallel is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                             _weight=torch.empty(config.vocab_size, config.hidden_size))
+        else:
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, parallel) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class QwenDecoder(nn.Module):
-    """Token ids (or precomputed embeddings) in, next-token logits out."""
+    """Token ids (or precomputed embeddings) in, next-token logits out.
 
-    def __init__(self, config: ModelConfig) -> None:
+    Under tensor parallelism (`parallel`) the decoder is one rank's shard: its modules are built from `shard` (the
+    config as the rank sees it, sharding.py), the collectives join the ranks' parts, and every rank gets the whole
+    logits; `config` stays the model's.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: TensorParallel | None = None) -> None:
         super().__init__()
-        self.config = config
-        self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.config, self.parallel = config, parallel
+        self.shard = config if parallel is None else shard_config(config, parallel.size)
+        self.model = Backbone(self.shard, parallel)
+        self.lm_head = nn.Linear(config.hidden_size, self.shard.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         # Optional native path for batches of one token per sequence (model/fused.py): the hidden state after all
         # layers, or None to decline.
@@ -295,16 +314,17 @@ class QwenDecoder(nn.Module):
                 hidden, residual = layer(hidden, residual, rope, batch, logits_at if index == last else None)
         if not hidden.shape[1]:  # a prefill chunk that does not reach the end of its prompt
             return hidden.new_empty(hidden.shape[0], 0, self.config.vocab_size)
-        return self.lm_head(self.model.norm(hidden, residual)[0])
+        logits = self.lm_head(self.model.norm(hidden, residual)[0])
+        return logits if self.parallel is None else self.parallel.gather_last(logits)
 
     def load_weights(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         """Take ownership of checkpoint tensors (HF names), checking names and shapes first.
 
         Tied checkpoints carry no `lm_head.weight`; the head then shares the embedding matrix.
         """
-        expected = self.config.checkpoint_shapes()
+        expected = self.shard.checkpoint_shapes()
         if self.config.tie_word_embeddings and "lm_head.weight" in tensors:  # stored anyway by some tied checkpoints
-            expected["lm_head.weight"] = (self.config.vocab_size, self.config.hidden_size)
+            expected["lm_head.weight"] = (self.shard.vocab_size, self.config.hidden_size)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected))
         mismatched = [

@@ -1,0 +1,105 @@
+"""How tensor parallelism splits a model over `tp` ranks, the layout vLLM, nano-vllm and gpt-fast share: q/k/v and
+gate/up split by output rows (column-parallel), o and down by input columns (row-parallel: an all-reduce sums the
+ranks' parts), the embedding and the head by vocabulary rows. k and v keep whole heads; with fewer kv heads than
+ranks each kv head is replicated on the ranks whose query heads read it.
+
+One module for both: the planner's per-GPU figures (`qwen memory --tp`) and the loader's slices use these rules,
+so what the planner promises is what a rank holds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .errors import QwenError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .config import ModelConfig
+
+COLUMN_PARALLEL = ("q_proj.", "gate_proj.", "up_proj.", "embed_tokens.", "lm_head.")  # rows split
+KV_PROJECTIONS = ("k_proj.", "v_proj.")  # whole heads per rank
+ROW_PARALLEL = ("o_proj.", "down_proj.")  # columns split
+ENCODERS = ("visual.", "audio.")  # replicated (they run on rank 0 only)
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp: int) -> int:
+    return max(1, num_kv_heads // tp)
+
+
+def first_kv_head(num_kv_heads: int, tp: int, rank: int) -> int:
+    """The first kv head rank `rank` holds: its share, or with fewer heads than ranks the one its queries read."""
+    return rank * num_kv_heads // tp if num_kv_heads < tp else rank * (num_kv_heads // tp)
+
+
+def shard_shape(name: str, shape: tuple[int, ...], tp: int, kv_per_rank: int, head_dim: int) -> tuple[int, ...]:
+    """A tensor's shape on one rank (HF names)."""
+    if tp == 1 or name.startswith(ENCODERS):
+        return shape
+    if any(part in name for part in KV_PROJECTIONS):
+        return (kv_per_rank * head_dim, *shape[1:])
+    if any(part in name for part in COLUMN_PARALLEL):
+        return (shape[0] // tp, *shape[1:])
+    if any(part in name for part in ROW_PARALLEL):
+        return (shape[0], shape[1] // tp)
+    return shape
+
+
+def split_problems(num_heads: int, num_kv_heads: int, intermediate: int, vocab: int, hidden: int, head_dim: int,
+                   tp: int, block: int = 1, block_name: str = "") -> list[str]:
+    """Why `tp` ranks (and a format's `block`-weight groups along the inputs) cannot split these shapes evenly."""
+    checks = [("attention heads", num_heads), ("intermediate size", intermediate), ("vocabulary", vocab)]
+    problems = [f"{what} {n} is not divisible by tp={tp}" for what, n in checks if n % tp]
+    if num_kv_heads % tp and tp % num_kv_heads:
+        problems.append(f"kv heads {num_kv_heads} neither divide nor are divided by tp={tp}")
+    if block > 1:
+        inputs = {"hidden size": hidden, "o_proj input per rank": num_heads * head_dim // tp,
+                  "down_proj input per rank": intermediate // tp}
+        problems += [f"{what} {n} is not a multiple of {block_name}'s {block}-weight groups"
+                     for what, n in inputs.items() if n % block]
+    return problems
+
+
+def check_split(config: ModelConfig, tp: int) -> None:
+    """One clear error where the decoder cannot be split over `tp` ranks."""
+    problems = split_problems(config.num_heads, config.num_kv_heads, config.intermediate_size, config.vocab_size,
+                              config.hidden_size, config.head_dim, tp)
+    if problems:
+        raise QwenError(f"this model cannot run with --tp {tp}: {'; '.join(problems)}; choose a tp that divides them")
+
+
+def rank_shapes(config: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
+    """Every decoder tensor's shape on one rank (HF names)."""
+    kv = kv_heads_per_rank(config.num_kv_heads, tp)
+    return {name: shard_shape(name, shape, tp, kv, config.head_dim) for name, shape in config.checkpoint_shapes().items()}
+
+
+def shard(name: str, tensor: torch.Tensor, config: ModelConfig, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s slice of a decoder tensor (HF name), copied out: from a memory-mapped file only the slice is
+    read into memory."""
+    if tp == 1:
+        return tensor
+    if any(part in name for part in KV_PROJECTIONS):
+        d, count = config.head_dim, kv_heads_per_rank(config.num_kv_heads, tp)
+        first = first_kv_head(config.num_kv_heads, tp, rank)
+        return tensor.narrow(0, first * d, count * d).clone()
+    if any(part in name for part in COLUMN_PARALLEL):
+        rows = tensor.shape[0] // tp
+        return tensor.narrow(0, rank * rows, rows).clone()
+    if any(part in name for part in ROW_PARALLEL):
+        columns = tensor.shape[1] // tp
+        return tensor.narrow(1, rank * columns, columns).clone()
+    return tensor
+
+
+def shard_config(config: ModelConfig, tp: int) -> ModelConfig:
+    """The config as one rank's modules see it: its heads, kv heads, MLP width and vocabulary rows (the KV cache and
+    the weight shapes follow from it)."""
+    import dataclasses
+
+    if tp == 1:
+        return config
+    check_split(config, tp)
+    return dataclasses.replace(config, num_heads=config.num_heads // tp, num_kv_heads=kv_heads_per_rank(config.num_kv_heads, tp),
+                               intermediate_size=config.intermediate_size // tp, vocab_size=config.vocab_size // tp)

@@ -1,0 +1,118 @@
+"""Tensor parallelism on this machine (gloo): `load(..., tensor_parallel=N)` splits the decoder over N processes
+(sharding.py's rules, which the planner's per-GPU figures use too) and gives the logits and greedy tokens of one
+process, for every layout: MHA untied, GQA tied, kv heads replicated (fewer than ranks), Qwen v1's fused c_attn,
+sliding windows; a worker that dies makes the next call one clear error, and no process is left behind."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from tiny import hf_config, random_model, to_v1_state, v1_config, write_hf_checkpoint, write_qwen_tiktoken
+
+import qwen_engine
+from qwen_engine.config import ModelConfig
+from qwen_engine.errors import QwenError
+from qwen_engine.sharding import rank_shapes, shard, shard_config, shard_shape
+
+LAYOUTS = {  # name → (transformers config, tp)
+    "mha-untied": (hf_config("qwen1.5"), 2),
+    "gqa-tied": (hf_config("qwen2.5-0.5b"), 2),
+    "kv-replicated-tp4": (hf_config("qwq", hidden_size=128, num_attention_heads=8, num_key_value_heads=2), 4),
+    "sliding-window": (hf_config("qwen1.5", use_sliding_window=True, sliding_window=8, max_window_layers=1), 2),
+}
+PROMPT = list(range(1000, 1040))
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def same_numbers(path, tp: int) -> None:
+    one = qwen_engine.load(path, dtype="float32")
+    split = qwen_engine.load(path, dtype="float32", tensor_parallel=tp)
+    try:
+        assert relative(split.logits(PROMPT), one.logits(PROMPT)) <= 1e-5
+        options = dict(max_tokens=12, temperature=0, ignore_eos=True)
+        assert split.generate(PROMPT, **options).token_ids == one.generate(PROMPT, **options).token_ids
+    finally:
+        split.close()
+    assert all(process.poll() is not None for process in split._ranks.processes)  # none left behind
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_every_layout_gives_the_logits_of_one_process(layout, tmp_path, tokenizer_files) -> None:
+    config, tp = LAYOUTS[layout]
+    same_numbers(write_hf_checkpoint(tmp_path / layout, random_model(config, seed=3), tokenizer_files), tp)
+
+
+def test_qwen_v1_fused_c_attn_splits_too(tmp_path, gguf_arrays) -> None:
+    config = hf_config("qwen1.5", max_position_embeddings=128)
+    save_file(to_v1_state(random_model(config, seed=4).state_dict()), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(v1_config(config)), encoding="utf-8")
+    write_qwen_tiktoken(tmp_path / "qwen.tiktoken", gguf_arrays[0])
+    same_numbers(tmp_path, 2)
+
+
+@pytest.mark.slow
+def test_the_default_model_at_tp_2(default_gguf, engine_model) -> None:
+    split = qwen_engine.load(default_gguf, dtype="float32", tensor_parallel=2)
+    try:
+        ids = engine_model.tokenizer.encode("def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)")
+        assert relative(split.logits(ids), engine_model.logits(ids)) <= 1e-5
+        options = dict(max_tokens=24, temperature=0)
+        assert split.generate("def quicksort(xs):", **options).token_ids == engine_model.generate("def quicksort(xs):", **options).token_ids
+    finally:
+        split.close()
+
+
+def test_the_shards_cover_every_tensor_once() -> None:
+    """Column-parallel rows, row-parallel columns and vocabulary rows put back together give the whole tensor;
+    replicated kv heads are the ones each rank's queries read (query head h reads kv head h // group)."""
+    config = ModelConfig(architecture="qwen2", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=1,
+                         num_heads=8, num_kv_heads=2, head_dim=4)
+    for tp in (2, 4):
+        shard_shapes = rank_shapes(config, tp)
+        for name, shape in config.checkpoint_shapes().items():
+            whole = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+            parts = [shard(name, whole, config, tp, rank) for rank in range(tp)]
+            assert all(tuple(p.shape) == shard_shapes[name] for p in parts), name
+            if "k_proj" in name or "v_proj" in name:
+                group = config.num_heads // config.num_kv_heads
+                for rank, part in enumerate(parts):
+                    first_query = rank * config.num_heads // tp
+                    kv = first_query // group
+                    assert torch.equal(part, whole[kv * 4 : (kv + shard_config(config, tp).num_kv_heads) * 4]), (name, rank)
+            elif any(key in name for key in ("q_proj", "gate_proj", "up_proj", "embed_tokens", "lm_head")):
+                assert torch.equal(torch.cat(parts, dim=0), whole)
+            elif "o_proj" in name or "down_proj" in name:
+                assert torch.equal(torch.cat(parts, dim=1), whole)
+            else:
+                assert all(torch.equal(p, whole) for p in parts)
+            assert shard_shape(name, shape, tp, shard_config(config, tp).num_kv_heads, 4) == shard_shapes[name]
+
+
+def test_a_model_that_cannot_split_is_one_clear_error(tmp_path, tokenizer_files) -> None:
+    directory = write_hf_checkpoint(tmp_path / "odd", random_model(hf_config("qwq"), seed=1), tokenizer_files)  # 10 heads
+    with pytest.raises(QwenError, match=r"cannot run with --tp 4: attention heads 10 is not divisible by tp=4"):
+        qwen_engine.load(directory, dtype="float32", tensor_parallel=4)
+    with pytest.raises(QwenError, match="--quant none"):
+        qwen_engine.load(directory, dtype="float32", tensor_parallel=2, quant="int8")
+
+
+def test_a_worker_that_dies_is_one_clear_error(tmp_path, tokenizer_files) -> None:
+    directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen1.5"), seed=2), tokenizer_files)
+    split = qwen_engine.load(directory, dtype="float32", tensor_parallel=2)
+    try:
+        split.generate(PROMPT, max_tokens=2)
+        split._ranks.processes[0].kill()
+        split._ranks.processes[0].wait(10)
+        started = time.monotonic()
+        with pytest.raises(QwenError, match="tensor-parallel rank"):
+            split.generate(PROMPT, max_tokens=2)
+        assert time.monotonic() - started < 30
+    finally:
+        split.close()
