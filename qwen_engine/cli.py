@@ -214,10 +214,15 @@ def _load_options(args: argparse.Namespace) -> dict[str, Any]:
             "progress": sys.stderr.isatty(), "tensor_parallel": args.tp}
 
 
+_LOADED: list[Any] = []  # models this command loaded: closed when it ends (tensor-parallel workers stop)
+
+
 def _load(args: argparse.Namespace) -> Any:
     from .llm import load
 
-    return load(args.model, **_load_options(args))
+    model = load(args.model, **_load_options(args))
+    _LOADED.append(model)
+    return model
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -629,7 +634,11 @@ COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "transcribe": cmd_transc
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        try:
+            COMMANDS[args.command](args)
+        finally:
+            while _LOADED:
+                _LOADED.pop().close()
     except QwenError as err:
         if args.debug:
             raise

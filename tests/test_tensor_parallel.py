@@ -116,3 +116,39 @@ def test_a_worker_that_dies_is_one_clear_error(tmp_path, tokenizer_files) -> Non
         assert time.monotonic() - started < 30
     finally:
         split.close()
+
+
+def test_qwen_generate_and_serve_at_tp_2(tmp_path, tokenizer_files, capsys) -> None:
+    """`qwen generate --tp 2` prints what one process prints; `qwen serve`'s engine on a tp 2 model answers the
+    openai client, 8 streams at once, each with the greedy text of one process."""
+    import concurrent.futures
+
+    from test_server import NAME, Running
+
+    from qwen_engine import cli
+
+    directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen2.5-0.5b"), seed=5), tokenizer_files)
+    options = ["generate", "--model", str(directory), "--dtype", "float32", "--max-tokens", "8", "--temperature", "0",
+               "Hello there"]
+    assert cli.main(options) == 0
+    alone = capsys.readouterr().out
+    assert cli.main([*options, "--tp", "2"]) == 0
+    assert capsys.readouterr().out == alone
+    one = qwen_engine.load(directory, dtype="float32")
+    prompts = [f"Count to {n}:" for n in range(8)]
+    expected = [one.chat([{"role": "user", "content": p}], max_tokens=10, temperature=0).text for p in prompts]
+    split = qwen_engine.load(directory, dtype="float32", tensor_parallel=2)
+    running = Running(split)
+    try:
+        client = running.client()
+
+        def stream(prompt: str) -> str:
+            chunks = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
+                                                    max_tokens=10, temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(stream, prompts)) == expected
+    finally:
+        running.close()
+        split.close()
