@@ -33,6 +33,7 @@ from .model.parallel import TensorParallel
 
 START_TIMEOUT_S = 120  # joining the group and loading a shard
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)  # a rank that stops answering fails the step instead of hanging it
+IDLE_TIMEOUT = timedelta(days=30)  # torchrun workers wait this long for rank 0's next message
 
 
 def free_port() -> int:
@@ -58,11 +59,11 @@ def rank_threads(size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // size)
 
 
-class LocalRanks:
-    """Ranks 1…N−1 as rank 0's runners reach them (engine/runner.py's `Ranks`)."""
+class _Ranks:
+    """Ranks 1…N−1 as rank 0's runners reach them (engine/runner.py's `Ranks`); subclasses say how a message
+    travels."""
 
-    def __init__(self, processes: list[subprocess.Popen], pipes: list[Connection]) -> None:
-        self.processes, self.pipes = processes, pipes
+    def __init__(self) -> None:
         self._ids = itertools.count()
         self._dropped: list[int] = []  # caches whose runner is gone: freed with the next message
         self._closed = False
@@ -82,24 +83,45 @@ class LocalRanks:
 
     def _send(self, message: tuple) -> None:
         dropped, self._dropped = self._dropped, []
-        for rank, pipe in enumerate(self.pipes, start=1):
-            try:
-                pipe.send((message, dropped))
-            except (BrokenPipeError, ConnectionError, OSError):
-                raise QwenError(f"tensor-parallel rank {rank} has stopped (its process exited); load the model again") from None
+        self._deliver((message, dropped))
+
+    def _deliver(self, payload: tuple) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
-        """Stop every worker (politely, then by force after a few seconds)."""
+        """Stop every worker, once."""
         if self._closed:
             return
         self._closed = True
-        for pipe in self.pipes:
-            try:
-                pipe.send((("stop",), []))
-            except (BrokenPipeError, ConnectionError, OSError):
-                pass
+        try:
+            self._deliver((("stop",), []))
+        except QwenError:  # a worker already gone
+            pass
+        self._stopped()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+    def _stopped(self) -> None:
+        """After the stop message: wait for the workers where this process owns them."""
+
+
+class LocalRanks(_Ranks):
+    """Workers this process started, one connection each."""
+
+    def __init__(self, processes: list[subprocess.Popen], pipes: list[Connection]) -> None:
+        super().__init__()
+        self.processes, self.pipes = processes, pipes
+
+    def _deliver(self, payload: tuple) -> None:
+        for pipe in self.pipes:
+            try:
+                pipe.send(payload)
+            except (BrokenPipeError, ConnectionError, OSError):
+                raise QwenError(f"tensor-parallel rank {pipe.rank} has stopped (its process exited); load the model "
+                                "again") from None
+
+    def _stopped(self) -> None:
+        """Politely, then by force after a few seconds."""
         deadline = time.monotonic() + 10
         for process in self.processes:
             try:
@@ -107,6 +129,74 @@ class LocalRanks:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+
+
+class LaunchedRanks(_Ranks):
+    """Ranks torchrun started beside this one (possibly on other machines): messages are broadcast over a gloo group
+    of their own, whose timeout allows a server's idle hours."""
+
+    def __init__(self, control: Any) -> None:
+        super().__init__()
+        self.control = control
+
+    def _deliver(self, payload: tuple) -> None:
+        try:
+            dist.broadcast_object_list([payload], src=0, group=self.control)
+        except RuntimeError as err:
+            raise QwenError(f"a tensor-parallel rank has stopped ({str(err).splitlines()[0][:200]})") from None
+
+
+def launched() -> tuple[int, int] | None:
+    """(rank, world size) when torchrun started this process (its environment says so), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def join_launched(size: int, device: torch.device, load_rank: Any) -> tuple[LaunchedRanks, TensorParallel]:
+    """Under torchrun: join its group (env://). Rank 0 returns to serve; every other rank loads its shard and runs
+    the steps rank 0 broadcasts until told to stop, then exits the process (it never runs the command itself)."""
+    rank, world = launched()
+    if world != size:
+        raise QwenError(f"torchrun started {world} processes but --tp is {size}; give --tp {world}")
+    here = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank))) if device.type == "cuda" else device
+    dist.init_process_group("nccl" if here.type == "cuda" else "gloo", init_method="env://", timeout=COLLECTIVE_TIMEOUT)
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    parallel = TensorParallel(size, rank)
+    if rank == 0:
+        return LaunchedRanks(control), parallel
+    decoder = load_rank(parallel, here)
+
+    def receive() -> tuple:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        return box[0]
+
+    try:
+        run_steps(decoder, receive)
+    finally:
+        dist.destroy_process_group()
+    sys.exit(0)
+
+
+def run_steps(decoder: Any, receive: Any) -> None:
+    """A worker's loop: allocate and free KV caches, run forwards, as rank 0's messages say, until "stop" or until
+    rank 0 is gone (`receive` raises)."""
+    caches: dict[int, PagedKVCache] = {}
+    while True:
+        try:
+            message, dropped = receive()
+        except (EOFError, ConnectionError, OSError, RuntimeError):  # rank 0 has exited
+            return
+        for cache_id in dropped:
+            caches.pop(cache_id, None)
+        if message[0] == "stop":
+            return
+        if message[0] == "cache":
+            caches[message[1]] = PagedKVCache(decoder.shard, message[2], decoder.dtype, decoder.device)
+        else:
+            with torch.inference_mode():
+                execute(decoder, caches.get(message[1]) if message[1] is not None else None, message[2])
 
 
 def spawn(size: int, device: torch.device, load_rank: Any) -> tuple[LocalRanks, TensorParallel]:
@@ -195,22 +285,8 @@ def _worker(rank: int, address: str, authkey: bytes) -> None:
         pipe.send(f"{type(err).__name__}: {err}")
         return
     pipe.send("ready")
-    caches: dict[int, PagedKVCache] = {}
     try:
-        while True:
-            try:
-                message, dropped = pipe.recv()
-            except (EOFError, ConnectionError, OSError):  # rank 0 has exited
-                return
-            for cache_id in dropped:
-                caches.pop(cache_id, None)
-            if message[0] == "stop":
-                return
-            if message[0] == "cache":
-                caches[message[1]] = PagedKVCache(decoder.shard, message[2], decoder.dtype, decoder.device)
-            else:
-                with torch.inference_mode():
-                    execute(decoder, caches.get(message[1]) if message[1] is not None else None, message[2])
+        run_steps(decoder, pipe.recv)
     finally:
         dist.destroy_process_group()
 

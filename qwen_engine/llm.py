@@ -50,7 +50,7 @@ from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
 
 if TYPE_CHECKING:
-    from .distributed import LocalRanks
+    from .distributed import LaunchedRanks, LocalRanks
 
 # Tokens that end a turn in every Qwen chat format, whatever the checkpoint declares as eos (qwen-family.md §1.7,
 # §8.2): v1's chat stop words are <|im_end|> and <|im_start|>.
@@ -138,7 +138,7 @@ class Model:
         load_s: float,
         vision: VisionTower | None = None,
         audio: AudioEncoder | None = None,
-        ranks: LocalRanks | None = None,
+        ranks: LocalRanks | LaunchedRanks | None = None,
     ) -> None:
         self.decoder = decoder
         self.config = decoder.config
@@ -420,16 +420,19 @@ def load(
     if not isinstance(tensor_parallel, int) or tensor_parallel < 1:
         raise QwenError(f"tensor_parallel must be an integer ≥ 1 (got {tensor_parallel!r})")
     if tensor_parallel > 1:
-        from .distributed import rank_device, rank_threads, spawn
+        from .distributed import join_launched, launched, rank_device, rank_threads, spawn
 
         if quant not in (None, "none"):
             raise QwenError(f"--tp runs the float formats for now (the CPU block formats are not sharded yet): drop "
                             f"--quant {quant} or give --quant none")
         chosen_quant = "none"
         check_split(checkpoint.config, tensor_parallel)
-        torch.set_num_threads(rank_threads(tensor_parallel))
-        ranks, parallel = spawn(tensor_parallel, chosen_device,
-                                partial(_load_rank, str(checkpoint.path), rope_scaling, chosen_dtype))
+        load_rank = partial(_load_rank, str(checkpoint.path), rope_scaling, chosen_dtype)
+        if launched() is not None:  # torchrun's processes, on this machine or several
+            ranks, parallel = join_launched(tensor_parallel, chosen_device, load_rank)
+        else:
+            torch.set_num_threads(rank_threads(tensor_parallel))
+            ranks, parallel = spawn(tensor_parallel, chosen_device, load_rank)
         try:
             decoder = load_decoder(checkpoint, chosen_dtype, rank_device(chosen_device, 0), "none", progress, parallel)
         except BaseException:

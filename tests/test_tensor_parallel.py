@@ -152,3 +152,29 @@ def test_qwen_generate_and_serve_at_tp_2(tmp_path, tokenizer_files, capsys) -> N
     finally:
         running.close()
         split.close()
+
+
+def test_torchrun_gives_what_tp_2_gives(tmp_path, tokenizer_files, capsys) -> None:
+    """`torchrun --nproc-per-node 2 -m qwen_engine generate --tp 2 …`: the launched ranks join torchrun's group
+    instead of starting workers; rank 0 prints what one process prints, rank 1 only runs forwards."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from qwen_engine import cli
+
+    directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen1.5"), seed=6), tokenizer_files)
+    options = ["generate", "--model", str(directory), "--dtype", "float32", "--max-tokens", "8", "--temperature", "0",
+               "Hello there"]
+    assert cli.main(options) == 0
+    alone = capsys.readouterr().out
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwen_engine", *options,
+                           "--tp", "2"], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == alone
+    wrong = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwen_engine", *options,
+                            "--tp", "4"], capture_output=True, text=True, timeout=240)
+    assert wrong.returncode != 0 and "torchrun started 2 processes but --tp is 4; give --tp 2" in wrong.stderr
