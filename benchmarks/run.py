@@ -20,8 +20,6 @@ STARTED = time.perf_counter()  # before any heavy import: "start to first token"
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import resource  # noqa: E402
 import statistics  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -29,16 +27,13 @@ import tempfile  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from results import RESULTS, update_section  # noqa: E402  (benchmarks/results.py, beside this script)
+from harness import machine, peak_rss_mb  # noqa: E402  (benchmarks/harness.py, beside this script)
+from results import RESULTS, update_section  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "data" / "corpus.md"
 ENGINES = ("qwen-engine", "transformers-bf16", "llama.cpp")
 METRICS = ("start_to_first_token_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_qwen(args: argparse.Namespace) -> dict:
@@ -171,14 +166,6 @@ def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f" {f}" in flags]
-    return f"{model}; {len(__import__('os').sched_getaffinity(0))} cores usable; {', '.join(features)}; Python {platform.python_version()}"
 
 
 def versions() -> str:

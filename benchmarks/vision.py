@@ -25,18 +25,17 @@ STARTED = time.perf_counter()  # before any heavy import: "start to first token"
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import os  # noqa: E402
 import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
 
-from results import RESULTS, update_section  # noqa: E402  (benchmarks/results.py, beside this script)
-from run import machine, peak_rss_mb  # noqa: E402
+from harness import (  # noqa: E402  (benchmarks/harness.py, beside this script)
+    DEFAULT, REFERENCE, SeededWeights, alternate, arguments, build_variant, encode_twice, errors, machine, median,
+    output_path, peak_rss_mb, spawn, variant_table, work)
+from results import update_section  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -45,8 +44,6 @@ if TYPE_CHECKING:
     from qwen_engine.config import VisionConfig
 
 HERE = Path(__file__).resolve().parent
-DEFAULT = "qwen-engine bfloat16"
-REFERENCE = "reference float32"
 VARIANTS = (DEFAULT, "qwen-engine float32", "qwen-engine q8_0", "qwen-engine int8", REFERENCE, "reference bfloat16")
 TTFT = "one-image chat"
 EPS = 1e-6  # every LayerNorm of the tower (§6.2)
@@ -61,27 +58,15 @@ def tower_config(layers: int) -> VisionConfig:
 
 
 def random_weights(config: VisionConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's `transformer.visual.*` tensors (prefix stripped), seeded, in bfloat16; one at a time, so a
-    caller keeping them in another dtype peaks at its own size. Projections have std 1/√fan-in (unit-sized
-    activations through all the layers), LayerNorms weights near 1; `pos_embed` is the sin-cos table it stores."""
+    """The checkpoint's `transformer.visual.*` tensors (prefix stripped), as SeededWeights makes them; `pos_embed`
+    is the sin-cos table it stores."""
     import torch
 
     from qwen_engine.model.vision import sincos_table
 
-    g = torch.Generator().manual_seed(SEED)
+    seeded = SeededWeights(SEED)
+    normal, norm, linear = seeded.normal, seeded.norm, seeded.linear
     w, d, m = config.width, config.output_dim, config.mlp_width
-
-    def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std + mean).to(torch.bfloat16)
-
-    def norm(prefix: str, size: int) -> Iterator[tuple[str, torch.Tensor]]:
-        yield f"{prefix}.weight", normal(size, std=0.1, mean=1.0)
-        yield f"{prefix}.bias", normal(size, std=0.1)
-
-    def linear(prefix: str, rows: int, columns: int, bias: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-        yield f"{prefix}.weight", normal(rows, columns, std=columns ** -0.5)
-        if bias:
-            yield f"{prefix}.bias", normal(rows, std=0.02)
 
     patch = config.patch_size
     yield "conv1.weight", normal(w, 3, patch, patch, std=(3 * patch * patch) ** -0.5)
@@ -180,41 +165,17 @@ def worker_tower(args: argparse.Namespace) -> dict:
     import torch
 
     from qwen_engine.images import pixels
+    from qwen_engine.model.vision import VisionTower
 
     config = tower_config(args.layers)
-    kind, _, fmt = args.worker.partition(" ")
     image = pixels(test_image())[None]
     t0 = time.perf_counter()
-    if kind == "reference":
-        dtype = getattr(torch, fmt)
-        weights = {name: tensor.to(dtype) for name, tensor in random_weights(config)}
-
-        def encode(pixels: torch.Tensor) -> torch.Tensor:
-            return reference_tower(weights, config, pixels)
-        tensors = list(weights.values())
-    else:
-        from qwen_engine.llm import keep_temporaries_in_heap
-        from qwen_engine.model.quantized import quantize_modules
-        from qwen_engine.model.vision import VisionTower
-
-        dtype = torch.float32 if fmt == "float32" else torch.bfloat16
-        with torch.device("meta"):  # as qwen_engine.load builds it
-            tower = VisionTower(config)
-        tower.load_state_dict({name: tensor.to(dtype) for name, tensor in random_weights(config)}, assign=True)
-        if fmt in ("q8_0", "int8"):
-            quantize_modules(tower, tower_plan(config, fmt))
-        encode = tower.eval()
-        tensors = list(tower.state_dict().values())
-        keep_temporaries_in_heap()  # as qwen_engine.load ends
+    encode, tensors = build_variant(args.worker, lambda: random_weights(config),
+                                    lambda weights, pixels: reference_tower(weights, config, pixels),
+                                    lambda: VisionTower(config), lambda fmt: tower_plan(config, fmt))
     build_s = time.perf_counter() - t0
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        encode(image)
-        first_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = encode(image)
-        image_s = time.perf_counter() - t0
-    torch.save(out[0].float(), args.scratch / f"{args.worker.replace(' ', '-')}.pt")
+    out, first_s, image_s = encode_twice(encode, image)
+    torch.save(out[0].float(), output_path(args.scratch, args.worker))
     return {"image_s": image_s, "first_image_s": first_s, "build_s": build_s, "peak_rss_mb": peak_rss_mb(),
             "weights_mb": sum(t.nbytes for t in tensors) / 2**20}
 
@@ -243,71 +204,23 @@ def write_tiny_qwen_vl(directory: Path) -> None:
     test_image().save(directory / "picture.png")
 
 
-def spawn(args: argparse.Namespace, job: str) -> dict:
-    """A worker in a fresh process, with the run's own cache (converted weights, compiled kernels)."""
-    from qwen_engine.cache_dir import CACHE_ENV
-
-    command = [sys.executable, __file__, "--worker", job, "--layers", str(args.layers), "--threads", str(args.threads),
-               "--scratch", str(args.scratch)]
-    env = {**os.environ, CACHE_ENV: str(args.scratch / "cache")}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=3600, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"{job} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def errors(scratch: Path) -> dict[str, dict[str, float]]:
-    """Each variant's output against the float32 reference's, on the same image."""
-    import torch
-
-    def output(variant: str) -> torch.Tensor:
-        return torch.load(scratch / f"{variant.replace(' ', '-')}.pt")
-
-    exact = output(REFERENCE)
-    found = {}
-    for variant in VARIANTS:
-        difference = output(variant) - exact
-        found[variant] = {"max_abs": difference.abs().max().item(),
-                          "max_abs_relative": (difference.abs().max() / exact.abs().max()).item(),
-                          "norm_relative": (difference.norm() / exact.norm()).item()}
-    return found
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=48, help="tower layers (48: the real size; fewer for quick runs)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument("--worker", choices=(*VARIANTS, TTFT))
-    parser.add_argument("--scratch", type=Path, help="(worker) the run's temporary directory")
-    args = parser.parse_args()
+    args = arguments(__doc__, 48, "tower", (*VARIANTS, TTFT))
     if args.worker:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print(json.dumps(worker_ttft(args) if args.worker == TTFT else worker_tower(args)))
+        work(args, worker_ttft if args.worker == TTFT else worker_tower)
         return
 
     args.scratch = Path(tempfile.mkdtemp(prefix="qwen-vision-bench-"))
     try:
         write_tiny_qwen_vl(args.scratch / "qwen-vl-chat")
-        spawn(args, TTFT)  # converts the tiny checkpoint and builds the kernels once: a user's second start
-        runs: dict[str, list[dict]] = {job: [] for job in (*VARIANTS, TTFT)}
-        for round_ in range(args.rounds):
-            for job in (*VARIANTS, TTFT) if round_ % 2 == 0 else (TTFT, *VARIANTS[::-1]):
-                runs[job].append(spawn(args, job))
-                print(f"round {round_ + 1}: {job} {runs[job][-1]}", file=sys.stderr)
-        found = errors(args.scratch)
+        spawn(__file__, args, TTFT)  # converts the tiny checkpoint and builds the kernels once: a user's second start
+        runs = alternate((*VARIANTS, TTFT), args.rounds, lambda job: spawn(__file__, args, job))
+        found = errors(args.scratch, VARIANTS)
     finally:
         shutil.rmtree(args.scratch, ignore_errors=True)
     text = report(args, runs, found)
     update_section("vision", text, args.output)
     print(text)
-
-
-def median(runs: list[dict], metric: str) -> float:
-    return statistics.median(run[metric] for run in runs)
 
 
 def report(args: argparse.Namespace, runs: dict[str, list[dict]], found: dict[str, dict[str, float]]) -> str:
@@ -334,15 +247,8 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]], found: dict[st
         "- q8_0 and int8: the tower in bfloat16 with its linears (attn.in_proj, attn.out_proj, mlp.c_fc, mlp.c_proj, "
         "attn_pool.kv_proj) replaced by the decoder's formats (quantized.py's `quantize_modules`); build s includes "
         "that conversion.", "",
-        "| variant | s/image | ÷ default | first image (s) | build (s) | weights (MB) | peak RSS (MB) | max abs err | max err ÷ max | rel. err (norm) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *variant_table(runs, found, VARIANTS, "image"),
     ]
-    for variant in VARIANTS:
-        r, e = runs[variant], found[variant]
-        name = f"{variant} (default)" if variant == DEFAULT else variant
-        lines.append(f"| {name} | {median(r, 'image_s'):.3f} | {median(r, 'image_s') / default_s:.2f} | "
-                     f"{median(r, 'first_image_s'):.3f} | {median(r, 'build_s'):.1f} | {median(r, 'weights_mb'):.0f} | "
-                     f"{median(r, 'peak_rss_mb'):.0f} | {e['max_abs']:.2e} | {e['max_abs_relative']:.2e} | {e['norm_relative']:.2e} |")
     verdict = "; ".join(
         f"{fmt}: {median(runs[f'qwen-engine {fmt}'], 'image_s') / default_s:.2f}× the time, "
         f"{found[f'qwen-engine {fmt}']['norm_relative'] / found[DEFAULT]['norm_relative']:.1f}× the error" for fmt in ("q8_0", "int8"))

@@ -37,6 +37,16 @@ def bench_prompt(vocab_size: int, length: int, seed: int = 0) -> list[int]:
     return [rng.randrange(min(vocab_size, 151_643)) for _ in range(length)]
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory: VmHWM (ru_maxrss is carried across exec, so a process started by a large
+    one would report at least its parent's peak), else ru_maxrss where there is no /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_bench(
     model: str | Path = "default",
     prompt_tokens: int = 660,
@@ -60,7 +70,7 @@ def run_bench(
         decode_tok_s=timings.decode_tok_s,
         prompt_tokens=prompt_tokens,
         gen_tokens=len(result.token_ids),
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mb=peak_rss_mb(),
         quant=m.quant,
         dtype=str(m.dtype).removeprefix("torch."),
     )
