@@ -19,6 +19,7 @@ from .config import ModelConfig, RopeScaling
 from .default_model import default_model_path
 from .sampling_params import SamplingDefaults, SamplingParams
 from .errors import QwenError
+from .sharding import RankSlices
 from .tokenizer import AUDIO_TOKENS, VL_IMAGE_TOKENS, Tokenizer
 from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
 from .weights.safetensors import load_weights, read_json, shard_files, stored_dtypes
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .weights.quants import BlockCodes
 
 Progress = Callable[[Iterator], Iterator]
+
 
 
 @dataclass(slots=True)
@@ -97,9 +99,10 @@ class Checkpoint(ABC):
 
     @abstractmethod
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
-                placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                placeholders: frozenset[str] = frozenset(), shard: RankSlices | None = None) -> dict[str, torch.Tensor]:
         """Every tensor under its HF name; `placeholders` may come back as meta tensors (not read) where the format
-        lets a caller read them another way (`stored_blocks`, `stored_rows`)."""
+        lets a caller read them another way (`stored_blocks`, `stored_rows`); `shard` keeps a rank's slice of each
+        (taken as each tensor is read, so a rank never holds the whole model)."""
 
     def info(self) -> ModelInfo:
         return ModelInfo(str(self.path), self.format, self.config, self.tensor_types(), self.chat_template_source is not None,
@@ -153,8 +156,10 @@ class GGUFSource(Checkpoint):
         return [self.path]
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
-                placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-        return split_fused_qkv(self.gguf.tensors(dtype, device, progress, placeholders))
+                placeholders: frozenset[str] = frozenset(), shard: RankSlices | None = None) -> dict[str, torch.Tensor]:
+        # Unfused tensors split by rows are read row by row from the file (v1's fused attn_qkv is split first).
+        rows = None if shard is None or self.config.architecture == "qwen" else shard.rows
+        return self.gguf.tensors(dtype, device, progress, placeholders, _each(lambda name: name, shard), rows)
 
 
 class HFSource(Checkpoint):
@@ -209,16 +214,24 @@ class HFSource(Checkpoint):
         return [self.path / "config.json", *shard_files(self.path)]
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
-                placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+                placeholders: frozenset[str] = frozenset(), shard: RankSlices | None = None) -> dict[str, torch.Tensor]:
         """The decoder's tensors (a Qwen-VL tower's and a Qwen-Audio encoder's are `encoder_tensors`)."""
-        loaded = load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES))
-        return split_fused_qkv({self._checkpoint_name(name): tensor for name, tensor in loaded.items()})
+        return load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES),
+                            each=_each(self._checkpoint_name, shard))
 
     def encoder_tensors(self, prefix: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """An encoder's tensors under its module names, `prefix` taken off: Qwen-VL's tower (VISION_PREFIX,
         qwen-family.md §6.2), Qwen-Audio's encoder (AUDIO_PREFIX, §7.2)."""
         loaded = load_weights(self.path, dtype, device, keep=lambda name: name.startswith(prefix))
         return {name[len(prefix):]: tensor for name, tensor in loaded.items()}
+
+
+def _each(rename: Callable[[str], str], shard: RankSlices | None) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A stored tensor under its HF name(s), v1's fused c_attn split into q/k/v, each part cut to the rank's slice."""
+    def each(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = split_fused_qkv({rename(name): tensor})
+        return parts if shard is None else {part: shard(part, piece) for part, piece in parts.items()}
+    return each
 
 
 VISION_PREFIX = "transformer.visual."  # Qwen-VL's tower in a v1 checkpoint

@@ -619,12 +619,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     sys.stderr.write(f"qwen: serving {server.name} on http://{args.host}:{args.port}/v1 "
                      f"({stats['kv_blocks_total']} KV blocks, {stats['capacity_tokens']:,} tokens)\n")
     try:
-        engine.run_forever(keep_going=http_thread.is_alive)
+        engine.run_forever(keep_going=lambda: http_thread.is_alive() and engine.runner.alive)
     except KeyboardInterrupt:
         pass
     finally:
         http.should_exit = True
         http_thread.join(timeout=10)
+    if not engine.runner.alive:
+        raise QwenError("a tensor-parallel rank has stopped, so this server stopped too; start it again")
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "transcribe": cmd_transcribe, "info": cmd_info, "bench": cmd_bench, "perplexity": cmd_perplexity,

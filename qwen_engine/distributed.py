@@ -101,6 +101,11 @@ class _Ranks:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    @property
+    def alive(self) -> bool:
+        """Every rank still there, as far as this process can tell."""
+        return not self._closed
+
     def _stopped(self) -> None:
         """After the stop message: wait for the workers where this process owns them."""
 
@@ -111,6 +116,10 @@ class LocalRanks(_Ranks):
     def __init__(self, processes: list[subprocess.Popen], pipes: list[Connection]) -> None:
         super().__init__()
         self.processes, self.pipes = processes, pipes
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and all(process.poll() is None for process in self.processes)
 
     def _deliver(self, payload: tuple) -> None:
         for pipe in self.pipes:
@@ -143,6 +152,7 @@ class LaunchedRanks(_Ranks):
         try:
             dist.broadcast_object_list([payload], src=0, group=self.control)
         except RuntimeError as err:
+            self._closed = True  # a peer is gone: nothing more can run
             raise QwenError(f"a tensor-parallel rank has stopped ({str(err).splitlines()[0][:200]})") from None
 
 

@@ -45,7 +45,7 @@ from .model.vision import VisionTower
 from .prompt import MediaItem, Prompt
 from .results import Completion, Delta, GenerationResult
 from .sampling_params import MAX_TOP_LOGPROBS, SamplingParams
-from .sharding import check_split, shard
+from .sharding import RankSlices, check_split
 from .tokenizer import Tokenizer
 from .weights.converted import converted_path, load_converted, save_converted
 
@@ -471,11 +471,9 @@ def load_decoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.devic
     parallelism one rank's shard of it (the float formats only, for now)."""
     with torch.device("meta"):
         decoder = QwenDecoder(checkpoint.config, parallel)
-    if parallel is not None:  # a rank's shard, from the whole tensors (memory-mapped where the file allows)
-        tensors = checkpoint.tensors(dtype, device)
-        decoder.load_weights({name: shard(name, tensor, checkpoint.config, parallel.size, parallel.rank)
-                              for name, tensor in tensors.items()}, source=str(checkpoint.path))
-        del tensors
+    if parallel is not None:  # a rank's shard, each tensor cut as it is read
+        slices = RankSlices(checkpoint.config, parallel.size, parallel.rank)
+        decoder.load_weights(checkpoint.tensors(dtype, device, shard=slices), source=str(checkpoint.path))
         return decoder.eval()  # the native decoding step runs one process's layers: not under --tp yet
     cache = None  # converted weights are cached for the CPU formats (pick_quant allows them there only)
     if quant != "none":

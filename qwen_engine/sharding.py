@@ -9,6 +9,7 @@ so what the planner promises is what a rank holds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .errors import QwenError
@@ -75,22 +76,41 @@ def rank_shapes(config: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
     return {name: shard_shape(name, shape, tp, kv, config.head_dim) for name, shape in config.checkpoint_shapes().items()}
 
 
-def shard(name: str, tensor: torch.Tensor, config: ModelConfig, tp: int, rank: int) -> torch.Tensor:
-    """Rank `rank`'s slice of a decoder tensor (HF name), copied out: from a memory-mapped file only the slice is
-    read into memory."""
-    if tp == 1:
+@dataclass(frozen=True)
+class RankSlices:
+    """What rank `rank` of `tp` keeps of each decoder tensor (HF names): a loader cuts tensors with it as it reads
+    them, so a rank never holds the whole model."""
+
+    config: ModelConfig
+    tp: int
+    rank: int
+
+    def rows(self, name: str, total: int) -> tuple[int, int] | None:
+        """(first row, rows) where the rank keeps a block of whole rows of a tensor of `total` rows (q/k/v, gate/up,
+        the vocabulary): a quantized file's rows can then be read alone. None where it keeps other parts."""
+        if self.tp == 1:
+            return None
+        if any(part in name for part in KV_PROJECTIONS):
+            d, count = self.config.head_dim, kv_heads_per_rank(self.config.num_kv_heads, self.tp)
+            return first_kv_head(self.config.num_kv_heads, self.tp, self.rank) * d, count * d
+        if any(part in name for part in COLUMN_PARALLEL):
+            return self.rank * (total // self.tp), total // self.tp
+        return None
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The rank's part of a whole tensor, copied out (from a memory-mapped file only that part is read)."""
+        rows = self.rows(name, tensor.shape[0])
+        if rows is not None:
+            return tensor.narrow(0, *rows).clone()
+        if self.tp > 1 and any(part in name for part in ROW_PARALLEL):
+            columns = tensor.shape[1] // self.tp
+            return tensor.narrow(1, self.rank * columns, columns).clone()
         return tensor
-    if any(part in name for part in KV_PROJECTIONS):
-        d, count = config.head_dim, kv_heads_per_rank(config.num_kv_heads, tp)
-        first = first_kv_head(config.num_kv_heads, tp, rank)
-        return tensor.narrow(0, first * d, count * d).clone()
-    if any(part in name for part in COLUMN_PARALLEL):
-        rows = tensor.shape[0] // tp
-        return tensor.narrow(0, rank * rows, rows).clone()
-    if any(part in name for part in ROW_PARALLEL):
-        columns = tensor.shape[1] // tp
-        return tensor.narrow(1, rank * columns, columns).clone()
-    return tensor
+
+
+def shard(name: str, tensor: torch.Tensor, config: ModelConfig, tp: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s part of a whole decoder tensor (HF name)."""
+    return RankSlices(config, tp, rank)(name, tensor)
 
 
 def shard_config(config: ModelConfig, tp: int) -> ModelConfig:

@@ -172,6 +172,7 @@ class ScriptedDecoder(torch.nn.Module):
     def __init__(self, config, script: list[int], prompt_length: int) -> None:
         super().__init__()
         self.config, self.script, self.prompt_length = config, script, prompt_length
+        self.shard = config  # one process: the whole model's shapes (the KV cache follows them)
         self.dtype, self.device = torch.bfloat16, torch.device("cpu")
         self.rotary = RotaryEmbedding(config)
 

@@ -104,17 +104,25 @@ def test_a_model_that_cannot_split_is_one_clear_error(tmp_path, tokenizer_files)
 
 
 def test_a_worker_that_dies_is_one_clear_error(tmp_path, tokenizer_files) -> None:
+    """The next call fails at once with one clear error (no hang), and a server on the model says 503 on /health."""
+    import httpx
+    from test_server import Running
+
     directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen1.5"), seed=2), tokenizer_files)
     split = qwen_engine.load(directory, dtype="float32", tensor_parallel=2)
+    running = Running(split)
     try:
         split.generate(PROMPT, max_tokens=2)
+        assert httpx.get(running.url + "/health").status_code == 200
         split._ranks.processes[0].kill()
         split._ranks.processes[0].wait(10)
         started = time.monotonic()
         with pytest.raises(QwenError, match="tensor-parallel rank"):
             split.generate(PROMPT, max_tokens=2)
         assert time.monotonic() - started < 30
+        assert httpx.get(running.url + "/health").status_code == 503
     finally:
+        running.close()
         split.close()
 
 
@@ -178,3 +186,4 @@ def test_torchrun_gives_what_tp_2_gives(tmp_path, tokenizer_files, capsys) -> No
     wrong = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwen_engine", *options,
                             "--tp", "4"], capture_output=True, text=True, timeout=240)
     assert wrong.returncode != 0 and "torchrun started 2 processes but --tp is 4; give --tp 2" in wrong.stderr
+

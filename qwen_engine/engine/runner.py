@@ -39,6 +39,11 @@ class Ranks(Protocol):
         """Have every rank run `step` (on that cache; None: a forward without one) in step with this one."""
         ...
 
+    @property
+    def alive(self) -> bool:
+        """Every rank still there."""
+        ...
+
 
 @dataclass
 class Step:
@@ -99,6 +104,11 @@ class ModelRunner:
         self._lock = lock if lock is not None else contextlib.nullcontext()
         self._ranks = ranks
         self.cache_id = None if ranks is None else ranks.new_cache(num_blocks, self._lock)
+
+    @property
+    def alive(self) -> bool:
+        """Whether forwards can run: always on one process; under tensor parallelism while every rank is there."""
+        return self._ranks is None or self._ranks.alive
 
     def rotary_choice(self, prompt: Prompt) -> RotaryChoice:
         """The rotary frequencies of a sequence with this prompt, for all of its life."""

@@ -314,5 +314,7 @@ class ServingEngine:
 
     @property
     def alive(self) -> bool:
-        """The loop runs (or none was started: the engine is driven by `step()` directly)."""
-        return self._thread is None or (self._thread.is_alive() and not self._stopping)
+        """The loop runs (or none was started: the engine is driven by `step()` directly), and the runner can run
+        forwards (a tensor-parallel rank may be gone)."""
+        looping = self._thread is None or (self._thread.is_alive() and not self._stopping)
+        return looping and self.runner.alive

@@ -128,10 +128,14 @@ class GGUFCheckpoint:
 
     def tensors(
         self, dtype: torch.dtype, device: torch.device, progress: Callable[[Iterator], Iterator] = iter,
-        placeholders: frozenset[str] = frozenset(),
+        placeholders: frozenset[str] = frozenset(), each: Each | None = None,
+        rows: Callable[[str, int], tuple[int, int] | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Every tensor dequantized, cast to `dtype` on `device`, under its HF name; those named in `placeholders`
-        (HF names) become meta tensors of the right shape instead, for a caller that reads them another way."""
+        (HF names) become meta tensors of the right shape instead, for a caller that reads them another way. `each`
+        turns a tensor into the ones kept (a rank's slice, say) before the cast, one tensor at a time; where
+        `rows(name, total)` names a block of rows, only those rows are read and dequantized (a GGUF row is whole
+        blocks), and they are kept as they are."""
         import torch
 
         from .quants import dequantize
@@ -139,13 +143,24 @@ class GGUFCheckpoint:
         loaded = {}
         for entry in progress(self.entries):
             name = hf_name(entry.name)
-            if name in placeholders:
-                loaded[name] = torch.empty(entry.shape, dtype=dtype, device="meta")
+            span = None if rows is None or name in placeholders else rows(name, entry.shape[0])
+            if span is not None:
+                start, count = span
+                row_bytes = entry.nbytes // entry.shape[0]
+                raw = self.data[entry.offset + start * row_bytes : entry.offset + (start + count) * row_bytes]
+                loaded[name] = dequantize(raw, entry.qtype, (count, *entry.shape[1:]), name=entry.name).to(device=device, dtype=dtype)
                 continue
-            raw = self.data[entry.offset : entry.offset + entry.nbytes]
-            weights = dequantize(raw, entry.qtype, entry.shape, name=entry.name)
-            loaded[name] = weights.to(device=device, dtype=dtype)
+            if name in placeholders:
+                weights = torch.empty(entry.shape, dtype=dtype, device="meta")
+            else:
+                weights = dequantize(self.data[entry.offset : entry.offset + entry.nbytes], entry.qtype, entry.shape,
+                                     name=entry.name)
+            for kept, tensor in (each(name, weights) if each is not None else {name: weights}).items():
+                loaded[kept] = tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)
         return loaded
+
+
+Each = Callable[["str", "torch.Tensor"], "dict[str, torch.Tensor]"]  # a loaded tensor → the tensors kept of it
 
 
 @dataclass(slots=True, frozen=True)

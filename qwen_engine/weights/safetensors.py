@@ -82,18 +82,27 @@ def _open_shard(file: Path, framework: str) -> Iterator[Any]:
 def load_weights(
     directory: Path, dtype: torch.dtype, device: torch.device, progress: Callable[[Iterator], Iterator] = iter,
     keep: Callable[[str], bool] = lambda name: True,
+    each: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors whose names `keep` takes (memory-mapped, copied only where dtype or device change:
-    the others are never converted)."""
+    the others are never converted); `each` turns a tensor into the ones kept of it (renamed, a rank's slice)
+    before the cast, one at a time, so only what is kept is ever converted."""
     tensors: dict[str, torch.Tensor] = {}
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        for kept, part in (each(name, tensor) if each is not None else {name: tensor}).items():
+            tensors[kept] = part.to(device=device, dtype=dtype)
+
     for file in progress(shard_files(directory)):
         if file.suffix == ".bin":
-            tensors |= {name: t.to(device=device, dtype=dtype) for name, t in _read_pickle(file).items() if keep(name)}
+            for name, tensor in _read_pickle(file).items():
+                if keep(name):
+                    add(name, tensor)
             continue
         with _open_shard(file, "pt") as shard:
             for name in shard.keys():
                 if keep(name):
-                    tensors[name] = shard.get_tensor(name).to(device=device, dtype=dtype)
+                    add(name, shard.get_tensor(name))
     return tensors
 
 
