@@ -183,6 +183,8 @@ def test_the_multitask_prompts_are_the_originals(qa, audio_dir) -> None:
     assert task_tags("transcribe", "en", "en", False) == "<|startoftranscript|><|en|><|transcribe|><|en|><|notimestamps|><|wo_itn|>"
     assert task_tags("transcribe", "zh", "en", True) == "<|startoftranscript|><|zh|><|transcribe|><|zh|><|timestamps|><|0.00|>"
     assert task_tags("translate", "de", "en", False) == "<|startoftranscript|><|de|><|translate|><|en|><|notimestamps|><|itn|>"
+    assert task_tags("caption", "unknown", "en", False) == ("<|startofanalysis|><|unknown|><|caption|><|en|><|notimestamps|>"
+                                                         "<|caption_clotho|>")
 
 
 def test_the_language_is_the_tag_the_model_weighs_most(qa, audio_dir, monkeypatch) -> None:
