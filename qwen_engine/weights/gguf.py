@@ -5,13 +5,14 @@ Reading the header needs no torch (`qwen info`); torch and the dequantizers are 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -135,29 +136,53 @@ class GGUFCheckpoint:
         (HF names) become meta tensors of the right shape instead, for a caller that reads them another way. `each`
         turns a tensor into the ones kept (a rank's slice, say) before the cast, one tensor at a time; where
         `rows(name, total)` names a block of rows, only those rows are read and dequantized (a GGUF row is whole
-        blocks), and they are kept as they are."""
+        blocks), and they are kept as they are. With `rows` (a tensor-parallel rank) every tensor is read with
+        os.pread rather than through the mapping, so the file's pages do not count against the rank's memory."""
         import torch
 
         from .quants import dequantize
 
         loaded = {}
-        for entry in progress(self.entries):
-            name = hf_name(entry.name)
-            span = None if rows is None or name in placeholders else rows(name, entry.shape[0])
-            if span is not None:
-                start, count = span
-                row_bytes = entry.nbytes // entry.shape[0]
-                raw = self.data[entry.offset + start * row_bytes : entry.offset + (start + count) * row_bytes]
-                loaded[name] = dequantize(raw, entry.qtype, (count, *entry.shape[1:]), name=entry.name).to(device=device, dtype=dtype)
-                continue
-            if name in placeholders:
-                weights = torch.empty(entry.shape, dtype=dtype, device="meta")
-            else:
-                weights = dequantize(self.data[entry.offset : entry.offset + entry.nbytes], entry.qtype, entry.shape,
-                                     name=entry.name)
-            for kept, tensor in (each(name, weights) if each is not None else {name: weights}).items():
-                loaded[kept] = tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)
+        with open(self.path, "rb") if rows is not None else contextlib.nullcontext() as file:
+            for entry in progress(self.entries):
+                name = hf_name(entry.name)
+                span = None if rows is None or name in placeholders else rows(name, entry.shape[0])
+                if span is not None:
+                    loaded[name] = self._read_rows(file, entry, *span, dtype, device)
+                    continue
+                if name in placeholders:
+                    weights = torch.empty(entry.shape, dtype=dtype, device="meta")
+                else:
+                    raw = (self.data[entry.offset : entry.offset + entry.nbytes] if file is None
+                           else _pread(file, entry.offset, entry.nbytes))
+                    weights = dequantize(raw, entry.qtype, entry.shape, name=entry.name)
+                for kept, tensor in (each(name, weights) if each is not None else {name: weights}).items():
+                    loaded[kept] = tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)
         return loaded
+
+    def _read_rows(self, file: BinaryIO, entry: TensorEntry, start: int, count: int, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+        """Rows start…start+count−1 of a tensor, read from the file (os.pread: through the page cache, not mapped
+        into this process) and dequantized a piece at a time into `dtype`, so no float32 copy of the whole slice
+        exists at once."""
+        import torch
+
+        from .quants import dequantize
+
+        row_bytes = entry.nbytes // entry.shape[0]
+        out = torch.empty((count, *entry.shape[1:]), dtype=dtype, device=device)
+        for first in range(0, count, ROWS_PER_READ):
+            n = min(ROWS_PER_READ, count - first)
+            raw = _pread(file, entry.offset + (start + first) * row_bytes, n * row_bytes)
+            out[first : first + n] = dequantize(raw, entry.qtype, (n, *entry.shape[1:]), name=entry.name)
+        return out
+
+
+ROWS_PER_READ = 4096  # rows dequantized at once when a rank reads its rows of a tensor
+
+
+def _pread(file: BinaryIO, offset: int, size: int) -> np.ndarray:
+    return np.frombuffer(os.pread(file.fileno(), size, offset), dtype=np.uint8)
 
 
 Each = Callable[["str", "torch.Tensor"], "dict[str, torch.Tensor]"]  # a loaded tensor → the tensors kept of it
