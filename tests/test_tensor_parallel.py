@@ -187,3 +187,34 @@ def test_torchrun_gives_what_tp_2_gives(tmp_path, tokenizer_files, capsys) -> No
                             "--tp", "4"], capture_output=True, text=True, timeout=240)
     assert wrong.returncode != 0 and "torchrun started 2 processes but --tp is 4; give --tp 2" in wrong.stderr
 
+
+
+def test_qwen_serve_at_tp_2_stops_every_rank_on_sigterm(tmp_path, tokenizer_files) -> None:
+    """The real command: it serves, and SIGTERM ends it and its worker promptly, with no process left behind."""
+    import signal
+
+    from serve_command import ServeCommand
+
+    directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen1.5"), seed=8), tokenizer_files)
+    serve = ServeCommand(directory, "--served-model-name", "tiny", "--dtype", "float32", "--tp", "2", "--kv-cache-gb", "0.05")
+    try:
+        workers = [int(pid) for pid in open(f"/proc/{serve.process.pid}/task/{serve.process.pid}/children").read().split()]
+        assert len(workers) == 1
+        reply = serve.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert reply.usage.completion_tokens <= 4
+        serve.process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert serve.process.wait(timeout=30) == 0 and time.monotonic() - sent < 15
+        deadline = time.monotonic() + 10
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_running(pid) for pid in workers)
+    finally:
+        serve.close()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/status").read().split("State:")[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
