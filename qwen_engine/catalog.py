@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from .config import AudioConfig, ModelConfig, VisionConfig
 from .errors import QwenError
 
 DATA = Path(__file__).with_name("data")
@@ -57,9 +57,9 @@ class CatalogEntry:
             shapes = {name: shape for name, shape in shapes.items() if ".mlp." not in name}
             shapes.update(_moe_tensors(self.raw_config))
         if "visual" in self.raw_config:
-            shapes.update(vision_shapes(self.raw_config["visual"]))
+            shapes.update(vision_shapes(VisionConfig.from_dict(self.raw_config["visual"])))
         if "audio" in self.raw_config:
-            shapes.update(audio_shapes(self.raw_config["audio"], self.config.hidden_size))
+            shapes.update(audio_shapes(AudioConfig.from_dict(self.raw_config["audio"]), self.config.hidden_size))
         return shapes
 
     def parameters(self) -> int:
@@ -90,11 +90,10 @@ def _moe_tensors(raw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def vision_shapes(visual: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+def vision_shapes(visual: VisionConfig) -> dict[str, tuple[int, ...]]:
     """Qwen-VL's ViT and resampler (qwen-family.md §6.2)."""
-    width, patch, out = visual["width"], visual["patch_size"], visual["output_dim"]
-    mlp = int(width * visual["mlp_ratio"])
-    queries = visual.get("n_queries", 256)
+    width, patch, out, mlp = visual.width, visual.patch_size, visual.output_dim, visual.mlp_width
+    queries = visual.n_queries
     grid = 16  # the learned 16×16 position table (interpolated to the 32×32 patch grid at 448 px)
     shapes: dict[str, tuple[int, ...]] = {
         "visual.conv1.weight": (width, 3, patch, patch),
@@ -109,7 +108,7 @@ def vision_shapes(visual: dict[str, Any]) -> dict[str, tuple[int, ...]]:
         "visual.ln_post.weight": (out,), "visual.ln_post.bias": (out,),
         "visual.proj": (out, out),
     }
-    for n in range(visual["layers"]):
+    for n in range(visual.layers):
         block = f"visual.transformer.resblocks.{n}."
         shapes.update({
             block + "ln_1.weight": (width,), block + "ln_1.bias": (width,),
@@ -122,19 +121,19 @@ def vision_shapes(visual: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def audio_shapes(audio: dict[str, Any], llm_hidden: int) -> dict[str, tuple[int, ...]]:
+def audio_shapes(audio: AudioConfig, llm_hidden: int) -> dict[str, tuple[int, ...]]:
     """Qwen-Audio's Whisper-style encoder, pooling and projection (qwen-family.md §7.2); the fixed sinusoid
     position table is a buffer, not a parameter, and is left out."""
-    width, mels = audio["n_state"], audio["n_mels"]
+    width, mels = audio.n_state, audio.n_mels
     shapes: dict[str, tuple[int, ...]] = {
         "audio.conv1.weight": (width, mels, 3), "audio.conv1.bias": (width,),
         "audio.conv2.weight": (width, width, 3), "audio.conv2.bias": (width,),
         "audio.ln_post.weight": (width,), "audio.ln_post.bias": (width,),
-        "audio.proj.weight": (audio["output_dim"], width), "audio.proj.bias": (audio["output_dim"],),
+        "audio.proj.weight": (audio.output_dim, width), "audio.proj.bias": (audio.output_dim,),
     }
-    if audio.get("add_audio_bos_eos_token"):
+    if audio.add_audio_bos_eos_token:
         shapes["audio.audio_bos_eos_token.weight"] = (2, llm_hidden)
-    for n in range(audio["n_layer"]):
+    for n in range(audio.n_layer):
         block = f"audio.blocks.{n}."
         shapes.update({
             block + "attn_ln.weight": (width,), block + "attn_ln.bias": (width,),

@@ -409,10 +409,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
         from .catalog import audio_shapes, vision_shapes
     if vision is not None:
-        tower = asdict(vision) | {"parameters": sum(math.prod(shape) for shape in vision_shapes(asdict(vision)).values())}
+        tower = asdict(vision) | {"parameters": sum(math.prod(shape) for shape in vision_shapes(vision).values())}
         facts["vision_tower"] = tower
     if audio is not None:
-        shapes = audio_shapes(asdict(audio), config.hidden_size)
+        shapes = audio_shapes(audio, config.hidden_size)
         encoder = asdict(audio) | {"parameters": sum(math.prod(shape) for shape in shapes.values())}
         facts["audio_encoder"] = encoder
     if args.json:

@@ -10,7 +10,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Self
 
 from .errors import QwenError
 
@@ -69,8 +69,20 @@ class RopeScaling:
             raise QwenError(f"invalid rope scaling {spec!r}: use yarn:FACTOR[:ORIGINAL_CONTEXT][:long], e.g. yarn:4") from None
 
 
+class EncoderConfig:
+    """A multimodal checkpoint's encoder sub-config, read from config.json's dict: keys it does not know (they vary
+    across revisions) are ignored, missing ones take the dataclass defaults."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Self:
+        names = {field.name for field in fields(cls)}
+        return cls(**{key: value for key, value in raw.items() if key in names})
+
+
 @dataclass(frozen=True, slots=True)
-class VisionConfig:
+class VisionConfig(EncoderConfig):
     """config.json's `visual` sub-config; unknown keys are ignored (defaults: Qwen-VL's, §6.1)."""
 
     image_size: int = 448
@@ -82,11 +94,6 @@ class VisionConfig:
     output_dim: int = 4096
     n_queries: int = 256
     image_start_id: int = 151857
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> VisionConfig:
-        names = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in raw.items() if key in names})
 
     @property
     def grid(self) -> int:
@@ -103,7 +110,7 @@ class VisionConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class AudioConfig:
+class AudioConfig(EncoderConfig):
     """config.json's `audio` sub-config (Qwen-Audio's Whisper-large-v2 encoder, pooling and projection); unknown keys
     are ignored (defaults: Qwen-Audio's, qwen-family.md §7.1)."""
 
@@ -116,11 +123,6 @@ class AudioConfig:
     avg_pool: bool = True
     add_audio_bos_eos_token: bool = True
     audio_start_id: int = 155163  # <audio>; </audio> follows it (§7.4)
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> AudioConfig:
-        names = {field.name for field in fields(cls)}
-        return cls(**{key: value for key, value in raw.items() if key in names})
 
 
 @dataclass(slots=True, frozen=True)

@@ -298,8 +298,8 @@ class Model:
                        constraint=constraint, logit_bias=bias)
 
     def _prompt(self, prompt: str | list[int] | Prompt, special: bool) -> Prompt:
-        """A raw prompt as the engine takes it: a string encoded (with `special`, Qwen-VL's list format loads its
-        images), ids as they are."""
+        """A raw prompt as the engine takes it: a string encoded (with `special`, the list formats' `<img>` and
+        `<audio>` spans load their images and clips), ids as they are."""
         if isinstance(prompt, Prompt):
             return prompt
         if not isinstance(prompt, str):

@@ -167,7 +167,7 @@ def test_the_real_config_and_its_shapes() -> None:
     assert sum(p.numel() for p in encoder.parameters()) == 640_119_808
     shapes = {name: tuple(tensor.shape) for name, tensor in encoder.state_dict().items()}
     assert shapes.pop("positional_embedding") == (1500, 1280)  # a persistent buffer: in the state dict, not a parameter
-    catalog = audio_shapes(dataclasses.asdict(config), llm_hidden=config.output_dim)
+    catalog = audio_shapes(config, llm_hidden=config.output_dim)
     assert shapes == {name.removeprefix("audio."): shape for name, shape in catalog.items()}
 
 

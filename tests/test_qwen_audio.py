@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from tiny import AUDIO_VOCAB, TINY_AUDIO, write_qwen_audio
+from tiny import AUDIO_VOCAB, TINY_AUDIO, assert_cli_chat_gives_the_librarys_reply, encoder_info, write_qwen_audio
 
 import qwen_engine
 from qwen_engine.audio import audio_span, encoder_frames, load_audio, log_mel
@@ -122,17 +122,7 @@ def test_models_without_audio_refuse_it(tiny_gguf, audio_dir) -> None:
 
 
 def test_qwen_chat_with_audio_gives_the_librarys_reply(qa, audio_dir, capsys, monkeypatch) -> None:
-    from qwen_engine import cli
-
-    path = str(audio_dir / "a.wav")
-    options = ["--model", str(audio_dir), "--dtype", "float32", "--max-tokens", "3", "--temperature", "0"]
-    expected = qa.chat([{"role": "user", "content": [{"type": "audio", "audio": path}, {"type": "text", "text": "What?"}]}],
-                       max_tokens=3, temperature=0)
-    assert cli.main(["chat", *options, "--audio", path, "--once", "What?"]) == 0
-    assert capsys.readouterr().out == expected.text + "\n"
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"/audio {path}\nWhat?\n"))
-    assert cli.main(["chat", *options]) == 0
-    assert capsys.readouterr().out == expected.text + "\n"
+    assert_cli_chat_gives_the_librarys_reply(qa, audio_dir, "audio", str(audio_dir / "a.wav"), capsys, monkeypatch)
 
 
 def scripted(monkeypatch, qa, reply: str) -> None:
@@ -243,14 +233,9 @@ def test_a_last_piece_too_short_to_encode_is_left_out() -> None:
 
 
 def test_qwen_info_describes_the_encoder(qa, audio_dir, capsys) -> None:
-    from qwen_engine import cli
-
-    assert cli.main(["info", "--json", "--model", str(audio_dir)]) == 0
-    encoder = json.loads(capsys.readouterr().out)["audio_encoder"]
+    encoder, line = encoder_info(audio_dir, "audio_encoder", capsys)
     assert (encoder["n_layer"], encoder["n_state"], encoder["output_dim"]) == (2, 64, 128)
     assert encoder["parameters"] == sum(p.numel() for p in qa.audio.parameters())  # the catalog's count, as loaded
-    assert cli.main(["info", "--model", str(audio_dir)]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("audio encoder"))
     assert "2 layers × 64 (4 heads), 80 mel bins" in line and f"{encoder['parameters']:,} parameters" in line
 
 

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 from PIL import Image
-from tiny import TINY_VISUAL, write_qwen_vl
+from tiny import TINY_VISUAL, assert_cli_chat_gives_the_librarys_reply, encoder_info, write_qwen_vl
 
 import qwen_engine
 from qwen_engine.config import VisionConfig
@@ -153,17 +153,7 @@ def test_replies_keep_the_grounding_markup(vl) -> None:
 
 
 def test_qwen_chat_with_an_image_gives_the_librarys_reply(vl, vl_dir, capsys, monkeypatch) -> None:
-    from qwen_engine import cli
-
-    path = str(vl_dir / "picture0.png")
-    options = ["--model", str(vl_dir), "--dtype", "float32", "--max-tokens", "3", "--temperature", "0"]
-    expected = vl.chat([{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": "What?"}]}],
-                       max_tokens=3, temperature=0)
-    assert cli.main(["chat", *options, "--image", path, "--once", "What?"]) == 0
-    assert capsys.readouterr().out == expected.text + "\n"
-    monkeypatch.setattr("sys.stdin", io.StringIO(f"/image {path}\nWhat?\n"))
-    assert cli.main(["chat", *options]) == 0
-    assert capsys.readouterr().out == expected.text + "\n"
+    assert_cli_chat_gives_the_librarys_reply(vl, vl_dir, "image", str(vl_dir / "picture0.png"), capsys, monkeypatch)
 
 
 def test_qwen_chat_image_errors_are_one_line(vl_dir, tiny_gguf, capsys) -> None:
@@ -288,14 +278,9 @@ def test_preemption_keeps_image_prompts_output(vl, tmp_path) -> None:
 
 
 def test_qwen_info_describes_the_tower(vl, vl_dir, capsys) -> None:
-    from qwen_engine import cli
-
-    assert cli.main(["info", "--json", "--model", str(vl_dir)]) == 0
-    tower = json.loads(capsys.readouterr().out)["vision_tower"]
+    tower, line = encoder_info(vl_dir, "vision_tower", capsys)
     assert (tower["layers"], tower["width"], tower["output_dim"]) == (2, 48, 128)
     assert tower["parameters"] == sum(p.numel() for p in vl.vision.parameters())  # the catalog's count, as loaded
-    assert cli.main(["info", "--model", str(vl_dir)]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("vision tower"))
     assert "2 layers × 48 (4 heads, MLP 120)" in line and f"{tower['parameters']:,} parameters" in line
 
 

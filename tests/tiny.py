@@ -304,3 +304,32 @@ def write_qwen_audio(directory: Path, tokens: list[str]) -> None:
 
     config = hf_config("qwen1.5", hidden_size=128, intermediate_size=176, max_position_embeddings=8192, vocab_size=AUDIO_VOCAB)
     _write_multimodal(directory, tokens, config, 7, "audio", TINY_AUDIO, official_audio_state(AudioConfig.from_dict(TINY_AUDIO)))
+
+
+def assert_cli_chat_gives_the_librarys_reply(model, directory: Path, kind: str, path: str, capsys, monkeypatch) -> None:
+    """`qwen chat --KIND PATH --once` and the interactive `/KIND PATH` both print the greedy reply the library gives
+    to the same media part and text (KIND: image or audio)."""
+    import io
+
+    from qwen_engine import cli
+
+    options = ["--model", str(directory), "--dtype", "float32", "--max-tokens", "3", "--temperature", "0"]
+    expected = model.chat([{"role": "user", "content": [{"type": kind, kind: path}, {"type": "text", "text": "What?"}]}],
+                          max_tokens=3, temperature=0)
+    assert cli.main(["chat", *options, f"--{kind}", path, "--once", "What?"]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"/{kind} {path}\nWhat?\n"))
+    assert cli.main(["chat", *options]) == 0
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+def encoder_info(directory: Path, key: str, capsys) -> tuple[dict[str, Any], str]:
+    """`qwen info`'s facts on a checkpoint's encoder (`key`: vision_tower, audio_encoder): from --json, and the line
+    the table prints."""
+    from qwen_engine import cli
+
+    assert cli.main(["info", "--json", "--model", str(directory)]) == 0
+    facts = json.loads(capsys.readouterr().out)[key]
+    assert cli.main(["info", "--model", str(directory)]) == 0
+    label = key.replace("_", " ")
+    return facts, next(line for line in capsys.readouterr().out.splitlines() if line.startswith(label))

@@ -96,7 +96,7 @@ class ImageUrl(BaseModel):
 
 
 class ImagePart(BaseModel):
-    """OpenAI's image part; this server takes `data:` URLs (server/chat.py says why not the others)."""
+    """OpenAI's image part: a `data:` URL, or where the operator allows it a remote URL or a file (server/media.py)."""
 
     model_config = ConfigDict(extra="ignore")
     type: Literal["image_url"]
