@@ -16,8 +16,6 @@ encoder-output cache treat two clips as the same only when it matches.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 import math
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
 from .errors import QwenError
+from .media_bytes import media_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,7 +39,6 @@ HOP = 160
 N_MELS = 80
 CHUNK_SAMPLES = 480_000  # 30 s: the encoder's window; longer clips are cut (qwen-family.md §7.3)
 MIN_SAMPLES = 480  # the shortest clip the original encodes (span 3, §7.5)
-DATA_URL = "data:"
 
 AudioSource = Union[str, Path, bytes, tuple["np.ndarray", float], "LoadedAudio"]
 
@@ -83,7 +81,10 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> LoadedA
         frames = _pcm_to_float(array)
         _check_length(len(frames), rate, name, max_seconds)
     else:
-        data, path = _source_bytes(source)
+        if not isinstance(source, (str, Path, bytes, bytearray, memoryview)):
+            raise QwenError("audio is a path, bytes, a data: URL or an (array, sample_rate) pair "
+                            f"(got {type(source).__name__})")
+        data, path = media_bytes(source, "audio", "audio clip", "data:audio/wav;base64,…")
         name = path or "the audio"
         frames, rate = _decode(data, name, max_seconds)
         digest = _blake2b(data)
@@ -105,29 +106,6 @@ def load_audio(source: AudioSource, max_seconds: float | None = None) -> LoadedA
 
 def _blake2b(data: bytes) -> bytes:
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def _source_bytes(source: str | Path | bytes) -> tuple[bytes, str | None]:
-    """The encoded bytes of a path, raw bytes or data: URL, and the path where there is one."""
-    if isinstance(source, (str, Path)) and str(source).startswith(DATA_URL):
-        header, comma, payload = str(source).partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise QwenError("a data: URL audio clip must be base64 (data:audio/wav;base64,…)")
-        try:
-            return base64.b64decode(payload, validate=True), None
-        except (binascii.Error, ValueError):
-            raise QwenError("the audio data: URL's base64 does not decode") from None
-    if isinstance(source, (str, Path)):
-        try:
-            return Path(source).read_bytes(), str(source)
-        except FileNotFoundError:
-            raise QwenError(f"audio not found: {source}") from None
-        except OSError as err:
-            raise QwenError(f"cannot read the audio {source} ({err.strerror or err})") from None
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return bytes(source), None
-    raise QwenError("audio is a path, bytes, a data: URL or an (array, sample_rate) pair "
-                    f"(got {type(source).__name__})")
 
 
 def _decode(data: bytes, name: str, max_seconds: float | None) -> tuple[np.ndarray, float]:

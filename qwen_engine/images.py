@@ -9,8 +9,6 @@ cache treat two images as the same only when it matches.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import io
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Union
 
 from .errors import QwenError
+from .media_bytes import media_bytes
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-DATA_URL = "data:"
 MAX_PIXELS = 50_000_000  # Pillow's decompression-bomb guard, as a clear error rather than a warning
 
 ImageSource = Union[str, Path, bytes, "PILImage.Image", "LoadedImage"]
@@ -60,21 +58,10 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> LoadedImage
     if isinstance(source, Image.Image):
         return LoadedImage(source, hashlib.blake2b(source.tobytes() + repr((source.mode, source.size)).encode(),
                                                    digest_size=16).digest())
-    name = "the image"
-    if isinstance(source, (str, Path)) and str(source).startswith(DATA_URL):
-        data = _data_url(str(source))
-    elif isinstance(source, (str, Path)):
-        name = str(source)
-        try:
-            data = Path(source).read_bytes()
-        except FileNotFoundError:
-            raise QwenError(f"image not found: {name}") from None
-        except OSError as err:
-            raise QwenError(f"cannot read the image {name} ({err.strerror or err})") from None
-    elif isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-    else:
+    if not isinstance(source, (str, Path, bytes, bytearray)):
         raise QwenError(f"an image is a path, bytes, a data: URL or a PIL image (got {type(source).__name__})")
+    data, path = media_bytes(source, "image", "image", "data:image/png;base64,…")
+    name = path or "the image"
     try:
         image = Image.open(io.BytesIO(data))
         width, height = image.size
@@ -85,18 +72,7 @@ def load_image(source: ImageSource, max_pixels: int = MAX_PIXELS) -> LoadedImage
         raise QwenError(f"{name} is not an image this engine can read ({err})") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise QwenError(f"{name} is not a readable image; it may be truncated or corrupt ({err})") from None
-    path = str(source) if isinstance(source, (str, Path)) and not str(source).startswith(DATA_URL) else None
     return LoadedImage(image, hashlib.blake2b(data, digest_size=16).digest(), path)
-
-
-def _data_url(url: str) -> bytes:
-    header, comma, payload = url.partition(",")
-    if not comma or not header.endswith(";base64"):
-        raise QwenError("a data: URL image must be base64 (data:image/png;base64,…)")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise QwenError("the data: URL's base64 does not decode") from None
 
 
 def pixels(image: PILImage.Image, size: int = 448) -> torch.Tensor:

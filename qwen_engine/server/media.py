@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..audio import LoadedAudio, TooLong, load_audio
 from ..errors import QwenError
-from ..images import DATA_URL, MAX_PIXELS, LoadedImage, load_image
+from ..images import MAX_PIXELS, LoadedImage, load_image
+from ..media_bytes import DATA_URL
 from .errors import ApiError
 
 FETCH_TIMEOUT_S = 10.0
