@@ -1,5 +1,6 @@
 """Tensor parallelism on this machine (issue 15): the default model with `--tp 1` and `--tp 2` (local gloo ranks), in
-bfloat16 with `quant="none"`, the only format `--tp` runs today. For each, in a fresh process:
+the engine's CPU default (bfloat16, quant auto; at --tp 2 the fused native decoding step on each rank). For each, in
+a fresh process:
 
 - `qwen_engine.bench.run_bench` (what `qwen bench --tp N` prints): prefill and decode tok/s, start → first token;
 - peak RSS (VmHWM) of rank 0 and of each worker rank, read from /proc before the model is closed;
@@ -57,8 +58,8 @@ def worker(args: argparse.Namespace) -> dict:
         return loaded[-1]
 
     original, bench.load = bench.load, load
-    result = bench.run_bench("default", args.prompt_tokens, args.gen_tokens, started=STARTED, dtype="bfloat16",
-                             quant="none", tensor_parallel=int(args.worker)).as_dict()
+    result = bench.run_bench("default", args.prompt_tokens, args.gen_tokens, started=STARTED,
+                             tensor_parallel=int(args.worker)).as_dict()
     model = loaded[0]
     try:
         engine = model.serving_engine(max_seqs=STREAMS)
@@ -102,14 +103,14 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict]]) -> str:
         "## Tensor parallelism on one machine (issue 15)", "",
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}.", "",
         f"- Machine: {machine()}; torch {torch.__version__}",
-        f"- The default model (Qwen2.5-Coder-0.5B-Instruct) in bfloat16 with `quant=\"none\"` for both sizes: the only "
-        "format `--tp` runs today (the CPU block formats and the native decoding step are not sharded yet), so --tp 1 "
-        "here is not the engine's fastest CPU configuration. --tp 2: rank 0 plus one worker process over gloo, each "
+        "- The default model (Qwen2.5-Coder-0.5B-Instruct) in the engine's CPU default (bfloat16, quant auto: the "
+        "file's Q8_0/Q5_0 blocks, the fused native decoding step) for both sizes. --tp 2: rank 0 plus one worker "
+        "process over gloo, the native step calling back for its two all-reduces a layer, each "
         f"rank on {runs['2'][0]['threads_per_rank']} thread(s) (the cores split between the ranks); --tp 1 on "
         f"{runs['1'][0]['threads_per_rank']}.",
         f"- Medians of {args.rounds} rounds, the sizes alternating (in reverse order every other round), each a fresh "
         f"process. Prefill, decode and start → first token: `run_bench(\"default\", {args.prompt_tokens}, "
-        f"{args.gen_tokens}, quant=\"none\", tensor_parallel=N)`'s (= `qwen bench --tp N --quant none --prompt-tokens "
+        f"{args.gen_tokens}, tensor_parallel=N)`'s (= `qwen bench --tp N --prompt-tokens "
         f"{args.prompt_tokens} --gen-tokens {args.gen_tokens}`), start → first token from the process's start, imports "
         f"and the workers' start included. {STREAMS} streams: then, on the same model, `serving_engine(max_seqs="
         f"{STREAMS})` running {STREAMS} greedy requests at once ({STREAM_PROMPT_TOKENS}-token random prompts, "

@@ -78,12 +78,14 @@ class Checkpoint(ABC):
     def stored_types(self) -> dict[str, str]:
         """Checkpoint tensor name (HF layout) → how it is stored: a GGUF type ("Q5_0") or a dtype ("BF16")."""
 
-    def stored_blocks(self, name: str) -> BlockCodes | None:
-        """The tensor's Q8_0/Q5_0 blocks as stored (HF name), for formats that keep them bit for bit; else None."""
+    def stored_blocks(self, name: str, shard: RankSlices | None = None) -> BlockCodes | None:
+        """The tensor's Q8_0/Q5_0 blocks as stored (HF name), for formats that keep them bit for bit; else None.
+        With `shard`: a tensor-parallel rank's part of them."""
         return None
 
-    def stored_rows(self, name: str) -> StoredRows | None:
-        """A matrix whose rows can be read from the file on demand (HF name); None where the format has no reader."""
+    def stored_rows(self, name: str, shard: RankSlices | None = None) -> StoredRows | None:
+        """A matrix whose rows can be read from the file on demand (HF name); None where the format has no reader.
+        With `shard`: the rank's rows of it."""
         return None
 
     def tensor_types(self) -> dict[str, int]:
@@ -140,17 +142,29 @@ class GGUFSource(Checkpoint):
     def stored_types(self) -> dict[str, str]:
         return {name: entry.qtype.name for name, entry in self._entries.items()}
 
-    def stored_blocks(self, name: str) -> BlockCodes | None:
+    def stored_blocks(self, name: str, shard: RankSlices | None = None) -> BlockCodes | None:
         from .weights.quants import block_codes  # torch: only where the blocks are read
 
         entry = self._entries.get(name)
         if entry is None:
             return None
-        return block_codes(self.gguf.data[entry.offset : entry.offset + entry.nbytes], entry.qtype, entry.shape)
+        if shard is None:
+            return block_codes(self.gguf.data[entry.offset : entry.offset + entry.nbytes], entry.qtype, entry.shape)
+        # A rank reads its rows only (os.pread: the file's pages stay out of its memory), then keeps its columns.
+        first, count = shard.rows(name, entry.shape[0]) or (0, entry.shape[0])
+        blocks = block_codes(self.gguf.read_rows(entry, first, count), entry.qtype, (count, *entry.shape[1:]))
+        return None if blocks is None else shard.blocks(name, blocks)
 
-    def stored_rows(self, name: str) -> StoredRows | None:
+    def stored_rows(self, name: str, shard: RankSlices | None = None) -> StoredRows | None:
         entry = self._entries.get(name)
-        return None if entry is None or len(entry.shape) != 2 else StoredRows(self.path, entry)
+        if entry is None or len(entry.shape) != 2:
+            return None
+        span = None if shard is None else shard.rows(name, entry.shape[0])
+        if span is not None:
+            row_bytes = entry.nbytes // entry.shape[0]
+            entry = dataclasses.replace(entry, offset=entry.offset + span[0] * row_bytes, shape=(span[1], entry.shape[1]),
+                                        nbytes=span[1] * row_bytes)
+        return StoredRows(self.path, entry)
 
     def files(self) -> list[Path]:
         return [self.path]

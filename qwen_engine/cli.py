@@ -523,7 +523,7 @@ def cmd_memory(args: argparse.Namespace) -> None:
         "tp": result.tp, "weights_per_gpu": result.weights, "kv_cache_per_gpu": result.kv_cache,
         "activations_per_gpu": result.activations, "encoders_per_gpu": result.encoders, "overhead_per_gpu": result.overhead,
         "per_gpu": result.per_gpu, "total_gpu": result.total_gpu, "host_ram_cpu": result.host_ram,
-        "host_ram_gpu_load": result.host_ram_gpu_load,
+        "host_ram_cpu_worker": result.host_ram_worker, "host_ram_gpu_load": result.host_ram_gpu_load,
         "layout_problems": result.problems,
     }
     if verdict:
@@ -538,7 +538,8 @@ def cmd_memory(args: argparse.Namespace) -> None:
                        ("encoders", "encoders_per_gpu"), ("GPU overhead", "overhead_per_gpu"), ("per GPU", "per_gpu")):
         print(f"  {label:<13}{gib(report[key]):>12}")
     print(f"  {'all GPUs':<13}{gib(result.total_gpu):>12}")
-    print(f"  host RAM: {gib(result.host_ram_gpu_load)} while loading onto GPUs, {gib(result.host_ram)} to run on the CPU")
+    on_cpu = gib(result.host_ram) + (f" for rank 0 and {gib(result.host_ram_worker)} for each other rank" if result.tp > 1 else "")
+    print(f"  host RAM: {gib(result.host_ram_gpu_load)} while loading onto GPUs, {on_cpu} to run on the CPU")
     for problem in result.problems:
         print(f"  layout problem: {problem}")
     if verdict:

@@ -34,6 +34,8 @@ from .model.fused import FusedDecodeStep
 from .model.quantized import (
     CONVERTER_ID,
     StoredEmbedding,
+    input_groups,
+    keep_partial_sums,
     place_quantized,
     quant_plan,
     quantize_modules,
@@ -422,19 +424,15 @@ def load(
     if tensor_parallel > 1:
         from .distributed import join_launched, launched, rank_device, rank_threads, spawn
 
-        if quant not in (None, "none"):
-            raise QwenError(f"--tp runs the float formats for now (the CPU block formats are not sharded yet): drop "
-                            f"--quant {quant} or give --quant none")
-        chosen_quant = "none"
-        check_split(checkpoint.config, tensor_parallel)
-        load_rank = partial(_load_rank, str(checkpoint.path), rope_scaling, chosen_dtype)
+        check_split(checkpoint.config, tensor_parallel, *input_groups(chosen_quant))
+        load_rank = partial(_load_rank, str(checkpoint.path), rope_scaling, chosen_dtype, chosen_quant)
         if launched() is not None:  # torchrun's processes, on this machine or several
             ranks, parallel = join_launched(tensor_parallel, chosen_device, load_rank)
         else:
             torch.set_num_threads(rank_threads(tensor_parallel))
             ranks, parallel = spawn(tensor_parallel, chosen_device, load_rank)
         try:
-            decoder = load_decoder(checkpoint, chosen_dtype, rank_device(chosen_device, 0), "none", progress, parallel)
+            decoder = load_decoder(checkpoint, chosen_dtype, rank_device(chosen_device, 0), chosen_quant, progress, parallel)
         except BaseException:
             ranks.close()
             raise
@@ -459,31 +457,30 @@ def load(
     )
 
 
-def _load_rank(path: str, rope_scaling: str | None, dtype: torch.dtype, parallel: TensorParallel,
+def _load_rank(path: str, rope_scaling: str | None, dtype: torch.dtype, quant: str, parallel: TensorParallel,
                device: torch.device) -> QwenDecoder:
     """A worker rank's shard (distributed.py runs this in the worker's process)."""
-    return load_decoder(open_checkpoint(path, rope_scaling=rope_scaling), dtype, device, "none", False, parallel)
+    return load_decoder(open_checkpoint(path, rope_scaling=rope_scaling), dtype, device, quant, False, parallel)
 
 
 def load_decoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.device, quant: str, progress: bool = False,
                  parallel: TensorParallel | None = None) -> QwenDecoder:
     """The checkpoint's decoder in `quant` (converted weights cached for the CPU formats), or under tensor
-    parallelism one rank's shard of it (the float formats only, for now)."""
+    parallelism (`parallel`) one rank's shard of it: each tensor is cut as it is read, before any conversion."""
     with torch.device("meta"):
         decoder = QwenDecoder(checkpoint.config, parallel)
-    if parallel is not None:  # a rank's shard, each tensor cut as it is read
-        slices = RankSlices(checkpoint.config, parallel.size, parallel.rank)
-        decoder.load_weights(checkpoint.tensors(dtype, device, shard=slices), source=str(checkpoint.path))
-        return decoder.eval()  # the native decoding step runs one process's layers: not under --tp yet
+    slices = None if parallel is None else RankSlices(checkpoint.config, parallel.size, parallel.rank)
     cache = None  # converted weights are cached for the CPU formats (pick_quant allows them there only)
     if quant != "none":
         # "auto" resolves differently where the block kernel cannot run, so that is part of the key.
         fmt = quant if cpu_kernels() else f"{quant}-no-kernel"
+        if parallel is not None:
+            fmt += f"-tp{parallel.size}-rank{parallel.rank}"
         cache = converted_path(checkpoint.path, checkpoint.fingerprint(), dtype, fmt, CONVERTER_ID)
     # An untied embedding table can stay in the file (CPU formats): lookups read their rows from it.
     rows = None
     if quant != "none" and not checkpoint.config.tie_word_embeddings:
-        rows = checkpoint.stored_rows("model.embed_tokens.weight")
+        rows = checkpoint.stored_rows("model.embed_tokens.weight", slices)
     cached = load_converted(cache) if cache else None
     if cached:
         state, plan = cached
@@ -501,14 +498,16 @@ def load_decoder(checkpoint: Checkpoint, dtype: torch.dtype, device: torch.devic
             plan.pop("model.embed_tokens", None)
             placeholders |= {"model.embed_tokens.weight"}
         bar = partial(tqdm, desc=f"loading {checkpoint.path.name}", unit="tensor", disable=not progress, leave=False)
-        tensors = checkpoint.tensors(dtype, device, bar, placeholders)
+        tensors = checkpoint.tensors(dtype, device, bar, placeholders, slices)
         decoder.load_weights(tensors, source=str(checkpoint.path))
         del tensors
         if rows is not None:
             decoder.model.embed_tokens = StoredEmbedding(rows, dtype)
-        quantize_modules(decoder, plan, checkpoint.stored_blocks)
+        quantize_modules(decoder, plan, partial(checkpoint.stored_blocks, shard=slices))
         if cache:
             save_converted(cache, decoder.state_dict(), plan)
+    if parallel is not None:
+        keep_partial_sums(decoder)
     decoder.eval()
     decoder.fused_decode = FusedDecodeStep.build(decoder)
     return decoder

@@ -21,7 +21,7 @@ from .catalog import DATA, CatalogEntry, local_entry, resolve
 from .config import ModelConfig
 from .errors import QwenError
 from .runtime import DEFAULT_PREFILL_TOKENS
-from .sharding import kv_heads_per_rank, shard_shape, split_problems
+from .sharding import kv_heads_per_rank, shard_config, shard_shape, split_problems
 from .weights.names import packed_with
 
 GiB = 1 << 30
@@ -31,6 +31,10 @@ GPU_OVERHEAD = 768 << 20
 # GiB, depending on how the kernel maps library pages), plus a loaded model's Python-side structures (~50 MB).
 CPU_RUNTIME = 300 << 20
 CPU_LOADED_MODEL = 50 << 20
+# What a tensor-parallel worker rank lacks of those: the tokenizer (55 MB), the library's front end, the engine's
+# sampling and detokenizing state (measured here: a worker peaks about 100 MB below rank 0).
+CPU_FRONT_END = 100 << 20
+MASK_BYTES = 1 + 4  # a prefill chunk's attention mask, per (query, key): bool, then float32
 TP_DEGREES = (1, 2, 4, 8)
 PRECISION_LADDER = ("fp32", "bf16", "int8", "int4")
 PREFILL_PIECE = 1 << 24  # weights the CPU engine dequantizes at once in prefill (model/quantized.py)
@@ -92,7 +96,8 @@ class MemoryPlan:
     activations: int  # per GPU: a prefill of the whole context: gate/up, q/k/v and hidden rows, plus float32 logits
     encoders: int  # per GPU: vision/audio towers, replicated, 16-bit
     overhead: int  # per GPU: GPU_OVERHEAD
-    host_ram: int  # this engine on the CPU (tp 1): CPU_RUNTIME + CPU_LOADED_MODEL + the above, prefill by DEFAULT_PREFILL_TOKENS
+    host_ram: int  # this engine on the CPU, per process (rank 0 with --tp): CPU_RUNTIME + CPU_LOADED_MODEL + the above, prefill by DEFAULT_PREFILL_TOKENS
+    host_ram_worker: int  # with --tp on the CPU, each other rank: host_ram without the encoders and CPU_FRONT_END
     host_ram_gpu_load: int  # loading onto GPUs: CPU_RUNTIME + the largest tensor in float32 (converted one at a time)
     problems: list[str] = field(default_factory=list)  # what cannot be split evenly: over the GPUs, or into the blocks
     per_token: int = 0  # KV and activation bytes per token of context (per GPU, per sequence)
@@ -151,8 +156,6 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
         raise QwenError(f"tensor-parallel degree {tp} is not supported: use one of {', '.join(map(str, TP_DEGREES))}")
     if context > entry.context:
         raise QwenError(f"{entry.name} holds at most {entry.context} tokens; ask for --context ≤ {entry.context}")
-    if precision == "auto" and tp != 1:
-        raise QwenError("--dtype auto is this engine's CPU format (one process); use bf16, int8, int4 or gguf:<TYPE> with --tp")
     fmt = weight_format("gguf:Q8_0" if precision == "auto" else precision, group_size)
     kv_size = kv_bytes(kv_dtype) if kv_dtype else fmt.activation_bytes
     kv_per_gpu = kv_heads_per_rank(config.num_kv_heads, tp)
@@ -178,18 +181,24 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
     # The widest prefill temporaries at once: gate/up, q/k/v and two hidden rows, plus RMSNorm's float32 copies.
     act_token = (mlp // tp + qkv + 2 * config.hidden_size) * fmt.activation_bytes + 2 * config.hidden_size * 4
     logits = batch * config.vocab_size * 4
-    workspace = 2 * max(map(_prefill_piece, _packed_layer_matrices(config))) if precision == "auto" else 0
-    cpu_activations = act_token * min(context * batch, DEFAULT_PREFILL_TOKENS) + logits + workspace  # prompts go in chunks
+    problems = divisibility(entry, tp, fmt)
+    rank_matrices = _packed_layer_matrices(shard_config(config, tp) if tp > 1 and not problems else config)
+    workspace = 2 * max(map(_prefill_piece, rank_matrices)) if precision == "auto" else 0
+    # Prompts go in chunks; a chunk after the first attends to the keys before it through a mask of chunk × context
+    # (bool, and the float32 copy attention makes of it: measured, it is what a 4096-token prompt adds over 2048).
+    chunk = min(context * batch, DEFAULT_PREFILL_TOKENS)
+    mask = chunk * context * MASK_BYTES if context > DEFAULT_PREFILL_TOKENS else 0
+    cpu_activations = act_token * chunk + logits + workspace + mask
     result = MemoryPlan(
         model=entry.name, precision="auto (this engine's CPU format)" if precision == "auto" else fmt.name, context=context, batch=batch, tp=tp, weights=weights,
         kv_cache=kv_token * context * batch, activations=act_token * context * batch + logits + workspace, encoders=encoders,
-        overhead=GPU_OVERHEAD, host_ram=0, host_ram_gpu_load=CPU_RUNTIME + 4 * max(map(math.prod, tensors.values())),
-        problems=divisibility(entry, tp, fmt), per_token=kv_token + act_token,
+        overhead=GPU_OVERHEAD, host_ram=0, host_ram_worker=0, host_ram_gpu_load=CPU_RUNTIME + 4 * max(map(math.prod, tensors.values())),
+        problems=problems, per_token=kv_token + act_token,
     )
-    if tp == 1:
-        result.host_ram = CPU_RUNTIME + CPU_LOADED_MODEL + weights + result.kv_cache + cpu_activations + encoders
-    else:
-        result.host_ram = plan(entry, precision, context, batch, kv_dtype, 1, group_size).host_ram
+    # On the CPU, per process: with --tp each rank holds its shard, its KV cache and the whole logits (gathered);
+    # rank 0 also the encoders, the tokenizer and the front end.
+    result.host_ram = CPU_RUNTIME + CPU_LOADED_MODEL + weights + result.kv_cache + cpu_activations + encoders
+    result.host_ram_worker = result.host_ram - encoders - CPU_FRONT_END if tp > 1 else 0
     return result
 
 

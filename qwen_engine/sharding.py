@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import torch
 
     from .config import ModelConfig
+    from .weights.quants import BlockCodes
 
 COLUMN_PARALLEL = ("q_proj.", "gate_proj.", "up_proj.", "embed_tokens.", "lm_head.")  # rows split
 KV_PROJECTIONS = ("k_proj.", "v_proj.")  # whole heads per rank
@@ -62,12 +63,14 @@ def split_problems(num_heads: int, num_kv_heads: int, intermediate: int, vocab: 
     return problems
 
 
-def check_split(config: ModelConfig, tp: int) -> None:
-    """One clear error where the decoder cannot be split over `tp` ranks."""
+def check_split(config: ModelConfig, tp: int, block: int = 1, block_name: str = "") -> None:
+    """One clear error where the decoder cannot be split over `tp` ranks (and, for a format that stores weights in
+    groups of `block` along the inputs, on group boundaries)."""
     problems = split_problems(config.num_heads, config.num_kv_heads, config.intermediate_size, config.vocab_size,
-                              config.hidden_size, config.head_dim, tp)
+                              config.hidden_size, config.head_dim, tp, block, block_name)
     if problems:
-        raise QwenError(f"this model cannot run with --tp {tp}: {'; '.join(problems)}; choose a tp that divides them")
+        raise QwenError(f"this model cannot run with --tp {tp}: {'; '.join(problems)}; choose a tp that divides them"
+                        + (f" or another --quant than {block_name}" if block > 1 else ""))
 
 
 def rank_shapes(config: ModelConfig, tp: int) -> dict[str, tuple[int, ...]]:
@@ -97,15 +100,30 @@ class RankSlices:
             return self.rank * (total // self.tp), total // self.tp
         return None
 
+    def columns(self, name: str, total: int) -> tuple[int, int] | None:
+        """(first column, columns) the rank keeps of a row-parallel matrix (o, down) of `total` columns; else None."""
+        if self.tp == 1 or not any(part in name for part in ROW_PARALLEL):
+            return None
+        return self.rank * (total // self.tp), total // self.tp
+
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The rank's part of a whole tensor, copied out (from a memory-mapped file only that part is read)."""
         rows = self.rows(name, tensor.shape[0])
         if rows is not None:
             return tensor.narrow(0, *rows).clone()
-        if self.tp > 1 and any(part in name for part in ROW_PARALLEL):
-            columns = tensor.shape[1] // self.tp
-            return tensor.narrow(1, self.rank * columns, columns).clone()
-        return tensor
+        columns = None if tensor.dim() < 2 else self.columns(name, tensor.shape[1])
+        return tensor if columns is None else tensor.narrow(1, *columns).clone()
+
+    def blocks(self, name: str, blocks: BlockCodes) -> BlockCodes:
+        """The rank's columns of a row-parallel matrix stored in blocks of 32 weights (a GGUF Q8_0/Q5_0 tensor whose
+        rows were read whole), bit for bit: the split falls on block boundaries (`check_split` with the format's
+        block)."""
+        columns = self.columns(name, blocks.codes.shape[1])
+        if columns is None:
+            return blocks
+        first, count = columns
+        return type(blocks)(blocks.codes.narrow(1, first, count).clone(),
+                            blocks.scales.narrow(1, first // 32, count // 32).clone(), blocks.bits)
 
 
 def shard(name: str, tensor: torch.Tensor, config: ModelConfig, tp: int, rank: int) -> torch.Tensor:

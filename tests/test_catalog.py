@@ -162,34 +162,50 @@ import qwen_engine
 from qwen_engine.bench import bench_prompt
 from qwen_engine.checkpoint import open_checkpoint
 
-def status(key):
-    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
+def status(key, path="/proc/self/status"):
+    return next(int(line.split()[1]) * 1024 for line in open(path) if line.startswith(key))
 
 tokenizer = open_checkpoint("default").tokenizer()
 x = torch.randn(64, 896, dtype=torch.bfloat16)  # page in the matmul and attention kernels' code
 torch.nn.functional.scaled_dot_product_attention(*[torch.nn.functional.linear(x, x).view(1, 1, 64, 64)] * 3, is_causal=True)
 runtime = status("VmRSS")  # Python, PyTorch with its kernels and a tokenizer, before any weights
-model = qwen_engine.load("default")
+model = qwen_engine.load("default", tensor_parallel=int(sys.argv[2]))
 tokens = int(sys.argv[1])
 model.generate(bench_prompt(model.config.vocab_size, tokens), max_tokens=8, temperature=0, ignore_eos=True)
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's (this test process, with models loaded).
-print(json.dumps({"runtime": runtime, "peak": status("VmHWM")}))
+workers = [status("VmHWM", f"/proc/{process.pid}/status") for process in model._ranks.processes] if model._ranks else []
+print(json.dumps({"runtime": runtime, "peak": status("VmHWM"), "workers": workers}))
+model.close()
 """
 
 
+@pytest.fixture(scope="module")
+def warm_caches(default_model, default_gguf) -> None:
+    """The converted-weights caches warm, as on any second start: one process's (loaded by `default_model`) and
+    each tp 2 rank's (loaded here once)."""
+    import qwen_engine
+
+    qwen_engine.load(default_gguf, tensor_parallel=2).close()
+
+
 @pytest.mark.slow
-@pytest.mark.usefixtures("default_model")  # loaded: the converted-weights cache is warm, as on any second start
+@pytest.mark.usefixtures("warm_caches")
+@pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("tokens", [512, 4096])
-def test_prediction_for_this_engine_matches_its_measured_memory(tokens: int, default_gguf) -> None:
+def test_prediction_for_this_engine_matches_its_measured_memory(tokens: int, tp: int, default_gguf) -> None:
     """The planner's CPU figure for the default model in this engine's format, against the peak RSS of a fresh
-    process that prefills `tokens` tokens and decodes a few. What the process costs before any weights (Python,
-    PyTorch's libraries, the tokenizer) depends on the installation and on how the OS maps library pages (0.29 and
-    0.37 GiB on two installs of this machine), so the planner's constant for it is replaced by the same process's
-    own measurement; the rest is predicted."""
+    process that prefills `tokens` tokens and decodes a few; at tp 2, of rank 0 and of the worker rank, each against
+    its own figure. What a process costs before any weights (Python, PyTorch's libraries, the tokenizer) depends on
+    the installation and on how the OS maps library pages (0.29 and 0.37 GiB on two installs of this machine), so
+    the planner's constant for it is replaced by the same process's own measurement; the rest is predicted."""
     from qwen_engine.planner import CPU_RUNTIME, memory_entry
 
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(tokens)], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(tokens), str(tp)], capture_output=True, text=True, check=True)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
-    predicted = plan(memory_entry(str(default_gguf)), "auto", context=tokens + 8).host_ram - CPU_RUNTIME + measured["runtime"]
+    result = plan(memory_entry(str(default_gguf)), "auto", context=tokens + 8, tp=tp)
+    predicted = result.host_ram - CPU_RUNTIME + measured["runtime"]
     assert abs(predicted / measured["peak"] - 1) <= 0.10, (predicted / 2**20, measured)
+    assert len(measured["workers"]) == tp - 1
+    for worker in measured["workers"]:
+        assert abs((result.host_ram_worker - CPU_RUNTIME + measured["runtime"]) / worker - 1) <= 0.10, (result, measured)
     assert abs(CPU_RUNTIME / measured["runtime"] - 1) <= 0.25  # the constant itself stays representative

@@ -6,17 +6,25 @@ sliding windows; a worker that dies makes the next call one clear error, and no 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gguf_quants
 from safetensors.torch import save_file
-from tiny import hf_config, random_model, to_v1_state, v1_config, write_hf_checkpoint, write_qwen_tiktoken
+from tiny import SMALL_VOCAB_CONFIG, hf_config, random_model, to_v1_state, v1_config, write_hf_checkpoint, write_qwen_tiktoken
 
 import qwen_engine
+from qwen_engine.checkpoint import open_checkpoint
 from qwen_engine.config import ModelConfig
 from qwen_engine.errors import QwenError
-from qwen_engine.sharding import rank_shapes, shard, shard_config, shard_shape
+from qwen_engine.kernels import cpu_kernels
+from qwen_engine.sharding import RankSlices, rank_shapes, shard, shard_config, shard_shape
 
 LAYOUTS = {  # name → (transformers config, tp)
     "mha-untied": (hf_config("qwen1.5"), 2),
@@ -58,6 +66,18 @@ def test_qwen_v1_fused_c_attn_splits_too(tmp_path, gguf_arrays) -> None:
 
 
 @pytest.mark.slow
+def test_the_default_model_in_its_cpu_format_at_tp_2(default_gguf, default_model) -> None:
+    """The real model in the CPU default at tp 2: the greedy continuation of one process."""
+    split = qwen_engine.load(default_gguf, tensor_parallel=2)
+    try:
+        for prompt in ("def quicksort(xs):", "Write a haiku about the sea."):
+            options = dict(max_tokens=32, temperature=0)
+            assert split.generate(prompt, **options).token_ids == default_model.generate(prompt, **options).token_ids
+    finally:
+        split.close()
+
+
+@pytest.mark.slow
 def test_the_default_model_at_tp_2(default_gguf, engine_model) -> None:
     split = qwen_engine.load(default_gguf, dtype="float32", tensor_parallel=2)
     try:
@@ -67,6 +87,106 @@ def test_the_default_model_at_tp_2(default_gguf, engine_model) -> None:
         assert split.generate("def quicksort(xs):", **options).token_ids == engine_model.generate("def quicksort(xs):", **options).token_ids
     finally:
         split.close()
+
+
+# Shaped so that each rank's share of every matrix is whole rows of the kernels (multiples of 64 inputs) at tp 2.
+BLOCKS_SHAPE = dict(intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+STORED = {"attn_q": ("self_attn.q_proj", T.Q5_0), "attn_k": ("self_attn.k_proj", T.Q8_0),
+          "attn_v": ("self_attn.v_proj", T.Q8_0), "attn_output": ("self_attn.o_proj", T.Q5_0),
+          "ffn_gate": ("mlp.gate_proj", T.Q5_0), "ffn_up": ("mlp.up_proj", T.Q5_0), "ffn_down": ("mlp.down_proj", T.Q8_0)}
+
+
+@pytest.fixture(scope="module")
+def blocks_gguf(tiny_gguf_factory):
+    """A tiny tied GGUF stored as real files are: Q5_0 and Q8_0 projections, a Q8_0 embedding (the head's too)."""
+    config = hf_config("qwen2.5-0.5b", **SMALL_VOCAB_CONFIG, **BLOCKS_SHAPE)
+    state = random_model(config).state_dict()  # the factory's model: same config, same seed
+    raw = {"token_embd.weight": (gguf_quants.quantize(state["model.embed_tokens.weight"].numpy(), T.Q8_0), T.Q8_0)}
+    for layer in range(config.num_hidden_layers):
+        for gguf_name, (hf_name, qtype) in STORED.items():
+            weight = state[f"model.layers.{layer}.{hf_name}.weight"].numpy()
+            raw[f"blk.{layer}.{gguf_name}.weight"] = (gguf_quants.quantize(weight, qtype), qtype)
+    return tiny_gguf_factory("tp-blocks.gguf", raw_tensors=raw, small_vocab=True, **BLOCKS_SHAPE)
+
+
+def test_a_rank_reads_its_part_of_the_stored_blocks_bit_for_bit(blocks_gguf) -> None:
+    """Q8_0/Q5_0 blocks cut on block boundaries, as stored: q/k/v, gate/up and the vocabulary by rows, o and down by
+    columns; the ranks' parts put together are the whole tensor's blocks, and an embedding read from the file on
+    demand gives each rank its rows."""
+    checkpoint = open_checkpoint(blocks_gguf)
+    slices = [RankSlices(checkpoint.config, 2, rank) for rank in range(2)]
+    stored = [name for name, kind in checkpoint.stored_types().items() if kind in ("Q8_0", "Q5_0")]
+    assert len(stored) == 1 + 7 * checkpoint.config.num_layers
+    for name in stored:
+        whole = checkpoint.stored_blocks(name)
+        parts = [checkpoint.stored_blocks(name, rank) for rank in slices]
+        dim = 1 if ("o_proj" in name or "down_proj" in name) else 0
+        assert all(part.bits == whole.bits for part in parts), name
+        assert torch.equal(torch.cat([part.codes for part in parts], dim), whole.codes), name
+        assert torch.equal(torch.cat([part.scales for part in parts], dim), whole.scales), name
+    table = checkpoint.stored_rows("model.embed_tokens.weight")
+    half = checkpoint.config.vocab_size // 2
+    for rank in slices:
+        rows = checkpoint.stored_rows("model.embed_tokens.weight", rank)
+        assert rows.shape == (half, checkpoint.config.hidden_size)
+        assert torch.equal(rows([0, 5, half - 1]), table([rank.rank * half + i for i in (0, 5, half - 1)]))
+
+
+def test_the_default_cpu_format_splits_too(blocks_gguf) -> None:
+    """`--tp 2` in the CPU default (bfloat16, quant auto: the stored blocks kept, the fused native decoding step
+    with its all-reduces called back per layer): every rank rounds where one process rounds (the row-parallel
+    products are summed in float32 first), so the split's logits differ from one process's by summation order only,
+    far less than bfloat16 itself differs from the float32 reference."""
+    one = qwen_engine.load(blocks_gguf)
+    reference = qwen_engine.load(blocks_gguf, dtype="float32", quant="none")
+    split = qwen_engine.load(blocks_gguf, tensor_parallel=2)
+    try:
+        assert split.quant == one.quant == "auto"
+        attention = split.decoder.model.layers[0].self_attn
+        if cpu_kernels() is not None:  # the blocks as stored, the products left unrounded, the native step on
+            assert type(attention.o_proj).__name__ == "BlockLinear" and attention.o_proj.partial_sums
+            assert split.decoder.fused_decode is not None and one.decoder.fused_decode is not None
+        prefill = split.logits(PROMPT)
+        assert relative(prefill, one.logits(PROMPT)) <= relative(one.logits(PROMPT), reference.logits(PROMPT)) / 4
+        steps = one.generate(PROMPT, max_tokens=12, temperature=0, ignore_eos=True).token_ids
+        decoded = [model.stepwise_logits(PROMPT + steps, len(PROMPT))[len(PROMPT):] for model in (split, one, reference)]
+        assert relative(decoded[0], decoded[1]) <= relative(decoded[1], decoded[2]) / 4
+    finally:
+        split.close()
+
+
+def test_a_worker_killed_mid_request_is_one_clear_error(blocks_gguf) -> None:
+    """A rank that dies while the others wait in a collective (here inside the native step's all-reduce) fails the
+    request with one clear error within 30 s: nothing hangs, and the model says it must be loaded again."""
+    import threading
+
+    split = qwen_engine.load(blocks_gguf, tensor_parallel=2)
+    failures: list[BaseException] = []
+    started = threading.Event()
+
+    def generate() -> None:
+        try:
+            for _ in split.stream(PROMPT, max_tokens=200, temperature=0, ignore_eos=True):
+                started.set()
+                time.sleep(0.01)  # a slow reader keeps the request going until the kill
+        except BaseException as err:
+            failures.append(err)
+
+    worker = threading.Thread(target=generate)
+    try:
+        worker.start()
+        assert started.wait(60)
+        split._ranks.processes[0].kill()
+        killed = time.monotonic()
+        worker.join(30)
+        assert not worker.is_alive() and time.monotonic() - killed < 30
+        assert len(failures) == 1 and isinstance(failures[0], QwenError), failures
+        assert "\n" not in str(failures[0]) and "rank" in str(failures[0])
+        with pytest.raises(QwenError, match="tensor-parallel rank"):
+            split.generate(PROMPT, max_tokens=2)
+    finally:
+        split.close()
+    assert all(process.poll() is not None for process in split._ranks.processes)
 
 
 def test_the_shards_cover_every_tensor_once() -> None:
@@ -99,8 +219,9 @@ def test_a_model_that_cannot_split_is_one_clear_error(tmp_path, tokenizer_files)
     directory = write_hf_checkpoint(tmp_path / "odd", random_model(hf_config("qwq"), seed=1), tokenizer_files)  # 10 heads
     with pytest.raises(QwenError, match=r"cannot run with --tp 4: attention heads 10 is not divisible by tp=4"):
         qwen_engine.load(directory, dtype="float32", tensor_parallel=4)
-    with pytest.raises(QwenError, match="--quant none"):
-        qwen_engine.load(directory, dtype="float32", tensor_parallel=2, quant="int8")
+    mha = write_hf_checkpoint(tmp_path / "mha", random_model(hf_config("qwen1.5"), seed=1), tokenizer_files)  # MLP 176
+    with pytest.raises(QwenError, match=r"down_proj input per rank 88 is not a multiple of q8_0's 32-weight groups"):
+        qwen_engine.load(mha, tensor_parallel=2, quant="q8_0")
 
 
 def test_a_worker_that_dies_is_one_clear_error(tmp_path, tokenizer_files) -> None:
@@ -162,31 +283,53 @@ def test_qwen_generate_and_serve_at_tp_2(tmp_path, tokenizer_files, capsys) -> N
         split.close()
 
 
-def test_torchrun_gives_what_tp_2_gives(tmp_path, tokenizer_files, capsys) -> None:
-    """`torchrun --nproc-per-node 2 -m qwen_engine generate --tp 2 …`: the launched ranks join torchrun's group
-    instead of starting workers; rank 0 prints what one process prints, rank 1 only runs forwards."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def _printed_by_one_process(directory, capsys) -> tuple[list[str], str]:
+    """`qwen generate` options for a tiny checkpoint, and what one process prints for them."""
     from qwen_engine import cli
 
-    directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen1.5"), seed=6), tokenizer_files)
     options = ["generate", "--model", str(directory), "--dtype", "float32", "--max-tokens", "8", "--temperature", "0",
                "Hello there"]
     assert cli.main(options) == 0
-    alone = capsys.readouterr().out
-    torchrun = Path(sys.executable).parent / "torchrun"
-    done = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwen_engine", *options,
+    return options, capsys.readouterr().out
+
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+def test_torchrun_gives_what_tp_2_gives(tmp_path, tokenizer_files, capsys) -> None:
+    """`torchrun --nproc-per-node 2 -m qwen_engine generate --tp 2 …`: the launched ranks join torchrun's group
+    instead of starting workers; rank 0 prints what one process prints, rank 1 only runs forwards."""
+    directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen1.5"), seed=6), tokenizer_files)
+    options, alone = _printed_by_one_process(directory, capsys)
+    done = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "qwen_engine", *options,
                            "--tp", "2"], capture_output=True, text=True, timeout=240,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout == alone
-    wrong = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "qwen_engine", *options,
+    wrong = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "qwen_engine", *options,
                             "--tp", "4"], capture_output=True, text=True, timeout=240)
     assert wrong.returncode != 0 and "torchrun started 2 processes but --tp is 4; give --tp 2" in wrong.stderr
 
+
+def test_torchrun_over_two_nodes_gives_what_tp_2_gives(tmp_path, tokenizer_files, capsys) -> None:
+    """Two torchrun agents, as on two machines (`--nnodes 2`), meeting at one rendezvous endpoint (c10d, here on
+    127.0.0.1): the command runs once, on the rank-0 process, with what one process prints; the other prints nothing."""
+    from qwen_engine.distributed import free_port
+
+    directory = write_hf_checkpoint(tmp_path / "m", random_model(hf_config("qwen2.5-0.5b"), seed=7), tokenizer_files)
+    options, alone = _printed_by_one_process(directory, capsys)
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", endpoint, "--rdzv-id", "tp-test", "-m", "qwen_engine", *options,
+                               "--tp", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=240) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert sorted(out for out, _ in outputs) == ["", alone]
 
 
 def test_qwen_serve_at_tp_2_stops_every_rank_on_sigterm(tmp_path, tokenizer_files) -> None:

@@ -61,49 +61,57 @@ class DecodeShape(ctypes.Structure):
                 ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64), ("eps", ctypes.c_float)]
 
 
+# decode_layer.c's ReduceRows: (address of `count` float32 values, count) → 0, or non-zero on failure.
+ReduceRows = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)
+
+
 class CpuKernels:
     """ctypes bindings of block_quant.c, decode_layer.c and layer_ops.c (see their headers for the layouts)."""
 
     def __init__(self, path: Path) -> None:
         lib = ctypes.CDLL(str(path))
         pointer, size = ctypes.c_void_p, ctypes.c_int64
-        lib.qe_block_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, pointer]
+        lib.qe_block_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int, pointer]
         lib.qe_block_matmul_amx.argtypes = [pointer, size, size, size, pointer, pointer, pointer, size, ctypes.c_int, pointer]
         lib.qe_block_dequantize.argtypes = [pointer, pointer, pointer, size, size, pointer]
         lib.qe_decode_batch.argtypes = [ctypes.POINTER(DecodeLayer), size, ctypes.POINTER(DecodeShape), pointer, size,
                                          pointer, pointer, size, size, size, pointer, pointer, pointer,
-                                         pointer, pointer, pointer, pointer]
+                                         pointer, pointer, pointer, pointer, pointer]
         lib.qe_rms_norm.argtypes = [pointer, pointer, size, size, ctypes.c_float, pointer]
         lib.qe_add_rms_norm.argtypes = [pointer, pointer, pointer, size, size, ctypes.c_float, pointer]
         lib.qe_rotate.argtypes = [pointer, size, size, size, size, pointer, pointer]
         lib.qe_silu_mul.argtypes = [pointer, pointer, size, size, size]
         self._lib = lib
 
-    def matmul(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor) -> torch.Tensor:
-        """x [M ≤ 32, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16."""
+    def matmul(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
+               sums: bool = False) -> torch.Tensor:
+        """x [M ≤ 32, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16, or with `sums` float32 unrounded."""
         rows, columns = x.shape
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or columns != scales.shape[1] * 32:
             raise ValueError(f"block matmul needs contiguous bfloat16 rows of {scales.shape[1] * 32} (got {x.dtype} {tuple(x.shape)})")
-        out = torch.empty(rows, scales.shape[0], dtype=torch.bfloat16)
+        out = torch.empty(rows, scales.shape[0], dtype=torch.float32 if sums else torch.bfloat16)
         status = self._lib.qe_block_matmul(
-            x.data_ptr(), rows, columns, codes.data_ptr(), _address(high_bits), scales.data_ptr(), scales.shape[0], out.data_ptr()
+            x.data_ptr(), rows, columns, codes.data_ptr(), _address(high_bits), scales.data_ptr(), scales.shape[0],
+            int(sums), out.data_ptr(),
         )
         if status:
             raise ValueError(f"block matmul cannot take x of shape {tuple(x.shape)}")
         return out
 
     def matmul_amx(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
-                   swiglu: bool = False) -> torch.Tensor | None:
+                   swiglu: bool = False, sums: bool = False) -> torch.Tensor | None:
         """x [M, K] bfloat16 (rows contiguous, possibly spaced apart) → x · Wᵀ [M, N] on AMX tiles straight from the
-        blocks (amx_matmul.c), or with `swiglu` (W the packed [gate; up]) silu(x·gateᵀ)·(x·upᵀ) [M, N/2]; None where
-        this CPU or these shapes have no AMX path (N a multiple of 32, K of 64)."""
+        blocks (amx_matmul.c), in bfloat16 or with `sums` float32 unrounded; or with `swiglu` (W the packed
+        [gate; up]) silu(x·gateᵀ)·(x·upᵀ) [M, N/2]; None where this CPU or these shapes have no AMX path (N a
+        multiple of 32, K of 64)."""
         rows, columns = x.shape
         if x.dtype != torch.bfloat16 or x.stride(1) != 1 or columns != scales.shape[1] * 32:
             return None
-        out = torch.empty(rows, scales.shape[0] // (2 if swiglu else 1), dtype=torch.bfloat16)
+        out = torch.empty(rows, scales.shape[0] // (2 if swiglu else 1), dtype=torch.float32 if sums else torch.bfloat16)
+        mode = 1 if swiglu else 2 if sums else 0  # amx_matmul.c's AMX_SWIGLU, AMX_SUMS, AMX_BF16
         status = self._lib.qe_block_matmul_amx(
             x.data_ptr(), rows, columns, max(x.stride(0), columns), codes.data_ptr(), _address(high_bits),
-            scales.data_ptr(), scales.shape[0], int(swiglu), out.data_ptr(),
+            scales.data_ptr(), scales.shape[0], mode, out.data_ptr(),
         )
         return None if status else out
 
@@ -120,15 +128,17 @@ class CpuKernels:
 
     def decode_batch(self, layers: ctypes.Array, shape: DecodeShape, hidden: torch.Tensor, keys: torch.Tensor,
                      values: torch.Tensor, strides: tuple[int, int, int], positions: torch.Tensor,
-                     rope: tuple[torch.Tensor, ...], slots: torch.Tensor, slot_starts: torch.Tensor) -> None:
+                     rope: tuple[torch.Tensor, ...], slots: torch.Tensor, slot_starts: torch.Tensor,
+                     reduce: ReduceRows | None = None) -> None:
         """One token of each of B sequences through every layer (decode_layer.c): hidden [B, H] bfloat16 in place;
         keys/values: layer 0's cache, written at each sequence's position; strides: (layer, token, kv head) in
         elements; positions [B] int64; rope: (cos, sin, q_cos, q_sin) rows [B, d]; slots/slot_starts: a paged cache's
-        slot of every position of every sequence (concatenated, int64) and where each sequence's start."""
+        slot of every position of every sequence (concatenated, int64) and where each sequence's start; reduce: under
+        tensor parallelism, the ranks' sum of the o and down outputs (a `ReduceRows` callback)."""
         status = self._lib.qe_decode_batch(
             layers, len(layers), ctypes.byref(shape), hidden.data_ptr(), hidden.shape[0], keys.data_ptr(),
             values.data_ptr(), *strides, slots.data_ptr(), slot_starts.data_ptr(), positions.data_ptr(),
-            *(table.data_ptr() for table in rope),
+            *(table.data_ptr() for table in rope), None if reduce is None else ctypes.cast(reduce, ctypes.c_void_p),
         )
         if status:
             raise ValueError(f"the fused decode step cannot take {hidden.shape[0]} rows at positions {positions.tolist()}")

@@ -96,12 +96,16 @@ static int amx_permitted(void) {
     return state == 1;
 }
 
-/* out = x · Wᵀ [M][N]; with `swiglu`, W is the packed [gate; up] of a SwiGLU MLP (N = 2I) and out [M][I] is
- * silu(x·gateᵀ) · (x·upᵀ), rounded as the unfused path rounds: each panel then pairs 16 gate rows with the 16 up
- * rows of the same outputs, and the [M][2I] product is never written. */
+/* out = x · Wᵀ [M][N], by `mode`: AMX_BF16 rounds to bfloat16; AMX_SUMS keeps the float32 sums (a tensor-parallel
+ * rank's partial products, rounded once the ranks have added them up); AMX_SWIGLU takes W as the packed [gate; up]
+ * of a SwiGLU MLP (N = 2I) and out [M][I] is silu(x·gateᵀ) · (x·upᵀ), rounded as the unfused path rounds: each
+ * panel then pairs 16 gate rows with the 16 up rows of the same outputs, and the [M][2I] product is never written. */
+enum { AMX_BF16 = 0, AMX_SWIGLU = 1, AMX_SUMS = 2 };
+
 int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride, const uint8_t *codes,
-                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, int swiglu, uint16_t *out) {
-    if (K % 64 || N % PANEL || M < 1 || stride < K) return -1;
+                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, int mode, void *out) {
+    int swiglu = mode == AMX_SWIGLU;
+    if (K % 64 || N % PANEL || M < 1 || stride < K || mode < AMX_BF16 || mode > AMX_SUMS) return -1;
     int64_t half = N / 2, width = swiglu ? N / 2 : N; /* output columns */
     if (!amx_permitted()) return -2;
     BlockMatrix w = {codes, high_bits, scales, NULL, N, K};
@@ -182,12 +186,17 @@ int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride,
                     for (int64_t m = 0; m < count; m++) {
                         const float *c = partial + p * 32 * 32 + 32 * m;
                         int64_t n0 = g0 + p * PANEL;
-                        if (swiglu) {
+                        uint16_t *halves = (uint16_t *)out + (m0 + m) * width;
+                        if (mode == AMX_SUMS) {
+                            float *sums = (float *)out + (m0 + m) * width + n0;
+                            _mm512_storeu_ps(sums, _mm512_load_ps(c));
+                            _mm512_storeu_ps(sums + 16, _mm512_load_ps(c + 16));
+                        } else if (swiglu) {
                             __m256i mixed = silu_mul16(bf16_round_ps(_mm512_load_ps(c)), bf16_round_ps(_mm512_load_ps(c + 16)));
-                            _mm256_storeu_si256((__m256i *)(out + (m0 + m) * width + n0 / 2), mixed);
+                            _mm256_storeu_si256((__m256i *)(halves + n0 / 2), mixed);
                         } else {
                             __m256i lo = round_bf16x16(_mm512_load_ps(c)), hi = round_bf16x16(_mm512_load_ps(c + 16));
-                            _mm512_storeu_si512(out + (m0 + m) * width + n0, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+                            _mm512_storeu_si512(halves + n0, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
                         }
                     }
             }
@@ -200,8 +209,8 @@ int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride,
 #else
 
 int qe_block_matmul_amx(const uint16_t *x, int64_t M, int64_t K, int64_t stride, const uint8_t *codes,
-                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, int swiglu, uint16_t *out) {
-    (void)x, (void)M, (void)K, (void)stride, (void)codes, (void)high_bits, (void)scales, (void)N, (void)swiglu, (void)out;
+                        const uint8_t *high_bits, const uint16_t *scales, int64_t N, int mode, void *out) {
+    (void)x, (void)M, (void)K, (void)stride, (void)codes, (void)high_bits, (void)scales, (void)N, (void)mode, (void)out;
     return -2;
 }
 

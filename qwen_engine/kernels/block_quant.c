@@ -114,7 +114,8 @@ static inline __attribute__((always_inline)) void row_pair_dots(
         for (int m = 0; m < M; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out) {
+/* out (bfloat16, bias added) or, where `sums` is given instead, the unrounded float32 products without the bias. */
+static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out, float *sums) {
     int64_t K = w->columns, N = w->rows;
     if (M < 1 || M > MAX_ROWS || K % 64 != 0) return -1;
     int five_bit = w->high_bits != NULL;
@@ -155,6 +156,10 @@ int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t
         for (int64_t r = 0; r < count; r++)
             for (int m = 0; m < M; m++) {
                 int64_t n = n0 + r;
+                if (sums) {
+                    sums[m * N + n] = dots[r][m];
+                    continue;
+                }
                 uint16_t product = f32_to_bf16(dots[r][m]);
                 out[m * N + n] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
             }
@@ -163,11 +168,19 @@ int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t
     return 0;
 }
 
-/* out[M][N] (bfloat16) = x[M][K] (bfloat16) · Wᵀ, for the Python side (no bias). */
+int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out) {
+    return matrix_times(w, x, M, out, NULL);
+}
+
+int qe_matrix_sums(const BlockMatrix *w, const uint16_t *x, int64_t M, float *out) {
+    return matrix_times(w, x, M, NULL, out);
+}
+
+/* out[M][N] = x[M][K] (bfloat16) · Wᵀ, for the Python side (no bias): bfloat16, or float32 unrounded with `sums`. */
 int qe_block_matmul(const uint16_t *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *high_bits,
-                    const uint16_t *scales, int64_t N, uint16_t *out) {
+                    const uint16_t *scales, int64_t N, int sums, void *out) {
     BlockMatrix w = {codes, high_bits, scales, NULL, N, K};
-    return qe_matrix_times(&w, x, M, out);
+    return sums ? qe_matrix_sums(&w, x, M, out) : qe_matrix_times(&w, x, M, out);
 }
 
 /* W as bfloat16 [N][K] (rounded to nearest even), for prefill's matmul. */

@@ -204,4 +204,8 @@ static inline void dequantize_row(const BlockMatrix *w, int64_t n, uint16_t *out
  * as the PyTorch path rounds. M ≤ MAX_ROWS, columns a multiple of 64. Returns 0, or −1 on bad arguments. */
 int qe_matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out);
 
+/* The same products unrounded, float32, without the bias: a tensor-parallel rank's partial sums of a row-parallel
+ * matrix, which the ranks add up before the one rounding. */
+int qe_matrix_sums(const BlockMatrix *w, const uint16_t *x, int64_t M, float *out);
+
 #endif

@@ -3,7 +3,9 @@
  * RMSNorm, q/k/v, RoPE, the KV-cache write, GQA attention, o, residual, RMSNorm, SwiGLU, down, residual
  * (qwen-family.md §0, §3.2). Decoding is dominated by reading weights, and between those reads the PyTorch path
  * spends ~60 small operator calls a layer; here they cost nothing. Every intermediate is rounded to bfloat16 where
- * the PyTorch path rounds it, so the two paths agree up to summation order.
+ * the PyTorch path rounds it, so the two paths agree up to summation order. Under tensor parallelism a layer holds
+ * one rank's heads and MLP columns, and `reduce` sums the ranks' float32 partial o and down products where the
+ * PyTorch path all-reduces them (model/parallel.py), before their one rounding.
  */
 #include "block_quant.h"
 
@@ -22,6 +24,10 @@ typedef struct {
 
 /* Where a sequence keeps its keys and values: position t of kv head g is at base + slots[t]·token_stride +
  * g·head_stride (slots: the paged cache's block slots of the sequence's positions). */
+/* Sums `count` float32 values in place over every tensor-parallel rank (a collective all ranks enter in the same
+ * order); returns 0, or non-zero when it failed. */
+typedef int (*ReduceRows)(float *sums, int64_t count);
+
 typedef struct {
     const int64_t *slots;
     int64_t token_stride, head_stride;
@@ -91,16 +97,27 @@ static void add_rows(uint16_t *hidden, const uint16_t *delta, int64_t n) {
     for (int64_t i = 0; i < n; i++) hidden[i] = f32_to_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(delta[i]));
 }
 
+/* The residual add of a row-parallel matrix's output: one rank's partial products into `sums`, the ranks' total
+ * rounded once (as one process rounds the whole product), added to hidden. No bias (Qwen's o and down have none). */
+static int add_reduced(const BlockMatrix *w, const uint16_t *x, int64_t B, float *sums, ReduceRows reduce,
+                       uint16_t *hidden, int64_t H) {
+    int status = qe_matrix_sums(w, x, B, sums);
+    if (status || (status = reduce(sums, B * H))) return -1;
+    for (int64_t i = 0; i < B * H; i++)
+        hidden[i] = f32_to_bf16(bf16_to_f32(hidden[i]) + bf16_to_f32(f32_to_bf16(sums[i])));
+    return 0;
+}
+
 /* hidden [B][H] (bfloat16, updated in place): one token of each of B sequences (B ≤ MAX_ROWS) through `count`
  * layers, sequence b at position positions[b]. keys/values: layer 0's cache, the next layer `layer_stride` elements
  * on; token_stride/head_stride and slots (concatenated, sequence b's from slot_starts[b])
  * say where each position lives (KVLayout). cos/sin/q_cos/q_sin: [B][d] rotary rows (q_* for queries; they differ
- * under LogN scaling). Each sequence's arithmetic is independent of the others in the batch. Returns 0, or −1 on bad
- * arguments. */
+ * under LogN scaling). reduce: NULL on one process, else the ranks' sum after o and after down. Each sequence's
+ * arithmetic is independent of the others in the batch. Returns 0, or −1 on bad arguments or a failed reduce. */
 int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape *shape, uint16_t *hidden, int64_t B,
                     uint16_t *keys, uint16_t *values, int64_t layer_stride, int64_t token_stride, int64_t head_stride,
                     const int64_t *slots, const int64_t *slot_starts, const int64_t *positions, const uint16_t *cos,
-                    const uint16_t *sin, const uint16_t *q_cos, const uint16_t *q_sin) {
+                    const uint16_t *sin, const uint16_t *q_cos, const uint16_t *q_sin, ReduceRows reduce) {
     int64_t H = shape->hidden, d = shape->head_dim, heads = shape->heads, kv_heads = shape->kv_heads;
     int64_t inter = shape->intermediate, longest = 0;
     if (d % 32 || d > 512 || H % 64 || inter % 64 || kv_heads < 1 || heads % kv_heads || B < 1 || B > MAX_ROWS)
@@ -116,8 +133,8 @@ int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape 
     int64_t chunks = (group + per_task - 1) / per_task;
     uint16_t *normed = malloc(B * H * 2), *qkv = malloc(B * qkv_size * 2), *attn = malloc(B * heads * d * 2);
     uint16_t *mixed = malloc(B * H * 2), *gate_up = malloc(B * inter * 4), *act = malloc(B * inter * 2);
-    float *scores = malloc((size_t)B * heads * (longest + 1) * sizeof(float));
-    int status = (normed && qkv && attn && mixed && gate_up && act && scores) ? 0 : -1;
+    float *scores = malloc((size_t)B * heads * (longest + 1) * sizeof(float)), *sums = malloc(B * H * sizeof(float));
+    int status = (normed && qkv && attn && mixed && gate_up && act && scores && sums) ? 0 : -1;
     for (int64_t l = 0; l < count && status == 0; l++) {
         const DecodeLayer *layer = &layers[l];
         uint16_t *layer_keys = keys + l * layer_stride, *layer_values = values + l * layer_stride;
@@ -142,14 +159,22 @@ int qe_decode_batch(const DecodeLayer *layers, int64_t count, const DecodeShape 
             attend(qkv + b * qkv_size + h * d, n, layer_keys, layer_values, &kv, g, first, pos, d,
                    scores + (b * heads + h) * (longest + 1), longest + 1, attn + (b * heads + h) * d);
         }
-        if ((status = qe_matrix_times(&layer->o, attn, B, mixed))) break;
-        add_rows(hidden, mixed, B * H);
+        if (reduce) {
+            if ((status = add_reduced(&layer->o, attn, B, sums, reduce, hidden, H))) break;
+        } else {
+            if ((status = qe_matrix_times(&layer->o, attn, B, mixed))) break;
+            add_rows(hidden, mixed, B * H);
+        }
         for (int64_t b = 0; b < B; b++) rms_norm_row(hidden + b * H, layer->post_norm, H, shape->eps, normed + b * H);
         if ((status = qe_matrix_times(&layer->gate_up, normed, B, gate_up))) break;
         for (int64_t b = 0; b < B; b++) silu_mul_row(gate_up + b * 2 * inter, gate_up + b * 2 * inter + inter, inter, act + b * inter);
-        if ((status = qe_matrix_times(&layer->down, act, B, mixed))) break;
-        add_rows(hidden, mixed, B * H);
+        if (reduce) {
+            if ((status = add_reduced(&layer->down, act, B, sums, reduce, hidden, H))) break;
+        } else {
+            if ((status = qe_matrix_times(&layer->down, act, B, mixed))) break;
+            add_rows(hidden, mixed, B * H);
+        }
     }
-    free(normed), free(qkv), free(attn), free(mixed), free(gate_up), free(act), free(scores);
+    free(normed), free(qkv), free(attn), free(mixed), free(gate_up), free(act), free(scores), free(sums);
     return status ? -1 : 0;
 }

@@ -20,7 +20,7 @@ from ..errors import QwenError
 from ..kernels import CpuKernels, cpu_kernels
 from ..sharding import shard_config
 from ..weights.names import PACKED
-from .parallel import TensorParallel, VocabParallelEmbedding
+from .parallel import TensorParallel
 from .rope import RotaryChoice, RotaryEmbedding, RotaryTables, apply_rotary
 
 
@@ -133,7 +133,7 @@ class Attention(nn.Module):
                 return x[:, :0]
             out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
         projected = self.o_proj(out.transpose(1, 2).reshape(sequences, out.shape[2], self.q_size))
-        return projected if self.parallel is None else self.parallel.all_reduce(projected)
+        return projected if self.parallel is None else self.parallel.all_reduce(projected, x.dtype)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         """Attention of queries at positions start… over the keys held (those up to the last query)."""
@@ -186,7 +186,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._swiglu(x)
-        return out if self.parallel is None else self.parallel.all_reduce(out)
+        return out if self.parallel is None else self.parallel.all_reduce(out, x.dtype)
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
         # A block-quantized projection fuses the whole SwiGLU into its prefill product (quantized.py BlockLinear).
@@ -237,12 +237,9 @@ class Backbone(nn.Module):
     def __init__(self, config: ModelConfig, parallel: TensorParallel | None = None) -> None:
         super().__init__()
         # An explicit (uninitialised) table skips the random init: on the meta device that alone costs a second
-        # of imports, and checkpoint weights replace it anyway.
-        if parallel is None:
-            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                             _weight=torch.empty(config.vocab_size, config.hidden_size))
-        else:
-            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel)
+        # of imports, and checkpoint weights replace it anyway. Under tensor parallelism: the rank's rows.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config, i, parallel) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -277,6 +274,8 @@ class QwenDecoder(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B, T, H]; image/audio features are written into this before `forward(inputs_embeds=…)`."""
+        if self.parallel is not None:
+            return self.parallel.vocab_lookup(self.model.embed_tokens, token_ids, self.shard.vocab_size, self.dtype)
         return self.model.embed_tokens(token_ids).to(self.dtype)
 
     def forward(

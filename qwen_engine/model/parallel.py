@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,10 +18,11 @@ class TensorParallel:
     rank: int
     group: Any = None  # the process group; None: the default one
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The sum of every rank's `x`, in place."""
+    def all_reduce(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The sum of every rank's `x`, in place, then in `dtype` where given (partial products kept in float32 by
+        a block format are rounded once, after the sum, as one process rounds the whole product)."""
         dist.all_reduce(x, group=self.group)
-        return x
+        return x if dtype is None else x.to(dtype)
 
     def gather_last(self, x: torch.Tensor) -> torch.Tensor:
         """Every rank's `x` side by side along the last dimension (the head's vocabulary slices, in rank order)."""
@@ -30,18 +30,11 @@ class TensorParallel:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
-
-class VocabParallelEmbedding(nn.Module):
-    """Rows rank·V/tp … (rank+1)·V/tp − 1 of the table: each rank looks up the ids it holds (zeros elsewhere) and the
-    sum over ranks is every id's row."""
-
-    def __init__(self, rows: int, width: int, parallel: TensorParallel) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(rows, width), requires_grad=False)
-        self.parallel, self.start = parallel, parallel.rank * rows
-
-    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        local = token_ids - self.start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        rows = F.embedding(local.masked_fill(outside, 0), self.weight)
-        return self.parallel.all_reduce(rows.masked_fill_(outside[..., None], 0))
+    def vocab_lookup(self, table: nn.Module, token_ids: torch.Tensor, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """Embeddings of `token_ids` from a vocabulary-parallel table (this rank holds rows rank·rows … (rank+1)·rows
+        − 1, in any format): each rank looks up the ids it holds, zeros elsewhere, and the sum over ranks is every
+        id's row (adding zeros changes no bit)."""
+        local = token_ids - self.rank * rows
+        outside = (local < 0) | (local >= rows)
+        found = table(local.masked_fill(outside, 0)).to(dtype)
+        return self.all_reduce(found.masked_fill_(outside[..., None], 0))

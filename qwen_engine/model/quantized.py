@@ -24,6 +24,7 @@ from torch import nn
 
 from ..kernels import MAX_ROWS, cpu_kernels
 from ..errors import QwenError
+from ..sharding import ROW_PARALLEL
 from ..weights.gguf import StoredRows
 from ..weights.names import stored_as
 from ..weights.quants import BlockCodes
@@ -53,6 +54,9 @@ class _QuantizedLinear(nn.Module, ABC):
     # sequence's prefill computes the same whether it came alone or with others (each row of the product is
     # independent of the rest; the packed kernel's int8 activations are not the same numbers).
     packed_max_rows: int = PACKED_MAX_ROWS
+    # Under tensor parallelism a row-parallel block matrix (o, down; `keep_partial_sums`) returns its products in
+    # float32, unrounded: the ranks add them up and round once, where one process rounds the whole product.
+    partial_sums: bool = False
 
     @abstractmethod
     def _packed_matmul(self, rows: torch.Tensor) -> torch.Tensor:
@@ -67,7 +71,8 @@ class _QuantizedLinear(nn.Module, ABC):
         out = self._packed_matmul(rows.contiguous()) if rows.shape[0] <= self.packed_max_rows else self._dense_matmul(rows)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.partial_sums else out.to(x.dtype)
 
 
 class Int8Linear(_QuantizedLinear):
@@ -267,7 +272,7 @@ class BlockLinear(_QuantizedLinear):
         kernels = cpu_kernels()
         if kernels is None or self.in_features % 64:
             return self._dense_matmul(rows)
-        return kernels.matmul(rows.contiguous(), self.codes, self.high_bits, self.scales)
+        return kernels.matmul(rows.contiguous(), self.codes, self.high_bits, self.scales, sums=self.partial_sums)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) · up for this packed [gate; up] projection in one AMX pass, without the [T, 2I] product, or
@@ -281,7 +286,7 @@ class BlockLinear(_QuantizedLinear):
 
     def _dense_matmul(self, rows: torch.Tensor) -> torch.Tensor:
         kernels = cpu_kernels()
-        product = kernels.matmul_amx(rows, self.codes, self.high_bits, self.scales) if kernels else None
+        product = kernels.matmul_amx(rows, self.codes, self.high_bits, self.scales, sums=self.partial_sums) if kernels else None
         if product is not None:  # AMX straight from the blocks: no bfloat16 copy of the matrix at all
             return product
         # A large matrix (the packed gate/up, a head scoring every position) goes in pieces of output rows, each
@@ -290,14 +295,15 @@ class BlockLinear(_QuantizedLinear):
         pieces = -(-self.out_features * self.in_features // _DENSE_PIECE_WEIGHTS)
         step = -(-self.out_features // pieces)
         workspace = _workspace.get(step * self.in_features)
+        dtype = torch.float32 if self.partial_sums else torch.bfloat16  # (a float32 product of bfloat16 values)
         if pieces == 1:
-            return F.linear(rows, _block_dequantize(self.codes, self.high_bits, self.scales, workspace))
-        transposed = torch.empty(self.out_features, rows.shape[0], dtype=torch.bfloat16)
+            return F.linear(rows.to(dtype), _block_dequantize(self.codes, self.high_bits, self.scales, workspace).to(dtype))
+        transposed = torch.empty(self.out_features, rows.shape[0], dtype=dtype)
         for start in range(0, self.out_features, step):
             piece = slice(start, start + step)
             high_bits = None if self.high_bits is None else self.high_bits[piece]
             weights = _block_dequantize(self.codes[piece], high_bits, self.scales[piece], workspace)
-            torch.mm(weights, rows.t(), out=transposed[piece])
+            torch.mm(weights.to(dtype), rows.t().to(dtype), out=transposed[piece])
         return transposed.t()
 
 
@@ -373,6 +379,13 @@ def quantize_modules(model: nn.Module, plan: dict[str, str], stored_blocks: Stor
         _replace(model, name, quantized)
 
 
+def keep_partial_sums(model: nn.Module) -> None:
+    """A tensor-parallel rank's row-parallel block matrices (o, down) give float32 partial products (`partial_sums`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, BlockLinear) and any(part in f"{name}." for part in ROW_PARALLEL):
+            module.partial_sums = True
+
+
 def _blocks_of(name: str, weight: torch.Tensor, bits: int, stored_blocks: StoredBlocks) -> BlockCodes:
     parts = [stored_blocks(part) for part in stored_as(name)]
     if all(part is not None for part in parts) and (bits == 8 or all(part.bits == 5 for part in parts)):
@@ -402,6 +415,14 @@ def place_quantized(model: nn.Module, plan: dict[str, str], state: dict[str, tor
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
+
+
+def input_groups(quant: str) -> tuple[int, str]:
+    """How many consecutive weights of a row `quant` stores together (a block, an int4 group) and the format's name:
+    a tensor-parallel split of a matrix's inputs must fall between groups (sharding.check_split)."""
+    if quant in ("none", "int8"):
+        return 1, ""
+    return (INT4_GROUP if quant == "int4" else 32), quant
 
 
 FOUR_BIT_SOURCES = frozenset({"Q4_0", "Q4_1", "Q4_K"})

@@ -169,13 +169,17 @@ class GGUFCheckpoint:
 
         from .quants import dequantize
 
-        row_bytes = entry.nbytes // entry.shape[0]
         out = torch.empty((count, *entry.shape[1:]), dtype=dtype, device=device)
         for first in range(0, count, ROWS_PER_READ):
             n = min(ROWS_PER_READ, count - first)
-            raw = _pread(file, entry.offset + (start + first) * row_bytes, n * row_bytes)
+            raw = _pread_rows(file, entry, start + first, n)
             out[first : first + n] = dequantize(raw, entry.qtype, (n, *entry.shape[1:]), name=entry.name)
         return out
+
+    def read_rows(self, entry: TensorEntry, start: int, count: int) -> np.ndarray:
+        """The stored bytes of rows start…start+count−1 (os.pread, as `_read_rows`), not dequantized."""
+        with open(self.path, "rb") as file:
+            return _pread_rows(file, entry, start, count)
 
 
 ROWS_PER_READ = 4096  # rows dequantized at once when a rank reads its rows of a tensor
@@ -183,6 +187,11 @@ ROWS_PER_READ = 4096  # rows dequantized at once when a rank reads its rows of a
 
 def _pread(file: BinaryIO, offset: int, size: int) -> np.ndarray:
     return np.frombuffer(os.pread(file.fileno(), size, offset), dtype=np.uint8)
+
+
+def _pread_rows(file: BinaryIO, entry: TensorEntry, start: int, count: int) -> np.ndarray:
+    row_bytes = entry.nbytes // entry.shape[0]  # a row is whole blocks
+    return _pread(file, entry.offset + start * row_bytes, count * row_bytes)
 
 
 Each = Callable[["str", "torch.Tensor"], "dict[str, torch.Tensor]"]  # a loaded tensor → the tensors kept of it
