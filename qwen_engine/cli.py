@@ -151,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", help="the model name clients send (default: the model argument)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set QWEN_API_KEY)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (or set QWEN_API_KEY); the chat "
+                       "page at / asks for it")
+    serve.add_argument("--no-webui", action="store_true", help="leave out the chat page at /")
     serve.add_argument("--max-num-seqs", type=_positive_int, default=32, help="sequences decoded together (default 32)")
     serve.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond those; more get 429 (default 64)")
     serve.add_argument("--kv-cache-gb", type=float,
@@ -607,7 +609,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                     api_key=args.api_key or os.environ.get("QWEN_API_KEY"), max_queue=args.max_queue,
                     max_request_bytes=int(args.max_request_mb * 2**20), media=media)
     # HTTP on a thread of its own, the engine on this one (the main thread: see ServingEngine.run_forever).
-    http = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", timeout_graceful_shutdown=5))
+    http = uvicorn.Server(uvicorn.Config(create_app(server, webui=not args.no_webui), log_level="warning",
+                                         timeout_graceful_shutdown=5))
     http_thread = threading.Thread(target=http.run, kwargs={"sockets": [listener]}, name="qwen-http", daemon=True)
     engine.own()  # requests that arrive before the loop starts wait in its queue
     signal.signal(signal.SIGTERM, lambda *_: engine.stop())  # from here on SIGTERM shuts down in order
@@ -617,8 +620,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if not http_thread.is_alive():
         raise QwenError(f"the HTTP server on {args.host}:{args.port} stopped while starting (uvicorn says why above)")
     stats = engine.stats()
+    page = "" if args.no_webui else f"; chat page at http://{args.host}:{args.port}/"
     sys.stderr.write(f"qwen: serving {server.name} on http://{args.host}:{args.port}/v1 "
-                     f"({stats['kv_blocks_total']} KV blocks, {stats['capacity_tokens']:,} tokens)\n")
+                     f"({stats['kv_blocks_total']} KV blocks, {stats['capacity_tokens']:,} tokens){page}\n")
     try:
         engine.run_forever(keep_going=lambda: http_thread.is_alive() and engine.runner.alive)
     except KeyboardInterrupt:

@@ -418,3 +418,29 @@ def test_a_port_in_use_fails_in_one_line_before_the_model_loads(tmp_path) -> Non
     lines = clash.stderr.strip().splitlines()
     assert clash.returncode != 0 and len(lines) == 1, clash.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in lines[0] and "--port" in lines[0] and "absent.gguf" not in lines[0]
+
+
+def test_the_listening_socket_turns_nagle_off_on_every_connection() -> None:
+    """Connections accepted on `qwen serve`'s socket get TCP_NODELAY from asyncio, as uvicorn's own sockets do: with
+    Nagle's algorithm on, each small response written in parts waited ~40 ms for the client's delayed ACK."""
+    import asyncio
+
+    from qwen_engine.server.listen import listen
+
+    async def accepted_nodelay() -> int:
+        flags: list[int] = []
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            flags.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = listen("127.0.0.1", 0)
+        server = await asyncio.start_server(connected, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname())
+        while not flags:
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+        return flags[0]
+
+    assert asyncio.run(accepted_nodelay()) == 1

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API over the serving engine, assembled: /v1/models, /v1/chat/completions (chat.py),
 /v1/completions (completions.py), /v1/audio/transcriptions and /v1/audio/translations (audio.py), /health and
-/metrics (metrics.py), behind the gate (gate.py: the API key and the body limit, multipart uploads included).
+/metrics (metrics.py) and the chat page at / (webui.py), behind the gate (gate.py: the API key and the body limit,
+multipart uploads included).
 
 Requests are validated before they reach the engine (protocol.py); every failure is an OpenAI-shaped JSON error
 (errors.py).
@@ -25,9 +26,12 @@ from .errors import ApiError, error_response
 from .gate import Gate
 from .protocol import AudioForm, ChatCompletionRequest, CompletionRequest, audio_form
 from .server import Server
+from .webui import add_webui, load_assets
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, webui: bool = True) -> FastAPI:
+    """The app; `webui=False` (qwen serve --no-webui) leaves out the chat page."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
@@ -67,7 +71,7 @@ def create_app(server: Server) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {"id": server.name, "object": "model", "created": server.created, "owned_by": "qwen-engine",
-                "max_model_len": server.model.config.context_length}
+                "max_model_len": server.model.config.context_length, "input_modalities": server.input_modalities}
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions")
@@ -86,5 +90,7 @@ def create_app(server: Server) -> FastAPI:
     async def translations(form: Annotated[AudioForm, Depends(audio_form)]) -> Response:
         return await audio_task(server, form, "translate")
 
+    if webui:
+        add_webui(app, load_assets())
     app.add_middleware(Gate, server=server)
     return app

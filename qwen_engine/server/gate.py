@@ -16,7 +16,7 @@ Message = dict[str, Any]
 
 
 class Gate:
-    PATHS = {"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/audio/transcriptions",
+    PATHS = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/audio/transcriptions",
              "/v1/audio/translations"}
 
     def __init__(self, app: Any, server: Server) -> None:

@@ -41,6 +41,11 @@ class Server:
         self.metrics = Metrics(engine, lambda: self.in_flight)
         self.created = int(time.time())
 
+    @property
+    def input_modalities(self) -> list[str]:
+        """What a message may carry to this model (/v1/models says it; the chat page offers attachments by it)."""
+        return ["text"] + ["image"] * (self.model.vision is not None) + ["audio"] * (self.model.audio is not None)
+
     # ---- request admission ---------------------------------------------------------------------------------
     def check_auth(self, given: str) -> None:
         """`given`: the Authorization header ("" when absent)."""
