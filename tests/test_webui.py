@@ -184,6 +184,7 @@ def test_stop_cancels_the_request_on_the_server(page, served) -> None:
         time.sleep(0.1)
     assert metric(served, "qwen_requests_running") == 0
     assert metric(served, "qwen_requests_in_flight") == 0
+    assert metric(served, "qwen_kv_blocks_used") == 0  # the stopped request's blocks are back
 
 
 def test_a_reload_finds_the_conversation(page) -> None:
@@ -430,3 +431,38 @@ def test_a_text_file_attached_becomes_part_of_the_message(page, tmp_path) -> Non
     photo.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
     page.get_by_test_id("attach").set_input_files(str(photo))
     page.get_by_test_id("error").filter(has_text=re.compile("image", re.I)).wait_for()  # this model takes none
+
+
+def test_an_image_goes_to_a_model_that_takes_images(browser, gguf_arrays, tmp_path) -> None:
+    """On a Qwen-VL checkpoint (`input_modalities` has "image") an attached picture goes out as an image_url part
+    with a data: URL, and the reply comes back; the text-only model refuses it (above)."""
+    from PIL import Image
+    from test_server import Running
+    from tiny import write_qwen_vl
+
+    import qwen_engine
+
+    write_qwen_vl(tmp_path / "vl", gguf_arrays[0])
+    running = Running(qwen_engine.load(tmp_path / "vl", dtype="float32"))
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(picture)
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(running.url + "/")
+        page.get_by_test_id("model-name").filter(has_text="qwen").wait_for()
+        set_fields(page, {"max_tokens": "4", "temperature": "0"})
+        page.get_by_test_id("attach").set_input_files(str(picture))
+        page.get_by_test_id("attachment").filter(has_text="red.png").wait_for()
+        with page.expect_request("**/v1/chat/completions") as sent:
+            send(page, "What colour is this?")
+        parts = sent.value.post_data_json["messages"][-1]["content"]
+        images = [part for part in parts if part["type"] == "image_url"]
+        assert len(images) == 1 and images[0]["image_url"]["url"].startswith("data:image/png;base64,")
+        assert any(part["type"] == "text" and "What colour" in part["text"] for part in parts)
+        finished(page)
+        assert page.locator("[data-testid=message][data-role=assistant]").count() == 1
+        assert not page.get_by_test_id("error").is_visible()
+    finally:
+        context.close()
+        running.close()
