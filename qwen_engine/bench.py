@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .kernels import cpu_kernels
 from .llm import load
 
 
@@ -26,6 +27,7 @@ class BenchResult:
     peak_rss_mb: float
     quant: str
     dtype: str
+    kernels: str  # the native kernel variant in use (cpu.py), "none" where PyTorch's paths run
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -73,4 +75,5 @@ def run_bench(
         peak_rss_mb=peak_rss_mb(),
         quant=m.quant,
         dtype=str(m.dtype).removeprefix("torch."),
+        kernels="none" if cpu_kernels() is None or m.device.type != "cpu" else cpu_kernels().variant,
     )

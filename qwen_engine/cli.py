@@ -378,6 +378,7 @@ def _write_atomically(target: str, data: bytes) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from .checkpoint import open_checkpoint
+    from .cpu import kernel_variant
 
     info = open_checkpoint(args.model, progress=sys.stderr.isatty(), rope_scaling=args.rope_scaling).info()
     config, defaults = info.config, info.sampling_defaults
@@ -404,6 +405,7 @@ def cmd_info(args: argparse.Namespace) -> None:
         "chat_template": info.has_chat_template,
         "sampling_defaults": {name: {"value": getattr(defaults.params, name), "source": source}
                               for name, source in defaults.sources.items()},
+        "kernels": kernel_variant(),  # what this CPU runs (QWEN_ENGINE_CPU caps it)
     }
     vision, audio = config.vision, config.audio
     if vision is not None or audio is not None:
@@ -451,7 +453,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.as_dict()))
         return
-    print(f"model            {args.model} ({result.dtype}, quant {result.quant}, {torch.get_num_threads()} threads)")
+    print(f"model            {args.model} ({result.dtype}, quant {result.quant}, {torch.get_num_threads()} threads, "
+          f"kernels {result.kernels})")
     print(f"load             {result.load_s:.2f} s (first token {result.start_to_first_token_s:.2f} s after start)")
     print(f"prefill          {result.prefill_tok_s:.1f} tok/s ({result.prompt_tokens} tokens, TTFT {result.ttft_s:.2f} s)")
     print(f"decode           {result.decode_tok_s:.1f} tok/s ({result.gen_tokens} tokens)")

@@ -11,6 +11,7 @@ from gguf import quants as gguf_quants
 
 import qwen_engine
 import qwen_engine.model.quantized as quantized
+from qwen_engine.cpu import VARIANTS
 from qwen_engine.kernels import cpu_flags, cpu_kernels
 from qwen_engine.model.quantized import BlockLinear, pack_blocks, quant_plan, quantize_blocks, unpack_blocks
 from qwen_engine.weights.quants import BlockCodes, block_codes
@@ -366,3 +367,64 @@ def test_prefill_with_row_kernels_matches_the_pytorch_ops(tiny_blocks_gguf, monk
     native = model.logits(ids)
     monkeypatch.setattr(decoder_module, "native_kernels", lambda x: None)
     assert relative_error(native, model.logits(ids)) <= 0.02
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 5])
+def test_partial_sums_are_the_products_before_their_rounding(bits: int) -> None:
+    """What a tensor-parallel rank sums over the ranks (`sums=True`: float32, unrounded, for decoding and on AMX
+    for prefill) rounds to exactly the bfloat16 product of one process, and is that product in float32."""
+    kernels = cpu_kernels()
+    blocks = quantize_blocks(random_weights(96, 640, seed=8), bits)
+    packed, high_bits = pack_blocks(blocks)
+    weight = kernels.dequantize(packed, high_bits, blocks.scales).float()
+    x = torch.randn(5, 640).to(torch.bfloat16)
+    sums = kernels.matmul(x, packed, high_bits, blocks.scales, sums=True)
+    assert sums.dtype == torch.float32
+    assert torch.equal(sums.to(torch.bfloat16), kernels.matmul(x, packed, high_bits, blocks.scales))
+    rows = torch.randn(40, 640).to(torch.bfloat16)
+    amx = kernels.matmul_amx(rows, packed, high_bits, blocks.scales, sums=True)
+    if amx is not None:  # (the "amx" variant)
+        assert amx.dtype == torch.float32
+        assert torch.equal(amx.to(torch.bfloat16), kernels.matmul_amx(rows, packed, high_bits, blocks.scales))
+        assert relative_error(amx, rows.float() @ weight.T) <= 1e-5
+
+
+VARIANTS_HERE = [name for name in ("amx", "avx512") if set(VARIANTS[name]) <= cpu_flags()]
+
+
+@needs_kernels
+@pytest.mark.parametrize("variant", VARIANTS_HERE)
+def test_every_kernel_variant_this_cpu_runs_gives_the_reference_numbers(variant: str, tiny_blocks_gguf,
+                                                                       monkeypatch) -> None:
+    """QWEN_ENGINE_CPU caps the variant (cpu.py): each one this machine can execute loads, reports itself, and gives
+    the float32 reference's logits in prefill and through the fused decoding steps (the "avx512" variant prefills
+    by dequantizing, as a CPU without AMX does)."""
+    monkeypatch.setenv("QWEN_ENGINE_CPU", variant)
+    cpu_kernels.cache_clear()
+    try:
+        kernels = cpu_kernels()
+        assert kernels.variant == variant
+        blocks = quantize_blocks(random_weights(64, 640, seed=9), 8)
+        on_amx = kernels.matmul_amx(torch.randn(40, 640).to(torch.bfloat16), *pack_blocks(blocks), blocks.scales)
+        assert (on_amx is not None) == (variant == "amx")
+        model = qwen_engine.load(tiny_blocks_gguf)
+        reference = qwen_engine.load(tiny_blocks_gguf, dtype="float32", quant="none")
+        assert model.decoder.fused_decode is not None
+        ids, steps = list(range(500, 540)), list(range(900, 910))
+        assert relative_error(model.logits(ids), reference.logits(ids)) <= 0.03
+        assert relative_error(decode_logits(model, ids, steps), decode_logits(reference, ids, steps)) <= 0.05
+    finally:
+        monkeypatch.delenv("QWEN_ENGINE_CPU")
+        cpu_kernels.cache_clear()
+
+
+def test_a_variant_this_build_lacks_is_one_clear_error(monkeypatch) -> None:
+    from qwen_engine.cpu import kernel_variant
+    from qwen_engine.errors import QwenError
+
+    monkeypatch.setenv("QWEN_ENGINE_CPU", "avx2")
+    with pytest.raises(QwenError, match="QWEN_ENGINE_CPU=avx2 is not a kernel variant .*use amx, avx512, none"):
+        kernel_variant()
+    monkeypatch.setenv("QWEN_ENGINE_CPU", "none")
+    assert kernel_variant() == "none"

@@ -94,6 +94,9 @@ def test_info_default_model(capsys, default_gguf) -> None:
     assert facts["chat_template"] is True
     # Qwen2.5-0.5B computed total (qwen-family.md §4) plus this file's untied output matrix.
     assert facts["parameters"] == 494_032_768 + 151936 * 896
+    from qwen_engine.cpu import kernel_variant
+
+    assert facts["kernels"] == kernel_variant() and facts["kernels"] in ("amx", "avx512", "none")
 
 
 @pytest.mark.slow
@@ -226,6 +229,9 @@ def test_bench_json(capsys, tiny_gguf) -> None:
     assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0 and result["peak_rss_mb"] > 0
     assert 0 < result["load_s"] <= result["start_to_first_token_s"]
     assert (result["quant"], result["dtype"]) == ("auto", "bfloat16")
+    from qwen_engine.kernels import cpu_kernels
+
+    assert result["kernels"] == ("none" if cpu_kernels() is None else cpu_kernels().variant)
 
 
 def test_perplexity_command(capsys, tiny_gguf, tmp_path) -> None:

@@ -1,9 +1,10 @@
-"""Native CPU kernels: C sources compiled once per machine into the cache directory and loaded with ctypes.
+"""Native CPU kernels, loaded with ctypes: the variant cpu.py picks, from the libraries a wheel carries prebuilt
+(build.py, setup.py), or compiled once per machine into the cache directory from a source checkout.
 
 A plain C shared library (no Python or PyTorch headers) builds in about a second with the system compiler. It uses
 OpenMP from the same libgomp PyTorch has loaded, so its threads are PyTorch's pool and follow
-`torch.set_num_threads`. Where the CPU lacks the instructions or no compiler is found, `cpu_kernels()` is None
-and callers use their PyTorch path.
+`torch.set_num_threads`. Where the CPU lacks the instructions, or neither a prebuilt library nor a compiler is at
+hand, `cpu_kernels()` is None and callers use their PyTorch path.
 """
 
 from __future__ import annotations
@@ -12,34 +13,17 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..cache_dir import cache_dir
+from ..cpu import cpu_flags, kernel_variant
+from .build import AMX_FEATURES, HEADERS, PREBUILT, SOURCES, build_for, compile_library, compiler, flags, sources_digest
 
-HERE = Path(__file__).parent
-SOURCES = (HERE / "block_quant.c", HERE / "decode_layer.c", HERE / "layer_ops.c", HERE / "amx_matmul.c")
-HEADERS = (HERE / "block_quant.h",)
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
-          "-mavx512vl", "-mavx512vnni")
-OPTIONAL_CFLAGS = {"avx512_bf16": "-mavx512bf16", "amx_tile": "-mamx-tile", "amx_bf16": "-mamx-bf16"}  # used where the CPU has them (the sources check with #ifdef)
-DISABLE_ENV = "QWEN_ENGINE_NO_KERNELS"  # set to 1 to run the PyTorch paths only (comparisons, debugging)
 MAX_ROWS = 32  # qe_block_matmul's limit: decoding steps (a serving batch's too); longer prefills take AMX or dequantize
-
-
-def cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    line = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    return frozenset(line.partition(":")[2].split())
 
 
 class BlockMatrix(ctypes.Structure):
@@ -68,7 +52,8 @@ ReduceRows = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_int64)
 class CpuKernels:
     """ctypes bindings of block_quant.c, decode_layer.c and layer_ops.c (see their headers for the layouts)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, variant: str) -> None:
+        self.variant, self.path = variant, path  # cpu.py's name of what they run on; the library loaded
         lib = ctypes.CDLL(str(path))
         pointer, size = ctypes.c_void_p, ctypes.c_int64
         lib.qe_block_matmul.argtypes = [pointer, size, size, pointer, pointer, pointer, size, ctypes.c_int, pointer]
@@ -201,44 +186,49 @@ def _address(tensor: torch.Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-def _compiler() -> str | None:
-    return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-
-
-def _build(compiler: str) -> Path:
-    """Compile into the cache under a name that changes with the source, flags and compiler; temp file → rename."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=False).stdout
+def _build(cc: str, variant: str) -> Path:
+    """Compile into the cache under a name that changes with the sources, flags and compiler. Without the AMX flags
+    amx_matmul.c compiles to its stub, and prefill takes the dequantize-then-matmul path."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    features = cpu_flags() if variant == "amx" else cpu_flags() - AMX_FEATURES
     texts = [path.read_text() for path in SOURCES + HEADERS]
-    flags = [*CFLAGS, *(flag for feature, flag in OPTIONAL_CFLAGS.items() if feature in cpu_flags())]
-    key = hashlib.sha256("\n".join([*texts, " ".join(flags), version]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([*texts, " ".join(flags(features)), version]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"qwen_kernels-{key}.so"
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(prefix=f"{target.name}.partial-", dir=target.parent)
-        os.close(descriptor)
-        partial = Path(name)
-        try:
-            command = [compiler, *flags, "-o", str(partial), *map(str, SOURCES), "-lm"]
-            subprocess.run(command, capture_output=True, check=True, timeout=120)
-            ctypes.CDLL(str(partial)).qe_decode_batch  # loads and links, or raises OSError/AttributeError
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
+        compile_library(cc, features, target)
     return target
+
+
+def _prebuilt(variant: str) -> Path | None:
+    """The library a wheel carries for this CPU's `variant` (setup.py builds them), where it was built from these
+    sources."""
+    path = PREBUILT / f"qwen_kernels-{build_for(variant, cpu_flags())}.so"
+    digest = PREBUILT / "sources.sha256"
+    if not path.is_file() or not digest.is_file() or digest.read_text().strip() != sources_digest():
+        return None
+    return path
 
 
 @functools.cache
 def cpu_kernels() -> CpuKernels | None:
-    """The compiled block kernels, or None where they cannot run here."""
-    if os.environ.get(DISABLE_ENV) == "1" or not set(CPU_FLAGS) <= cpu_flags():
+    """The compiled block kernels of the variant cpu.py picks, or None where none can run here."""
+    variant = kernel_variant()
+    if variant == "none":
         return None
-    compiler = _compiler()
-    if compiler is None:
-        warnings.warn("qwen-engine: no C compiler found (set CC), so the native kernels are off and decoding and "
-                      "prefill run on PyTorch's slower paths", RuntimeWarning, stacklevel=2)
+    prebuilt = _prebuilt(variant)
+    if prebuilt is not None:
+        try:
+            return CpuKernels(prebuilt, variant)
+        except (OSError, AttributeError):  # (a library it cannot load here: compile one instead)
+            pass
+    cc = compiler()
+    if cc is None:
+        warnings.warn("qwen-engine: no C compiler found (set CC) and no prebuilt kernels for this CPU, so the native "
+                      "kernels are off and decoding and prefill run on PyTorch's slower paths", RuntimeWarning,
+                      stacklevel=2)
         return None
     try:
-        return CpuKernels(_build(compiler))
+        return CpuKernels(_build(cc, variant), variant)
     except (OSError, AttributeError, subprocess.SubprocessError) as err:
         detail = getattr(err, "stderr", b"") or b""
         warnings.warn(f"qwen-engine: building the native kernels failed ({err}; {detail.decode(errors='replace')[-300:]}), "

@@ -8,6 +8,7 @@
  * bfloat16 matrix and oneDNN's own weight reorder on every call. Built only with -mamx-tile -mamx-bf16 (where the CPU
  * has them); elsewhere the entry point reports −2 and callers take the dequantize-then-matmul path.
  */
+#define _GNU_SOURCE /* syscall() under -std=c11 */
 #include "block_quant.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
