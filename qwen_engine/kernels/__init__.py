@@ -23,7 +23,7 @@ from ..cache_dir import cache_dir
 from ..cpu import cpu_flags, kernel_variant
 from .build import AMX_FEATURES, HEADERS, PREBUILT, SOURCES, build_for, compile_library, compiler, flags, sources_digest
 
-MAX_ROWS = 32  # qe_block_matmul's limit: decoding steps (a serving batch's too); longer prefills take AMX or dequantize
+MAX_ROWS = 32  # rows the fused decoding step takes a call (a serving batch's decode steps); block products take any number
 
 
 class BlockMatrix(ctypes.Structure):
@@ -70,7 +70,8 @@ class CpuKernels:
 
     def matmul(self, x: torch.Tensor, codes: torch.Tensor, high_bits: torch.Tensor | None, scales: torch.Tensor,
                sums: bool = False) -> torch.Tensor:
-        """x [M ≤ 32, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16, or with `sums` float32 unrounded."""
+        """x [M, K] bfloat16, contiguous → x · Wᵀ [M, N] bfloat16, or with `sums` float32 unrounded (int8 activations
+        in blocks of 32 and VNNI, any M)."""
         rows, columns = x.shape
         if x.dtype != torch.bfloat16 or not x.is_contiguous() or columns != scales.shape[1] * 32:
             raise ValueError(f"block matmul needs contiguous bfloat16 rows of {scales.shape[1] * 32} (got {x.dtype} {tuple(x.shape)})")

@@ -8,7 +8,8 @@
  * where k counts positions in the order block_quant.h describes, not columns: along a row the columns go in
  * superblocks whose lanes each stay within one block. Decoding (a few rows of activations) quantizes the activations
  * the way llama.cpp does for these formats (int8 in blocks of 32 with a float scale), in the same order, and takes
- * integer dot products with AVX-512 VNNI; prefill takes amx_matmul.c or dequantizes to bfloat16 for PyTorch's matmul.
+ * integer dot products with AVX-512 VNNI; prefill takes amx_matmul.c, or without AMX the same integer products (any
+ * number of rows) or a dequantized bfloat16 matrix for PyTorch's matmul, whichever kernels/__init__.py measured faster.
  * Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's, which is PyTorch's own pool (same
  * libgomp), sized by torch.set_num_threads.
  */
@@ -114,28 +115,38 @@ static inline __attribute__((always_inline)) void row_pair_dots(
         for (int m = 0; m < M; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-/* out (bfloat16, bias added) or, where `sums` is given instead, the unrounded float32 products without the bias. */
+/* out (bfloat16, bias added) or, where `sums` is given instead, the unrounded float32 products without the bias.
+ * Any number of activation rows: all are quantized once; then each pair of weight rows, decoded from memory once, meets
+ * them MAX_ROWS at a time (kept in cache between chunks), which is how prefill multiplies straight from the blocks on
+ * a CPU without AMX. Each output's arithmetic is the same whatever M is: a row's result does not depend on the batch
+ * it came in (the serving engine relies on it). */
 static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out, float *sums) {
     int64_t K = w->columns, N = w->rows;
-    if (M < 1 || M > MAX_ROWS || K % 64 != 0) return -1;
+    if (M < 1 || K % 64 != 0) return -1;
     int five_bit = w->high_bits != NULL;
     int8_t *q = aligned_alloc(64, (size_t)(M * K));
     float *lane_scale = aligned_alloc(64, (size_t)(M * K));      /* K/4 floats a row */
     int32_t *lane_start = aligned_alloc(64, (size_t)(M * K));    /* K/4 int32 a row */
-    if (!q || !lane_scale || !lane_start) {
-        free(q), free(lane_scale), free(lane_start);
+    Activations *acts = malloc((size_t)M * sizeof(Activations));
+    if (!q || !lane_scale || !lane_start || !acts) {
+        free(q), free(lane_scale), free(lane_start), free(acts);
         return -1;
     }
-    Activations acts[MAX_ROWS];
-    for (int m = 0; m < M; m++) {
+#pragma omp parallel for schedule(static) if (M > MAX_ROWS)
+    for (int64_t m = 0; m < M; m++) {
         acts[m] = (Activations){q + m * K, lane_scale + m * K / 4, lane_start + m * K / 4};
         quantize_row(x + m * K, K, five_bit ? 16 : 128, acts[m]);
     }
     int64_t row_bytes = five_bit ? K / 2 : K;
-    /* Weight rows go in pairs, so each activation vector loaded serves two, and a weight row is read from memory
-     * once. Each output's arithmetic is the same whatever M is: a row's result does not depend on the batch it came
-     * in (the serving engine relies on it). */
+    /* Rows of x go in groups whose quantized activations (K bytes + K/2 of lane data a row) stay in L2 while every
+     * pair of weight rows passes them: with a long K (the MLP's down projection) they would otherwise come from
+     * memory again for each pair (measured: 2.7x slower at K = 4864). Weight rows go in pairs, so each activation
+     * vector loaded serves two. */
+    int64_t group = (1 << 20) / (2 * K) / MAX_ROWS * MAX_ROWS;
+    group = group < MAX_ROWS ? MAX_ROWS : group;
     const int64_t step = 2;
+    for (int64_t g0 = 0; g0 < M; g0 += group) {
+    int64_t g1 = g0 + group < M ? g0 + group : M;
 #pragma omp parallel for schedule(static)
     for (int64_t n0 = 0; n0 < N; n0 += step) {
         float dots[2][MAX_ROWS];
@@ -149,22 +160,26 @@ static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint
             scales[r] = w->scales + n * (K / 32);
             if (five_bit) high_bits[r] = w->high_bits + n * (K / 8);
         }
-        if (five_bit)  /* a constant per call, so each variant is compiled without the other's branch */
-            row_pair_dots(acts, (int)M, K, codes, high_bits, scales, 1, outs);
-        else
-            row_pair_dots(acts, (int)M, K, codes, high_bits, scales, 0, outs);
-        for (int64_t r = 0; r < count; r++)
-            for (int m = 0; m < M; m++) {
-                int64_t n = n0 + r;
-                if (sums) {
-                    sums[m * N + n] = dots[r][m];
-                    continue;
+        for (int64_t m0 = g0; m0 < g1; m0 += MAX_ROWS) {
+            int chunk = g1 - m0 < MAX_ROWS ? (int)(g1 - m0) : MAX_ROWS;
+            if (five_bit)  /* a constant per call, so each variant is compiled without the other's branch */
+                row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 1, outs);
+            else
+                row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 0, outs);
+            for (int64_t r = 0; r < count; r++)
+                for (int m = 0; m < chunk; m++) {
+                    int64_t n = n0 + r, at = (m0 + m) * N + n;
+                    if (sums) {
+                        sums[at] = dots[r][m];
+                        continue;
+                    }
+                    uint16_t product = f32_to_bf16(dots[r][m]);
+                    out[at] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
                 }
-                uint16_t product = f32_to_bf16(dots[r][m]);
-                out[m * N + n] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
-            }
+        }
     }
-    free(q), free(lane_scale), free(lane_start);
+    }
+    free(q), free(lane_scale), free(lane_start), free(acts);
     return 0;
 }
 

@@ -289,6 +289,12 @@ class BlockLinear(_QuantizedLinear):
         product = kernels.matmul_amx(rows, self.codes, self.high_bits, self.scales, sums=self.partial_sums) if kernels else None
         if product is not None:  # AMX straight from the blocks: no bfloat16 copy of the matrix at all
             return product
+        if kernels is not None and kernels.variant == "avx512" and self.in_features % 64 == 0:
+            # Without AMX, the integer products of the decoding kernel (int8 activations, VNNI) straight from the
+            # blocks beat dequantizing for PyTorch's matmul: 1.7x with AVX-512 BF16, 4.8x without (660 rows of the
+            # default model's matrices, oneDNN capped to each class; benchmarks/prefill_kernels.py). With AMX,
+            # oneDNN is 4.8x faster than they are, and the "amx" variant has its own product anyway.
+            return kernels.matmul(rows.contiguous(), self.codes, self.high_bits, self.scales, sums=self.partial_sums)
         # A large matrix (the packed gate/up, a head scoring every position) goes in pieces of output rows, each
         # dequantized into the workspace in turn; the product is built transposed, so every piece writes a
         # contiguous block. The peak memory of prefill is then the workspace, not the whole matrix in bfloat16.
