@@ -405,7 +405,8 @@ def load(
     """Load `model`: "default", a GGUF file, or an HF checkpoint directory.
 
     `tensor_parallel=N` splits the decoder over N processes on this machine (this one is rank 0; sharding.py says
-    how), joined by torch.distributed (gloo on the CPU, NCCL with one GPU a rank): the float formats only for now.
+    how), joined by torch.distributed (gloo on the CPU, NCCL with one GPU a rank), in any `quant`: each rank cuts
+    its part of every tensor as it reads it, before any conversion.
 
     `quant` picks the runtime weight format: "none" (the dtype itself), "int8", "int4", "q8_0" or "auto" (GGUF's
     Q5_0/Q8_0 blocks kept as stored, 8-bit blocks elsewhere; see `quant_plan`); the CPU default is measured in
