@@ -5,7 +5,6 @@ Reading the header needs no torch (`qwen info`); torch and the dequantizers are 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import struct
@@ -136,14 +135,14 @@ class GGUFCheckpoint:
         (HF names) become meta tensors of the right shape instead, for a caller that reads them another way. `each`
         turns a tensor into the ones kept (a rank's slice, say) before the cast, one tensor at a time; where
         `rows(name, total)` names a block of rows, only those rows are read and dequantized (a GGUF row is whole
-        blocks), and they are kept as they are. With `rows` (a tensor-parallel rank) every tensor is read with
-        os.pread rather than through the mapping, so the file's pages do not count against the rank's memory."""
+        blocks), and they are kept as they are. Every tensor is read with os.pread rather than through the mapping,
+        so the file's pages do not count against this process's memory."""
         import torch
 
         from .quants import dequantize
 
         loaded = {}
-        with open(self.path, "rb") if rows is not None else contextlib.nullcontext() as file:
+        with open(self.path, "rb") as file:
             for entry in progress(self.entries):
                 name = hf_name(entry.name)
                 span = None if rows is None or name in placeholders else rows(name, entry.shape[0])
@@ -153,8 +152,7 @@ class GGUFCheckpoint:
                 if name in placeholders:
                     weights = torch.empty(entry.shape, dtype=dtype, device="meta")
                 else:
-                    raw = (self.data[entry.offset : entry.offset + entry.nbytes] if file is None
-                           else _pread(file, entry.offset, entry.nbytes))
+                    raw = _pread(file, entry.offset, entry.nbytes)
                     weights = dequantize(raw, entry.qtype, entry.shape, name=entry.name)
                 for kept, tensor in (each(name, weights) if each is not None else {name: weights}).items():
                     loaded[kept] = tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)
@@ -186,7 +184,17 @@ ROWS_PER_READ = 4096  # rows dequantized at once when a rank reads its rows of a
 
 
 def _pread(file: BinaryIO, offset: int, size: int) -> np.ndarray:
-    return np.frombuffer(os.pread(file.fileno(), size, offset), dtype=np.uint8)
+    """`size` bytes at `offset`, in as many reads as it takes (Linux reads at most ~2 GiB at once, less than a large
+    model's embedding table in 16 bits)."""
+    out = np.empty(size, dtype=np.uint8)
+    view, done = memoryview(out), 0
+    while done < size:
+        got = os.preadv(file.fileno(), [view[done:]], offset + done)
+        if got == 0:
+            raise QwenError(f"{file.name} ends {size - done:,} bytes short of a tensor; the file is truncated — "
+                            "download it again")
+        done += got
+    return out
 
 
 def _pread_rows(file: BinaryIO, entry: TensorEntry, start: int, count: int) -> np.ndarray:
