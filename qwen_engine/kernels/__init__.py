@@ -21,7 +21,7 @@ import torch
 
 from ..cache_dir import cache_dir
 from ..cpu import cpu_flags, kernel_variant
-from .build import AMX_FEATURES, HEADERS, PREBUILT, SOURCES, build_for, compile_library, compiler, flags, sources_digest
+from .build import BUILDS, PREBUILT, build_for, compile_library, compiler, flags, sources_digest
 
 MAX_ROWS = 32  # rows the fused decoding step takes a call (a serving batch's decode steps); block products take any number
 
@@ -191,9 +191,8 @@ def _build(cc: str, variant: str) -> Path:
     """Compile into the cache under a name that changes with the sources, flags and compiler. Without the AMX flags
     amx_matmul.c compiles to its stub, and prefill takes the dequantize-then-matmul path."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    features = cpu_flags() if variant == "amx" else cpu_flags() - AMX_FEATURES
-    texts = [path.read_text() for path in SOURCES + HEADERS]
-    key = hashlib.sha256("\n".join([*texts, " ".join(flags(features)), version]).encode()).hexdigest()[:16]
+    features = BUILDS[build_for(variant, cpu_flags())]  # the build a wheel would carry for this CPU
+    key = hashlib.sha256("\n".join([sources_digest(), " ".join(flags(features)), version]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"qwen_kernels-{key}.so"
     if not target.exists():
         compile_library(cc, features, target)

@@ -21,11 +21,11 @@ HEADERS = (HERE / "block_quant.h",)
 PREBUILT = HERE / "prebuilt"
 CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
           "-mavx512vl", "-mavx512vnni")
-# Used where the CPU has them (the sources check with #ifdef); the AMX ones only for the "amx" variant (cpu.py).
+# The flags of optional features (the sources check with #ifdef).
 OPTIONAL_CFLAGS = {"avx512_bf16": "-mavx512bf16", "amx_tile": "-mamx-tile", "amx_bf16": "-mamx-bf16"}
-AMX_FEATURES = frozenset({"amx_tile", "amx_bf16"})
-# What a wheel carries: each build's optional features. A CPU gets the richest build its flags allow within its
-# variant (every AMX CPU has AVX-512 BF16; AVX-512 CPUs may lack it, as Ice Lake does).
+# Every build: its optional features. A wheel carries them all; a source checkout compiles its CPU's one. A CPU gets
+# the richest build its flags allow within its variant (every AMX CPU has AVX-512 BF16; AVX-512 CPUs may lack it,
+# as Ice Lake does).
 BUILDS = {"amx": frozenset({"avx512_bf16", "amx_tile", "amx_bf16"}), "avx512_bf16": frozenset({"avx512_bf16"}),
           "avx512": frozenset()}
 
