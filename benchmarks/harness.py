@@ -47,7 +47,7 @@ def machine() -> str:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                  platform.processor())
     flags = next((line for line in cpuinfo if line.startswith("flags")), "")
-    features = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f" {f}" in flags]
+    features = [f for f in ("avx2", "avx_vnni", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f" {f}" in flags]
     return f"{model}; {len(os.sched_getaffinity(0))} cores usable; {', '.join(features)}; Python {platform.python_version()}"
 
 

@@ -10,6 +10,11 @@ decoding that ignores end-of-sequence, and perplexity on benchmarks/data/corpus.
 
 `--baseline DIR` also runs the qwen-engine of another checkout (e.g. `git worktree add /tmp/base HEAD~1`) in the
 same rounds, and writes the two side by side in a section of their own; `--engines` picks the engines.
+
+`--classes native=DIR avx2=DIR` compares per CPU class instead: this engine capped to each class (QWEN_ENGINE_CPU;
+`native` is uncapped) against the llama-cpp-python installed in DIR (`pip install --target DIR`) built for that
+class, all in the same alternating rounds, with perplexity per class; RESULTS.md's "by CPU class" section says how
+each llama.cpp was built.
 """
 
 from __future__ import annotations
@@ -93,7 +98,8 @@ def worker_llama(args: argparse.Namespace) -> dict:
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     decode_s = time.perf_counter() - t0
     return {"load_s": load_s, "start_to_first_token_s": first, "prefill_tok_s": args.prompt_tokens / prefill_s,
-            "decode_tok_s": (args.gen_tokens - 1) / decode_s, "peak_rss_mb": peak_rss_mb()}
+            "decode_tok_s": (args.gen_tokens - 1) / decode_s, "peak_rss_mb": peak_rss_mb(),
+            "system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
 
 def perplexity_qwen(args: argparse.Namespace) -> dict:
@@ -152,12 +158,28 @@ def engine_env(checkout: Path | None, cache: Path) -> dict[str, str]:
     return env | ({"PYTHONPATH": str(checkout)} if checkout is not None else {})
 
 
+def class_env(args: argparse.Namespace, job: str) -> tuple[str, dict[str, str]]:
+    """A job of `--classes` ("qwen-engine@avx2", "ppl:llama.cpp@native"): its worker and environment. qwen-engine is
+    capped to the class; llama.cpp is the llama-cpp-python built for it."""
+    import os
+
+    worker, _, cpu_class = job.partition("@")
+    env = {key: value for key, value in os.environ.items() if key != "QWEN_ENGINE_CPU"}
+    if worker.endswith("llama.cpp"):
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.classes[cpu_class], env.get("PYTHONPATH")]))
+    elif cpu_class != "native":
+        env["QWEN_ENGINE_CPU"] = cpu_class
+    return worker, env
+
+
 def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
     """Run a worker in a fresh process; the baseline's is the qwen-engine worker on the --baseline checkout's code."""
     env = None
     if args.baseline and job in (BASELINE, "qwen-engine"):
         env = engine_env(args.baseline if job == BASELINE else None, args.cache / job.replace(" ", "-"))
         job = "qwen-engine"
+    elif "@" in job:
+        job, env = class_env(args, job)
     command = [sys.executable, __file__, "--worker", job, "--model", args.model, "--prompt-tokens", str(args.prompt_tokens),
                "--gen-tokens", str(args.gen_tokens), "--threads", str(args.threads), "--context", str(args.context)]
     for key, value in extra.items():
@@ -194,7 +216,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
     parser.add_argument("--baseline", type=Path, default=None, help="a checkout whose qwen-engine runs alongside")
+    parser.add_argument("--classes", nargs="+", metavar="CLASS=DIR", default=None,
+                        help="per CPU class (native, avx512, avx2_vnni, avx2): the llama-cpp-python built for it")
     args = parser.parse_args()
+    args.classes = dict(item.split("=", 1) for item in args.classes) if args.classes else None
     if args.model is None:
         from qwen_engine.default_model import default_model_path
 
@@ -206,6 +231,11 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)))
         return
 
+    if args.classes:
+        text = by_class(args)
+        update_section("engines-by-cpu-class", text, args.output)
+        print(text)
+        return
     engines = list(args.engines) + ([BASELINE] if args.baseline else [])
     if args.baseline:
         args.cache = Path(tempfile.mkdtemp(prefix="qwen-bench-"))
@@ -242,6 +272,71 @@ def main() -> None:
     text = report(args, medians, runs, quality)
     update_section("engines", text, args.output)
     print(text)
+
+
+# The targets of issue 17 per class: (decode, prefill) at least, (start, peak RSS) at most, as multiples of llama.cpp.
+CLASS_TARGETS = {"native": {"decode_tok_s": 1.2, "prefill_tok_s": 2.5, "start_to_first_token_s": 2.0, "peak_rss_mb": 1.0}}
+DEFAULT_TARGETS = {"decode_tok_s": 1.2, "prefill_tok_s": 2.0}
+
+
+def by_class(args: argparse.Namespace) -> str:
+    """Every class's qwen-engine and llama.cpp in the same alternating rounds, then perplexity per class."""
+    engines = [f"{engine}@{cpu_class}" for cpu_class in args.classes for engine in ("qwen-engine", "llama.cpp")]
+    for cpu_class in args.classes:  # warm the converted-weights cache (one layout serves every variant)
+        spawn(args, f"qwen-engine@{cpu_class}")
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    for round_ in range(args.rounds):
+        for engine in engines if round_ % 2 == 0 else engines[::-1]:
+            runs[engine].append(spawn(args, engine))
+            print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
+    medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
+    lines = [
+        "## By CPU class: qwen-engine's kernel variants against llama.cpp built for each", "",
+        f"Produced by `python benchmarks/run.py --rounds {args.rounds} --classes {' '.join(args.classes)}` on "
+        f"{time.strftime('%Y-%m-%d')}.", "",
+        f"- Machine: {machine()}",
+        f"- Software: {versions()}",
+        f"- Workload: the default GGUF; {args.threads} threads; prefill of a {args.prompt_tokens}-token random prompt; "
+        f"greedy decoding of {args.gen_tokens} tokens; medians of {args.rounds} rounds, all engines alternating "
+        "(in reverse order every other round), each run a fresh process, qwen-engine from a warm converted-weights cache.",
+        "- Each class: qwen-engine with `QWEN_ENGINE_CPU` set to it (`native`: unset) against llama-cpp-python built "
+        "for it; what each llama.cpp build reports of itself (`llama_print_system_info`):",
+    ]
+    for cpu_class in args.classes:
+        kernels = runs[f"qwen-engine@{cpu_class}"][0].get("kernels")
+        lines.append(f"  - {cpu_class}: qwen-engine kernels `{kernels}`; llama.cpp `{runs[f'llama.cpp@{cpu_class}'][0]['system_info']}`")
+    lines += ["", "| class | engine | start → first token (s) | prefill (tok/s) | decode (tok/s) | peak RSS (MB) |",
+              "|---|---|---|---|---|---|"]
+    for engine in engines:
+        m = medians[engine]
+        lines.append(f"| {engine.partition('@')[2]} | {engine.partition('@')[0]} | {m['start_to_first_token_s']:.2f} | "
+                     f"{m['prefill_tok_s']:.0f} | {m['decode_tok_s']:.1f} | {m['peak_rss_mb']:.0f} |")
+    lines += ["", "| class | measure | qwen-engine ÷ llama.cpp | target | met |", "|---|---|---|---|---|"]
+    for cpu_class in args.classes:
+        ours, llama = medians[f"qwen-engine@{cpu_class}"], medians[f"llama.cpp@{cpu_class}"]
+        for metric, target in CLASS_TARGETS.get(cpu_class, DEFAULT_TARGETS).items():
+            ratio = ours[metric] / llama[metric]
+            at_least = metric in ("decode_tok_s", "prefill_tok_s")
+            met = ratio >= target if at_least else ratio <= target
+            lines.append(f"| {cpu_class} | {metric} | {ratio:.2f}× | {'≥' if at_least else '≤'} {target}× | {'yes' if met else 'no'} |")
+    if not args.skip_perplexity:
+        lines += ["", f"Perplexity ({CORPUS.name}, {args.context}-token chunks, second halves scored; the decoding-step "
+                  f"column scores the first {args.decode_chunks} chunks one decoding step a token, as generation does):", "",
+                  "| class | qwen-engine | llama.cpp | ÷ llama.cpp | ÷ float32 | decoding steps ÷ float32 (same chunks) |",
+                  "|---|---|---|---|---|---|"]
+        first = str(args.decode_chunks)
+        float32 = spawn(args, "ppl:qwen-engine", quant="none", dtype="float32")["perplexity"]
+        float32_first = spawn(args, "ppl:qwen-engine", quant="none", dtype="float32", max_chunks=first)["perplexity"]
+        for cpu_class in args.classes:
+            ours = spawn(args, f"ppl:qwen-engine@{cpu_class}")["perplexity"]
+            llama = spawn(args, f"ppl:llama.cpp@{cpu_class}")["perplexity"]
+            steps = spawn(args, f"ppl:qwen-engine@{cpu_class}", decode_path=True, max_chunks=first)["perplexity"]
+            lines.append(f"| {cpu_class} | {ours:.4f} | {llama:.4f} | {ours / llama - 1:+.2%} | {ours / float32 - 1:+.2%} | "
+                         f"{steps / float32_first - 1:+.2%} |")
+        lines += ["", f"float32 (PyTorch's path, no kernels): {float32:.4f}; on the first {first} chunks {float32_first:.4f}."]
+    lines += ["", "### Every run", "", "```", json.dumps(runs, indent=1), "```", ""]
+    return "
+".join(lines)
 
 
 def against_baseline(args: argparse.Namespace, medians: dict, runs: dict) -> str:

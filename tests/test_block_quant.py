@@ -12,11 +12,20 @@ from gguf import quants as gguf_quants
 import qwen_engine
 import qwen_engine.model.quantized as quantized
 from qwen_engine.cpu import VARIANTS
-from qwen_engine.kernels import cpu_flags, cpu_kernels
+from qwen_engine.kernels import cpu_flags, cpu_kernels, kernels_for
 from qwen_engine.model.quantized import BlockLinear, pack_blocks, quant_plan, quantize_blocks, unpack_blocks
 from qwen_engine.weights.quants import BlockCodes, block_codes
 
-needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the kernels need AVX-512 VNNI and a C compiler")
+needs_kernels = pytest.mark.skipif(cpu_kernels() is None, reason="the kernels need AVX2 and a C compiler")
+# Every kernel variant this CPU can execute (cpu.py): the kernel tests run for each, against PyTorch's numbers.
+VARIANTS_HERE = [name for name in VARIANTS if name != "none" and set(VARIANTS[name]) <= cpu_flags()]
+
+
+@pytest.fixture(params=VARIANTS_HERE)
+def kernels(request):
+    loaded = kernels_for(request.param)
+    assert loaded is not None and loaded.variant == request.param
+    return loaded
 BITS_TO_TYPE = {8: T.Q8_0, 5: T.Q5_0}
 
 
@@ -61,14 +70,13 @@ def test_kernel_layout_round_trips(bits: int) -> None:
     assert torch.equal(unpack_blocks(packed, high_bits, blocks.scales).codes, codes)
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits", [8, 5])
-def test_kernel_dequantize_is_exact(bits: int, default_checkpoint) -> None:
+def test_kernel_dequantize_is_exact(bits: int, default_checkpoint, kernels) -> None:
     name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"  # Q8_0, Q5_0
     for blocks in (quantize_blocks(random_weights(96, 448, seed=4), bits), real_blocks(default_checkpoint, name)):
         assert blocks.bits == bits
         packed, high_bits = pack_blocks(blocks)
-        ours = cpu_kernels().dequantize(packed, high_bits, blocks.scales)
+        ours = kernels.dequantize(packed, high_bits, blocks.scales)
         assert torch.equal(ours, blocks.dequantized().to(torch.bfloat16))
 
 
@@ -80,10 +88,9 @@ def int8_activation_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Te
     return (q * scale).view(x.shape) @ weight.t()
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits", [8, 5])
-@pytest.mark.parametrize("rows", [1, 3, 8, 21, 32])
-def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_checkpoint) -> None:
+@pytest.mark.parametrize("rows", [1, 3, 8, 21, 32, 70])
+def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_checkpoint, kernels) -> None:
     name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
     torch.manual_seed(rows)
     # Rows of 704 and 896 columns take superblocks of every size (512 + 128 + 64; 512 + 256 + 128).
@@ -91,16 +98,15 @@ def test_kernel_matmul_on_random_and_real_weights(bits: int, rows: int, default_
     for blocks in (quantize_blocks(random_weights(256, 704, seed=5), bits), odd, real_blocks(default_checkpoint, name)):
         weight = blocks.dequantized()
         x = torch.randn(rows, weight.shape[1]).to(torch.bfloat16)
-        ours = cpu_kernels().matmul(x, *pack_blocks(blocks), blocks.scales)
+        ours = kernels.matmul(x, *pack_blocks(blocks), blocks.scales)
         # Exactly the int8-activation product, up to the bfloat16 rounding of the output (2⁻⁸) …
         assert relative_error(ours, int8_activation_reference(x, weight)) <= 2**-7
         # … which stays within 1% of the exact product with the same weights.
         assert relative_error(ours, x.float() @ weight.t()) <= 0.01
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits", [8, 5])
-def test_kernel_row_results_do_not_depend_on_the_batch(bits: int, default_checkpoint) -> None:
+def test_kernel_row_results_do_not_depend_on_the_batch(bits: int, default_checkpoint, kernels) -> None:
     """Bit for bit, a row's product is the same alone as among 31 others (the serving engine's alone-or-batched
     identity rests on it)."""
     name = "lm_head.weight" if bits == 8 else "model.layers.0.mlp.gate_proj.weight"
@@ -108,9 +114,9 @@ def test_kernel_row_results_do_not_depend_on_the_batch(bits: int, default_checkp
     for blocks in (quantize_blocks(random_weights(64, 704, seed=6), bits), real_blocks(default_checkpoint, name)):
         packed, high_bits = pack_blocks(blocks)
         x = torch.randn(32, blocks.scales.shape[1] * 32).to(torch.bfloat16)
-        together = cpu_kernels().matmul(x, packed, high_bits, blocks.scales)
+        together = kernels.matmul(x, packed, high_bits, blocks.scales)
         for row in (0, 7, 8, 19, 31):
-            alone = cpu_kernels().matmul(x[row : row + 1].contiguous(), packed, high_bits, blocks.scales)
+            alone = kernels.matmul(x[row : row + 1].contiguous(), packed, high_bits, blocks.scales)
             assert torch.equal(alone[0], together[row])
 
 
@@ -317,19 +323,18 @@ def bf16_ulps(ours: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     return (ours.view(torch.int16).int() - reference.view(torch.int16).int()).abs()
 
 
-@needs_kernels
-def test_row_kernels_round_as_the_pytorch_ops(monkeypatch) -> None:
+def test_row_kernels_round_as_the_pytorch_ops(monkeypatch, kernels) -> None:
     """RMSNorm and the rotary embedding are bit for bit PyTorch's bfloat16 arithmetic; silu·up may differ by one
     bfloat16 step where the two exponentials round apart."""
     from qwen_engine.model import decoder as decoder_module
     from qwen_engine.model.rope import apply_rotary
 
-    kernels = cpu_kernels()
     torch.manual_seed(0)
     x = (torch.randn(37, 896) * 3).to(torch.bfloat16)
     norm = decoder_module.RMSNorm(896, 1e-6).to(torch.bfloat16)
     norm.weight.data = (torch.rand(896) * 2).to(torch.bfloat16)
     residual = (torch.randn(37, 896) * 3).to(torch.bfloat16)
+    monkeypatch.setattr(decoder_module, "native_kernels", lambda x: kernels)
     native, (native_summed_norm, native_sum) = norm(x)[0], norm(x.clone(), residual)
     monkeypatch.setattr(decoder_module, "native_kernels", lambda x: None)
     torch_norm, (torch_summed_norm, torch_sum) = norm(x)[0], norm(x.clone(), residual)
@@ -369,12 +374,10 @@ def test_prefill_with_row_kernels_matches_the_pytorch_ops(tiny_blocks_gguf, monk
     assert relative_error(native, model.logits(ids)) <= 0.02
 
 
-@needs_kernels
 @pytest.mark.parametrize("bits", [8, 5])
-def test_partial_sums_are_the_products_before_their_rounding(bits: int) -> None:
+def test_partial_sums_are_the_products_before_their_rounding(bits: int, kernels) -> None:
     """What a tensor-parallel rank sums over the ranks (`sums=True`: float32, unrounded, for decoding and on AMX
     for prefill) rounds to exactly the bfloat16 product of one process, and is that product in float32."""
-    kernels = cpu_kernels()
     blocks = quantize_blocks(random_weights(96, 640, seed=8), bits)
     packed, high_bits = pack_blocks(blocks)
     weight = kernels.dequantize(packed, high_bits, blocks.scales).float()
@@ -390,16 +393,14 @@ def test_partial_sums_are_the_products_before_their_rounding(bits: int) -> None:
         assert relative_error(amx, rows.float() @ weight.T) <= 1e-5
 
 
-VARIANTS_HERE = [name for name in ("amx", "avx512") if set(VARIANTS[name]) <= cpu_flags()]
-
 
 @needs_kernels
 @pytest.mark.parametrize("variant", VARIANTS_HERE)
 def test_every_kernel_variant_this_cpu_runs_gives_the_reference_numbers(variant: str, tiny_blocks_gguf,
                                                                        monkeypatch) -> None:
     """QWEN_ENGINE_CPU caps the variant (cpu.py): each one this machine can execute loads, reports itself, and gives
-    the float32 reference's logits in prefill and through the fused decoding steps (the "avx512" variant prefills
-    by dequantizing, as a CPU without AMX does)."""
+    the float32 reference's logits in prefill and through the fused decoding steps (the variants below "amx" prefill
+    on the integer block products, as a CPU without AMX does)."""
     monkeypatch.setenv("QWEN_ENGINE_CPU", variant)
     cpu_kernels.cache_clear()
     try:
@@ -419,12 +420,49 @@ def test_every_kernel_variant_this_cpu_runs_gives_the_reference_numbers(variant:
         cpu_kernels.cache_clear()
 
 
-def test_a_variant_this_build_lacks_is_one_clear_error(monkeypatch) -> None:
+def test_an_unknown_variant_is_one_clear_error(monkeypatch) -> None:
     from qwen_engine.cpu import kernel_variant
     from qwen_engine.errors import QwenError
 
-    monkeypatch.setenv("QWEN_ENGINE_CPU", "avx2")
-    with pytest.raises(QwenError, match="QWEN_ENGINE_CPU=avx2 is not a kernel variant .*use amx, avx512, none"):
+    monkeypatch.setenv("QWEN_ENGINE_CPU", "avx10")
+    with pytest.raises(QwenError, match="QWEN_ENGINE_CPU=avx10 is not a kernel variant: use amx, avx512, avx2_vnni, avx2, none"):
         kernel_variant()
     monkeypatch.setenv("QWEN_ENGINE_CPU", "none")
     assert kernel_variant() == "none"
+
+
+@pytest.mark.skipif(len(VARIANTS_HERE) < 2, reason="one kernel variant runs on this CPU: nothing to compare it with")
+def test_the_variants_compute_the_same_numbers_bit_for_bit(default_checkpoint, tiny_blocks_gguf, monkeypatch) -> None:
+    """AVX2 (with or without VNNI) and AVX-512 builds give the same integer products, conversions, norms and
+    rotations, lane for lane in the same order (simd.h): equal bits, not only equal within a tolerance. So do
+    prefill and whole decoding steps through the fused kernel on every variant without AMX (whose silu divides on
+    AVX2 where AVX-512 refines an estimate: equal after the bfloat16 rounding here)."""
+    every = {name: kernels_for(name) for name in VARIANTS_HERE}
+    torch.manual_seed(11)
+    weights = (quantize_blocks(random_weights(255, 960, seed=12), 5), real_blocks(default_checkpoint, "lm_head.weight"))
+    for blocks in weights:
+        packed, high_bits = pack_blocks(blocks)
+        x = (torch.randn(45, blocks.scales.shape[1] * 32) * 5).to(torch.bfloat16)
+        results = {name: (k.matmul(x, packed, high_bits, blocks.scales, sums=True),
+                          k.matmul(x[:3].contiguous(), packed, high_bits, blocks.scales),
+                          k.dequantize(packed, high_bits, blocks.scales)) for name, k in every.items()}
+        first = next(iter(results.values()))
+        for name, result in results.items():
+            assert all(torch.equal(ours, theirs) for ours, theirs in zip(result, first)), name
+    rows, weight = (torch.randn(19, 896) * 3).to(torch.bfloat16), torch.rand(896).to(torch.bfloat16)
+    cos, sin = torch.randn(19, 64).to(torch.bfloat16), torch.randn(19, 64).to(torch.bfloat16)
+    normed, rotated = {}, {}
+    for name, k in every.items():
+        normed[name], rotated[name] = k.rms_norm(rows, weight, 1e-6), rows.clone()
+        assert k.rotate_(rotated[name], 14, 64, cos, sin)
+    assert all(torch.equal(normed[name], normed[VARIANTS_HERE[0]]) for name in every)
+    assert all(torch.equal(rotated[name], rotated[VARIANTS_HERE[0]]) for name in every)
+    without_amx = [name for name in every if name != "amx"]  # (AMX prefills on its tiles: other roundings)
+    ids, steps, logits = list(range(500, 540)), list(range(900, 910)), {}
+    for name in without_amx:
+        monkeypatch.setenv("QWEN_ENGINE_CPU", name)
+        cpu_kernels.cache_clear()
+        model = qwen_engine.load(tiny_blocks_gguf)
+        logits[name] = torch.cat([model.logits(ids), decode_logits(model, ids, steps)])
+    cpu_kernels.cache_clear()
+    assert all(torch.equal(logits[name], logits[without_amx[0]]) for name in without_amx)

@@ -189,7 +189,7 @@ def _address(tensor: torch.Tensor | None) -> int | None:
 
 def _build(cc: str, variant: str) -> Path:
     """Compile into the cache under a name that changes with the sources, flags and compiler. Without the AMX flags
-    amx_matmul.c compiles to its stub, and prefill takes the dequantize-then-matmul path."""
+    amx_matmul.c compiles to its stub, and prefill takes the integer block products instead."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
     features = BUILDS[build_for(variant, cpu_flags())]  # the build a wheel would carry for this CPU
     key = hashlib.sha256("\n".join([sources_digest(), " ".join(flags(features)), version]).encode()).hexdigest()[:16]
@@ -212,7 +212,13 @@ def _prebuilt(variant: str) -> Path | None:
 @functools.cache
 def cpu_kernels() -> CpuKernels | None:
     """The compiled block kernels of the variant cpu.py picks, or None where none can run here."""
-    variant = kernel_variant()
+    return kernels_for(kernel_variant())
+
+
+@functools.cache
+def kernels_for(variant: str) -> CpuKernels | None:
+    """The kernels of one variant ("amx", "avx512", "avx2"; "none" gives None), which this CPU must be able to run:
+    several load side by side in one process (the tests compare them)."""
     if variant == "none":
         return None
     prebuilt = _prebuilt(variant)

@@ -1,5 +1,5 @@
 /* Matrix kernels for weights stored in blocks of 32 along the input, one fp16 scale per block, as GGUF's Q8_0 and
- * Q5_0 store them (qwen-family.md §9.2), repacked so that one 512-bit step covers 64 weights of a row:
+ * Q5_0 store them (qwen-family.md §9.2), repacked so that one 16-lane step (simd.h) covers 64 weights of a row:
  *
  *   8-bit: codes[n][k] = q + 128            (uint8), w = d · (code − 128)
  *   5-bit: nibbles[n][k/2]: byte j of a 64-weight chunk holds weight j (low nibble) and weight 32 + j (high);
@@ -8,8 +8,8 @@
  * where k counts positions in the order block_quant.h describes, not columns: along a row the columns go in
  * superblocks whose lanes each stay within one block. Decoding (a few rows of activations) quantizes the activations
  * the way llama.cpp does for these formats (int8 in blocks of 32 with a float scale), in the same order, and takes
- * integer dot products with AVX-512 VNNI; prefill takes amx_matmul.c, or without AMX the same integer products (any
- * number of rows) or a dequantized bfloat16 matrix for PyTorch's matmul, whichever kernels/__init__.py measured faster.
+ * integer dot products (simd.h's dot_codes: VNNI, or AVX2's sign trick); prefill takes amx_matmul.c, or without AMX
+ * the same integer products over all its rows (model/quantized.py says why).
  * Built and loaded by qwen_engine/kernels/__init__.py; threads are OpenMP's, which is PyTorch's own pool (same
  * libgomp), sized by torch.set_num_threads.
  */
@@ -28,29 +28,27 @@ typedef struct {
 } Activations;
 
 static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a) {
-    const __m512i ones = _mm512_set1_epi8(1);
     for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
         S = superblock_steps(K - k0);
         int32_t plain[128];
         float block_scale[16];
         for (int b = 0; b < 2 * S; b++) {
             const uint16_t *block = x + k0 + 32 * b;
-            __m512 lo = load_bf16x16(block), hi = load_bf16x16(block + 16);
-            float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
-            float inv = amax > 0 ? 127.0f / amax : 0.0f;
-            __m512 scale = _mm512_set1_ps(inv);
+            v16f lo = load_bf16x16(block), hi = load_bf16x16(block + 16);
+            float amax = v16f_max_lane(v16f_max(v16f_abs(lo), v16f_abs(hi)));
+            v16f scale = v16f_set1(amax > 0 ? 127.0f / amax : 0.0f);
             block_scale[b] = amax / 127.0f;
-            _mm_storeu_si128((__m128i *)(plain + 8 * b), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(lo, scale))));
-            _mm_storeu_si128((__m128i *)(plain + 8 * b + 4), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(hi, scale))));
+            _mm_storeu_si128((__m128i *)(plain + 8 * b), v16f_to_i8(v16f_mul(lo, scale)));
+            _mm_storeu_si128((__m128i *)(plain + 8 * b + 4), v16f_to_i8(v16f_mul(hi, scale)));
         }
         int32_t *stored = (int32_t *)(a.q + k0);
-        __m512i sums = _mm512_setzero_si512();
-        for (int s = 0; s < S; s++) {
+        for (int s = 0; s < S; s++)
             for (int l = 0; l < 16; l++) stored[16 * s + l] = plain[S * l + s];
-            sums = _mm512_dpbusd_epi32(sums, ones, _mm512_loadu_si512(stored + 16 * s));
-        }
         for (int l = 0; l < 16; l++) a.lane_scale[k0 / 4 + l] = block_scale[S * l / 8];
-        _mm512_storeu_si512(a.lane_start + k0 / 4, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-offset)));
+        v16i sums = v16i_zero();
+        if (codes_take_lane_start(offset == 16))
+            for (int s = 0; s < S; s++) sums = dot_codes(sums, v16i_set1_i8(1), v16i_load(stored + 16 * s), 1);
+        v16i_store(a.lane_start + k0 / 4, v16i_mul_i32(sums, -offset));
     }
 }
 
@@ -59,37 +57,32 @@ static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a
  * sums run through all S steps; then one conversion and one scaled add per lane. */
 static inline __attribute__((always_inline)) void superblock_dots(
     const Activations *acts, int M, int64_t k0, int S, const uint8_t *codes[2], const uint8_t *high_bits[2],
-    const uint16_t *scales[2], int five_bit, __m512 acc[2][MAX_ROWS]) {
-    /* lane l belongs to the superblock's block S·l / 8: spread the block scales over the lanes */
-    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
-    const __m512i lane_block = _mm512_srli_epi32(_mm512_mullo_epi32(lanes, _mm512_set1_epi32(S)), 3);
-    const __mmask16 present = (__mmask16)((1u << (2 * S)) - 1);
-    __m512 w_scale[2];
-    __m512i c[2][8];
+    const uint16_t *scales[2], int five_bit, v16f acc[2][MAX_ROWS]) {
+    v16f w_scale[2];
+    v16i c[2][8];
     for (int r = 0; r < 2; r++) {
-        w_scale[r] = _mm512_permutexvar_ps(lane_block, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(present, scales[r] + k0 / 32)));
+        w_scale[r] = lane_block_scales(scales[r] + k0 / 32, S);
         for (int s = 0; s < S; s++) {
             int64_t k = k0 + 64 * s;
             if (five_bit) {
                 _mm_prefetch((const char *)(codes[r] + k / 2) + PREFETCH_BYTES, _MM_HINT_T0);
                 _mm_prefetch((const char *)(high_bits[r] + k / 8) + PREFETCH_BYTES / 4, _MM_HINT_T0);
-                c[r][s] = codes5(codes[r], high_bits[r], k);
+                c[r][s] = codes_for_dots(codes5(codes[r] + k / 2, high_bits[r] + k / 8), 1);
             } else {
                 _mm_prefetch((const char *)(codes[r] + k) + PREFETCH_BYTES, _MM_HINT_T0);
-                c[r][s] = codes8(codes[r], k);
+                c[r][s] = codes_for_dots(codes8(codes[r] + k), 0);
             }
         }
     }
     for (int m = 0; m < M; m++) {
-        __m512i dot[2];
-        dot[0] = dot[1] = _mm512_loadu_si512(acts[m].lane_start + k0 / 4);
-        for (int s = 0; s < S; s++) {
-            __m512i q = _mm512_loadu_si512(acts[m].q + k0 + 64 * s);
-            for (int r = 0; r < 2; r++) dot[r] = _mm512_dpbusd_epi32(dot[r], c[r][s], q);
-        }
-        __m512 lane_scale = _mm512_loadu_ps(acts[m].lane_scale + k0 / 4);
+        v16i dot[2];
+        dot[0] = dot[1] = v16i_load(acts[m].lane_start + k0 / 4);
+        for (int s = 0; s < S; s += 4)
+            for (int r = 0; r < 2; r++)
+                dot[r] = dot_code_steps(dot[r], c[r] + s, acts[m].q + k0 + 64 * s, S - s < 4 ? S - s : 4, five_bit);
+        v16f lane_scale = v16f_load(acts[m].lane_scale + k0 / 4);
         for (int r = 0; r < 2; r++)
-            acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_mul_ps(w_scale[r], lane_scale), acc[r][m]);
+            acc[r][m] = v16f_fmadd(v16f_from_i32(dot[r]), v16f_mul(w_scale[r], lane_scale), acc[r][m]);
     }
 }
 
@@ -100,8 +93,8 @@ static inline __attribute__((always_inline)) void superblock_dots(
 static inline __attribute__((always_inline)) void row_pair_dots(
     const Activations *acts, int M, int64_t K, const uint8_t *codes[2], const uint8_t *high_bits[2],
     const uint16_t *scales[2], int five_bit, float *out[2]) {
-    __m512 acc[2][MAX_ROWS];
-    for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = _mm512_setzero_ps();
+    v16f acc[2][MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = v16f_zero();
     for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
         S = superblock_steps(K - k0);
         switch (S) {
@@ -112,7 +105,7 @@ static inline __attribute__((always_inline)) void row_pair_dots(
         }
     }
     for (int r = 0; r < 2; r++)
-        for (int m = 0; m < M; m++) out[r][m] = _mm512_reduce_add_ps(acc[r][m]);
+        for (int m = 0; m < M; m++) out[r][m] = v16f_sum(acc[r][m]);
 }
 
 /* out (bfloat16, bias added) or, where `sums` is given instead, the unrounded float32 products without the bias.

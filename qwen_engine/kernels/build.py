@@ -17,17 +17,28 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SOURCES = tuple(HERE / name for name in ("block_quant.c", "decode_layer.c", "layer_ops.c", "amx_matmul.c"))
-HEADERS = (HERE / "block_quant.h",)
+HEADERS = (HERE / "block_quant.h", HERE / "simd.h")
 PREBUILT = HERE / "prebuilt"
-CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
-          "-mavx512vl", "-mavx512vnni")
-# The flags of optional features (the sources check with #ifdef).
-OPTIONAL_CFLAGS = {"avx512_bf16": "-mavx512bf16", "amx_tile": "-mamx-tile", "amx_bf16": "-mamx-bf16"}
-# Every build: its optional features. A wheel carries them all; a source checkout compiles its CPU's one. A CPU gets
-# the richest build its flags allow within its variant (every AMX CPU has AVX-512 BF16; AVX-512 CPUs may lack it,
-# as Ice Lake does).
-BUILDS = {"amx": frozenset({"avx512_bf16", "amx_tile", "amx_bf16"}), "avx512_bf16": frozenset({"avx512_bf16"}),
-          "avx512": frozenset()}
+CFLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")
+# The compiler flags of each instruction set a build may use (the sources check with #ifdef: simd.h picks its vector
+# width and dot product, amx_matmul.c compiles to a stub without AMX).
+FEATURE_CFLAGS = {
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "avx_vnni": ("-mavxvnni",),
+    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"),
+    "avx512_bf16": ("-mavx512bf16",),
+    "amx": ("-mamx-tile", "-mamx-bf16"),
+}
+# Every build: the instruction sets it uses. A wheel carries them all; a source checkout compiles its CPU's one. A
+# CPU gets the richest build its flags allow within its variant (every AMX CPU has AVX-512 BF16; AVX-512 CPUs may lack
+# it, as Ice Lake does).
+BUILDS = {
+    "amx": frozenset({"avx2", "avx512", "avx512_bf16", "amx"}),
+    "avx512_bf16": frozenset({"avx2", "avx512", "avx512_bf16"}),
+    "avx512": frozenset({"avx2", "avx512"}),
+    "avx2_vnni": frozenset({"avx2", "avx_vnni"}),
+    "avx2": frozenset({"avx2"}),
+}
 
 
 def compiler() -> str | None:
@@ -35,7 +46,7 @@ def compiler() -> str | None:
 
 
 def flags(features: frozenset[str]) -> list[str]:
-    return [*CFLAGS, *(flag for feature, flag in OPTIONAL_CFLAGS.items() if feature in features)]
+    return [*CFLAGS, *(flag for feature, more in FEATURE_CFLAGS.items() if feature in features for flag in more)]
 
 
 def sources_digest() -> str:
@@ -44,8 +55,11 @@ def sources_digest() -> str:
 
 
 def build_for(variant: str, cpu_features: frozenset[str]) -> str:
-    """The prebuilt build a CPU with these flags runs for `variant` ("amx" or "avx512")."""
-    return "amx" if variant == "amx" else "avx512_bf16" if "avx512_bf16" in cpu_features else "avx512"
+    """The build a CPU with these flags runs for `variant` (cpu.py's names): an AVX-512 CPU without AVX-512 BF16 (Ice
+    Lake) takes the build without it."""
+    if variant == "avx512":
+        return "avx512_bf16" if "avx512_bf16" in cpu_features else "avx512"
+    return variant
 
 
 def compile_library(cc: str, features: frozenset[str], target: Path) -> None:

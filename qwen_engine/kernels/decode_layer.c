@@ -45,13 +45,13 @@ static inline int64_t kv_offset(const KVLayout *kv, int64_t t, int64_t g) {
 static void attend(const uint16_t *q, int64_t n, const uint16_t *keys, const uint16_t *values, const KVLayout *kv,
                    int64_t g, int64_t first, int64_t last, int64_t d, float *scores, int64_t score_stride,
                    uint16_t *out) {
-    __m512 query[TASK_HEADS][32], acc[TASK_HEADS][32], row[32];
+    v16f query[TASK_HEADS][32], acc[TASK_HEADS][32], row[32];
     float scale = 1.0f / sqrtf((float)d), top[TASK_HEADS], total[TASK_HEADS];
     int64_t count = last - first + 1, vectors = d / 16;
     for (int64_t j = 0; j < n; j++) {
         for (int64_t i = 0; i < vectors; i++) {
-            query[j][i] = _mm512_mul_ps(load_bf16x16(q + j * d + 16 * i), _mm512_set1_ps(scale));
-            acc[j][i] = _mm512_setzero_ps();
+            query[j][i] = v16f_mul(load_bf16x16(q + j * d + 16 * i), v16f_set1(scale));
+            acc[j][i] = v16f_zero();
         }
         top[j] = -INFINITY;
     }
@@ -59,36 +59,42 @@ static void attend(const uint16_t *q, int64_t n, const uint16_t *keys, const uin
         const uint16_t *key = keys + kv_offset(kv, t, g);
         for (int64_t i = 0; i < vectors; i++) row[i] = load_bf16x16(key + 16 * i);
         for (int64_t j = 0; j < n; j++) {
-            __m512 dot = _mm512_setzero_ps();
-            for (int64_t i = 0; i < vectors; i++) dot = _mm512_fmadd_ps(row[i], query[j][i], dot);
-            float score = _mm512_reduce_add_ps(dot);
+            v16f dot = v16f_zero();
+            for (int64_t i = 0; i < vectors; i++) dot = v16f_fmadd(row[i], query[j][i], dot);
+            float score = v16f_sum(dot);
             scores[j * score_stride + t - first] = score;
             top[j] = fmaxf(top[j], score);
         }
     }
     for (int64_t j = 0; j < n; j++) {  /* the exponentials 16 at a time (a masked last group), summed lane-wise */
         float *head_scores = scores + j * score_stride;
-        __m512 sums = _mm512_setzero_ps(), shift = _mm512_set1_ps(top[j]);
-        for (int64_t t = 0; t < count; t += 16) {
-            __mmask16 present = count - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (count - t)) - 1);
-            __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(present, head_scores + t), shift));
-            _mm512_mask_storeu_ps(head_scores + t, present, p);
-            sums = _mm512_add_ps(sums, _mm512_maskz_mov_ps(present, p));
+        v16f sums = v16f_zero(), shift = v16f_set1(top[j]);
+        int64_t t = 0;
+        for (; t + 16 <= count; t += 16) {
+            v16f p = exp16(v16f_sub(v16f_load(head_scores + t), shift));
+            v16f_store(head_scores + t, p);
+            sums = v16f_add(sums, p);
         }
-        total[j] = _mm512_reduce_add_ps(sums);
+        if (t < count) {
+            int present = (int)(count - t);
+            v16f p = exp16(v16f_sub(v16f_load_first(head_scores + t, present), shift));
+            v16f_store_first(head_scores + t, p, present);
+            sums = v16f_add(sums, v16f_keep_first(p, present));
+        }
+        total[j] = v16f_sum(sums);
     }
     for (int64_t t = first; t <= last; t++) {
         const uint16_t *value = values + kv_offset(kv, t, g);
         for (int64_t i = 0; i < vectors; i++) row[i] = load_bf16x16(value + 16 * i);
         for (int64_t j = 0; j < n; j++) {
-            __m512 weight = _mm512_set1_ps(scores[j * score_stride + t - first]);
-            for (int64_t i = 0; i < vectors; i++) acc[j][i] = _mm512_fmadd_ps(row[i], weight, acc[j][i]);
+            v16f weight = v16f_set1(scores[j * score_stride + t - first]);
+            for (int64_t i = 0; i < vectors; i++) acc[j][i] = v16f_fmadd(row[i], weight, acc[j][i]);
         }
     }
     for (int64_t j = 0; j < n; j++)
         for (int64_t i = 0; i < vectors; i++) {
             float lanes[16];
-            _mm512_storeu_ps(lanes, _mm512_div_ps(acc[j][i], _mm512_set1_ps(total[j])));
+            v16f_store(lanes, v16f_div(acc[j][i], v16f_set1(total[j])));
             for (int k = 0; k < 16; k++) out[j * d + 16 * i + k] = f32_to_bf16(lanes[k]);
         }
 }

@@ -25,7 +25,7 @@ int qe_add_rms_norm(uint16_t *x, const uint16_t *residual, const uint16_t *weigh
         uint16_t *sum = x + r * n;
         for (int64_t i = 0; i < n; i += 16)
             _mm256_storeu_si256((__m256i *)(sum + i),
-                                round_bf16x16(_mm512_add_ps(load_bf16x16(sum + i), load_bf16x16(residual + r * n + i))));
+                                round_bf16x16(v16f_add(load_bf16x16(sum + i), load_bf16x16(residual + r * n + i))));
         rms_norm_row(sum, weight, n, eps, out + r * n);
     }
     return 0;

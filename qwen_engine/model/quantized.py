@@ -2,7 +2,7 @@
 
 Decoding one token streams every weight once, so fewer bytes per weight means more tokens per second. Two families:
 - block formats (`q8_0`, `q5_0`): GGUF's own Q8_0/Q5_0 blocks, kept bit for bit from a GGUF checkpoint, read by
-  the engine's AVX-512 VNNI kernel (qwen_engine/kernels);
+  the engine's own kernels (qwen_engine/kernels: AVX-512 or AVX2, VNNI where the CPU has it);
 - `int8` per channel and `int4` in groups, read by the packed kernels PyTorch ships (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`).
 Packed kernels are slow for many rows at once, so prefill dequantizes each layer to bfloat16 on the fly and runs a
@@ -289,11 +289,12 @@ class BlockLinear(_QuantizedLinear):
         product = kernels.matmul_amx(rows, self.codes, self.high_bits, self.scales, sums=self.partial_sums) if kernels else None
         if product is not None:  # AMX straight from the blocks: no bfloat16 copy of the matrix at all
             return product
-        if kernels is not None and kernels.variant == "avx512" and self.in_features % 64 == 0:
-            # Without AMX, the integer products of the decoding kernel (int8 activations, VNNI) straight from the
-            # blocks beat dequantizing for PyTorch's matmul: 1.7x with AVX-512 BF16, 4.8x without (660 rows of the
-            # default model's matrices, oneDNN capped to each class; benchmarks/prefill_kernels.py). With AMX,
-            # oneDNN is 4.8x faster than they are, and the "amx" variant has its own product anyway.
+        if kernels is not None and kernels.variant != "amx" and self.in_features % 64 == 0:
+            # Without AMX, the integer products of the decoding kernel (int8 activations, VNNI or AVX2's sign
+            # trick) straight from the blocks beat dequantizing for PyTorch's matmul: 1.7x with AVX-512 BF16, 4.8x
+            # without (660 rows of the default model's matrices, oneDNN capped to each class;
+            # benchmarks/prefill_kernels.py). With AMX, oneDNN is 4.8x faster than they are, and the "amx" variant
+            # has its own product anyway.
             return kernels.matmul(rows.contiguous(), self.codes, self.high_bits, self.scales, sums=self.partial_sums)
         # A large matrix (the packed gate/up, a head scoring every position) goes in pieces of output rows, each
         # dequantized into the workspace in turn; the product is built transposed, so every piece writes a
