@@ -99,7 +99,7 @@ def worker_llama(args: argparse.Namespace) -> dict:
     decode_s = time.perf_counter() - t0
     return {"load_s": load_s, "start_to_first_token_s": first, "prefill_tok_s": args.prompt_tokens / prefill_s,
             "decode_tok_s": (args.gen_tokens - 1) / decode_s, "peak_rss_mb": peak_rss_mb(),
-            "system_info": llama_cpp.llama_print_system_info().decode().strip()}
+            "version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode().strip()}
 
 
 def perplexity_qwen(args: argparse.Namespace) -> dict:
@@ -158,6 +158,13 @@ def engine_env(checkout: Path | None, cache: Path) -> dict[str, str]:
     return env | ({"PYTHONPATH": str(checkout)} if checkout is not None else {})
 
 
+TORCH_CAPS = {
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx2_vnni": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+
+
 def class_env(args: argparse.Namespace, job: str) -> tuple[str, dict[str, str]]:
     """A job of `--classes` ("qwen-engine@avx2", "ppl:llama.cpp@native"): its worker and environment. qwen-engine is
     capped to the class; llama.cpp is the llama-cpp-python built for it."""
@@ -168,7 +175,8 @@ def class_env(args: argparse.Namespace, job: str) -> tuple[str, dict[str, str]]:
     if worker.endswith("llama.cpp"):
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [args.classes[cpu_class], env.get("PYTHONPATH")]))
     elif cpu_class != "native":
-        env["QWEN_ENGINE_CPU"] = cpu_class
+        # PyTorch's own kernels (attention, oneDNN) capped to the class too, as on a CPU of that class
+        env |= {"QWEN_ENGINE_CPU": cpu_class, **TORCH_CAPS.get(cpu_class, {})}
     return worker, env
 
 
@@ -191,10 +199,16 @@ def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
 
 
 def versions() -> str:
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:  # (llama-cpp-python of --classes lies elsewhere: its workers report it)
+            return "not in this environment"
 
     names = ("qwen-engine", "torch", "transformers", "llama_cpp_python")
-    return ", ".join(f"{name} {version(name)}" for name in names)
+    return ", ".join(f"{name} {installed(name)}" for name in names)
 
 
 def main() -> None:
@@ -225,9 +239,10 @@ def main() -> None:
 
         args.model = str(default_model_path(progress=False))
     if args.worker:
-        import torch
+        if args.worker != "llama.cpp":  # (llama.cpp's timed process loads no torch: its start and memory are its own)
+            import torch
 
-        torch.set_num_threads(args.threads)
+            torch.set_num_threads(args.threads)
         print(json.dumps(WORKERS[args.worker](args)))
         return
 
@@ -304,7 +319,8 @@ def by_class(args: argparse.Namespace) -> str:
     ]
     for cpu_class in args.classes:
         kernels = runs[f"qwen-engine@{cpu_class}"][0].get("kernels")
-        lines.append(f"  - {cpu_class}: qwen-engine kernels `{kernels}`; llama.cpp `{runs[f'llama.cpp@{cpu_class}'][0]['system_info']}`")
+        llama = runs[f"llama.cpp@{cpu_class}"][0]
+        lines.append(f"  - {cpu_class}: qwen-engine kernels `{kernels}`; llama-cpp-python {llama['version']}, `{llama['system_info']}`")
     lines += ["", "| class | engine | start → first token (s) | prefill (tok/s) | decode (tok/s) | peak RSS (MB) |",
               "|---|---|---|---|---|---|"]
     for engine in engines:
@@ -335,8 +351,7 @@ def by_class(args: argparse.Namespace) -> str:
                          f"{steps / float32_first - 1:+.2%} |")
         lines += ["", f"float32 (PyTorch's path, no kernels): {float32:.4f}; on the first {first} chunks {float32_first:.4f}."]
     lines += ["", "### Every run", "", "```", json.dumps(runs, indent=1), "```", ""]
-    return "
-".join(lines)
+    return "\n".join(lines)
 
 
 def against_baseline(args: argparse.Namespace, medians: dict, runs: dict) -> str:

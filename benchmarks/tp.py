@@ -49,7 +49,7 @@ def worker(args: argparse.Namespace) -> dict:
     as `qwen bench` times it), then the streams on that model; every rank's peak RSS last, before closing it."""
     import torch
 
-    from qwen_engine import bench
+    from qwen_engine import bench, llm
 
     loaded: list[Model] = []
 
@@ -57,7 +57,7 @@ def worker(args: argparse.Namespace) -> dict:
         loaded.append(original(*options, **named))
         return loaded[-1]
 
-    original, bench.load = bench.load, load
+    original, llm.load = llm.load, load  # (run_bench imports it when called)
     result = bench.run_bench("default", args.prompt_tokens, args.gen_tokens, started=STARTED,
                              tensor_parallel=int(args.worker)).as_dict()
     model = loaded[0]

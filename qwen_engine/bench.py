@@ -11,9 +11,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .kernels import cpu_kernels
-from .llm import load
-
 
 @dataclass(slots=True)
 class BenchResult:
@@ -57,6 +54,9 @@ def run_bench(
     started: float | None = None,
     **load_options: object,
 ) -> BenchResult:
+    from .kernels import cpu_kernels  # (here, not above: bench_prompt stays free of torch for a peer engine's worker)
+    from .llm import load
+
     started = time.perf_counter() if started is None else started
     m = load(model, **load_options)
     greedy = {"temperature": 0.0, "repetition_penalty": 1.0, "ignore_eos": True}
