@@ -211,6 +211,18 @@ def versions() -> str:
     return ", ".join(f"{name} {installed(name)}" for name in names)
 
 
+def alternating_rounds(args: argparse.Namespace, engines: list[str]) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Every engine once a round, in fresh processes, the order reversed every other round (ABBA: no engine always
+    runs first); each engine's runs and their medians."""
+    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
+    for round_ in range(args.rounds):
+        for engine in engines if round_ % 2 == 0 else engines[::-1]:
+            runs[engine].append(spawn(args, engine))
+            print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
+    medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
+    return runs, medians
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="GGUF file (default: the default model)")
@@ -257,12 +269,7 @@ def main() -> None:
     # Warm the converted-weights cache once, as a user's second start would find it.
     for engine in {"qwen-engine", BASELINE} & set(engines):
         spawn(args, engine)
-    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
-    for round_ in range(args.rounds):
-        for engine in engines if round_ % 2 == 0 else engines[::-1]:  # ABBA: no engine always runs first
-            runs[engine].append(spawn(args, engine))
-            print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
-    medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
+    runs, medians = alternating_rounds(args, engines)
     if args.baseline:
         shutil.rmtree(args.cache, ignore_errors=True)
         text = against_baseline(args, medians, runs)
@@ -299,12 +306,7 @@ def by_class(args: argparse.Namespace) -> str:
     engines = [f"{engine}@{cpu_class}" for cpu_class in args.classes for engine in ("qwen-engine", "llama.cpp")]
     for cpu_class in args.classes:  # warm the converted-weights cache (one layout serves every variant)
         spawn(args, f"qwen-engine@{cpu_class}")
-    runs: dict[str, list[dict]] = {engine: [] for engine in engines}
-    for round_ in range(args.rounds):
-        for engine in engines if round_ % 2 == 0 else engines[::-1]:
-            runs[engine].append(spawn(args, engine))
-            print(f"round {round_ + 1}: {engine} {runs[engine][-1]}", file=sys.stderr)
-    medians = {engine: {m: statistics.median(r[m] for r in results) for m in METRICS} for engine, results in runs.items()}
+    runs, medians = alternating_rounds(args, engines)
     lines = [
         "## By CPU class: qwen-engine's kernel variants against llama.cpp built for each", "",
         f"Produced by `python benchmarks/run.py --rounds {args.rounds} --classes {' '.join(args.classes)}` on "

@@ -217,7 +217,7 @@ def cpu_kernels() -> CpuKernels | None:
 
 @functools.cache
 def kernels_for(variant: str) -> CpuKernels | None:
-    """The kernels of one variant ("amx", "avx512", "avx2"; "none" gives None), which this CPU must be able to run:
+    """The kernels of one of cpu.py's variants ("none" gives None), which this CPU must be able to run:
     several load side by side in one process (the tests compare them)."""
     if variant == "none":
         return None

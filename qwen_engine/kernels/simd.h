@@ -63,7 +63,6 @@ static inline v16f v16f_round(v16f v) { return _mm512_roundscale_ps(v, _MM_FROUN
 static inline v16f v16f_scale_pow2(v16f p, v16f n) { return _mm512_scalef_ps(p, n); } /* p · 2^n, n integral */
 static inline v16f v16f_from_i32(v16i v) { return _mm512_cvtepi32_ps(v); }
 static inline v16f v16f_from_i8(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
-static inline v16f v16f_from_f16(const uint16_t *h) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)h)); }
 static inline __m128i v16f_to_i8(v16f v) { return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)); } /* nearest even */
 
 /* The first n lanes (n < 16) loaded, the rest 0; stored; kept. */
@@ -185,9 +184,6 @@ static inline v16f v16f_scale_pow2(v16f p, v16f n) { return (v16f){scale_pow2_8(
 static inline v16f v16f_from_i32(v16i v) { return (v16f){_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
 static inline v16f v16f_from_i8(__m128i bytes) {
     return (v16f){_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(bytes, 8)))};
-}
-static inline v16f v16f_from_f16(const uint16_t *h) {
-    return (v16f){_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 8)))};
 }
 static inline __m128i v16f_to_i8(v16f v) {
     __m256i words = _mm256_packs_epi32(_mm256_cvtps_epi32(v.lo), _mm256_cvtps_epi32(v.hi)); /* lanes 0–3 8–11 4–7 12–15 */
