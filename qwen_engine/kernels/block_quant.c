@@ -52,6 +52,31 @@ static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a
     }
 }
 
+/* With AVX-512's 32 registers, activation rows go two at a time (measured: 5–20% faster); AVX2's 16 would spill. */
+#ifdef QE_AVX512
+#define ROWS_TOGETHER 2
+#else
+#define ROWS_TOGETHER 1
+#endif
+
+/* Activation rows m … m + J − 1 (J ≤ ROWS_TOGETHER) against one superblock of two weight rows' codes (c, decoded):
+ * each code vector loaded serves the J rows. J is a constant at each call, so the loops unroll. */
+static inline __attribute__((always_inline)) void rows_dots(const Activations *acts, int m, int J, int64_t k0, int S,
+                                                            v16i c[2][8], const v16f w_scale[2], int five_bit,
+                                                            v16f acc[2][MAX_ROWS]) {
+    v16i dot[ROWS_TOGETHER][2];
+    for (int j = 0; j < J; j++) dot[j][0] = dot[j][1] = v16i_load(acts[m + j].lane_start + k0 / 4);
+    for (int s = 0; s < S; s += 4)
+        for (int j = 0; j < J; j++)
+            for (int r = 0; r < 2; r++)
+                dot[j][r] = dot_code_steps(dot[j][r], c[r] + s, acts[m + j].q + k0 + 64 * s, S - s < 4 ? S - s : 4, five_bit);
+    for (int j = 0; j < J; j++) {
+        v16f lane_scale = v16f_load(acts[m + j].lane_scale + k0 / 4);
+        for (int r = 0; r < 2; r++)
+            acc[r][m + j] = v16f_fmadd(v16f_from_i32(dot[j][r]), v16f_mul(w_scale[r], lane_scale), acc[r][m + j]);
+    }
+}
+
 /* One superblock (S steps from column k0) of two weight rows against M activation rows: each activation vector loaded
  * serves both weight rows, which is what a batch of rows (the serving engine's decode steps) is bound by. Integer
  * sums run through all S steps; then one conversion and one scaled add per lane. */
@@ -74,16 +99,9 @@ static inline __attribute__((always_inline)) void superblock_dots(
             }
         }
     }
-    for (int m = 0; m < M; m++) {
-        v16i dot[2];
-        dot[0] = dot[1] = v16i_load(acts[m].lane_start + k0 / 4);
-        for (int s = 0; s < S; s += 4)
-            for (int r = 0; r < 2; r++)
-                dot[r] = dot_code_steps(dot[r], c[r] + s, acts[m].q + k0 + 64 * s, S - s < 4 ? S - s : 4, five_bit);
-        v16f lane_scale = v16f_load(acts[m].lane_scale + k0 / 4);
-        for (int r = 0; r < 2; r++)
-            acc[r][m] = v16f_fmadd(v16f_from_i32(dot[r]), v16f_mul(w_scale[r], lane_scale), acc[r][m]);
-    }
+    int m = 0;
+    for (; m + ROWS_TOGETHER <= M; m += ROWS_TOGETHER) rows_dots(acts, m, ROWS_TOGETHER, k0, S, c, w_scale, five_bit, acc);
+    for (; m < M; m++) rows_dots(acts, m, 1, k0, S, c, w_scale, five_bit, acc);
 }
 
 /* Dot products of two weight rows with M ≤ MAX_ROWS activation rows, one accumulator per (weight row, activation
@@ -104,8 +122,10 @@ static inline __attribute__((always_inline)) void row_pair_dots(
             default: superblock_dots(acts, M, k0, 1, codes, high_bits, scales, five_bit, acc);
         }
     }
-    for (int r = 0; r < 2; r++)
-        for (int m = 0; m < M; m++) out[r][m] = v16f_sum(acc[r][m]);
+    for (int r = 0; r < 2; r++) {
+        for (int m = M; m % 8; m++) acc[r][m] = v16f_zero();
+        for (int m = 0; m < M; m += 8) _mm256_storeu_ps(out[r] + m, v16f_sum8(acc[r] + m));
+    }
 }
 
 /* out (bfloat16, bias added) or, where `sums` is given instead, the unrounded float32 products without the bias.
@@ -159,6 +179,12 @@ static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint
                 row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 1, outs);
             else
                 row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 0, outs);
+            /* The outputs go down a column, a cache line a row: each pair of rows asks for its share of the
+             * lines the pairs after it will write, so that they are in cache by then (measured: the stores
+             * otherwise stall on the misses of a whole column at once). */
+            int64_t line_pairs = 32 / (sums ? 4 : 2), ahead = n0 + 2 * line_pairs;
+            for (int m = (int)(n0 / 2 % line_pairs); ahead < N && m < chunk; m += line_pairs)
+                _mm_prefetch(sums ? (const char *)(sums + (m0 + m) * N + ahead) : (const char *)(out + (m0 + m) * N + ahead), _MM_HINT_T0);
             for (int64_t r = 0; r < count; r++)
                 for (int m = 0; m < chunk; m++) {
                     int64_t n = n0 + r, at = (m0 + m) * N + n;

@@ -55,8 +55,8 @@ static inline v16f v16f_fmadd(v16f a, v16f b, v16f c) { return _mm512_fmadd_ps(a
 static inline v16f v16f_fnmadd(v16f a, v16f b, v16f c) { return _mm512_fnmadd_ps(a, b, c); } /* c − a·b */
 static inline v16f v16f_load(const float *p) { return _mm512_loadu_ps(p); }
 static inline void v16f_store(float *p, v16f v) { _mm512_storeu_ps(p, v); }
-static inline float v16f_sum(v16f v) {
-    return sum8(_mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), _mm512_castps512_ps256(v)));
+static inline __m256 v16f_fold(v16f v) {  /* the upper 8 lanes added to the lower 8 */
+    return _mm256_add_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)), _mm512_castps512_ps256(v));
 }
 static inline float v16f_max_lane(v16f v) { return _mm512_reduce_max_ps(v); }
 static inline v16f v16f_round(v16f v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -163,7 +163,7 @@ static inline v16f v16f_fnmadd(v16f a, v16f b, v16f c) {
 }
 static inline v16f v16f_load(const float *p) { return (v16f){_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
 static inline void v16f_store(float *p, v16f v) { _mm256_storeu_ps(p, v.lo), _mm256_storeu_ps(p + 8, v.hi); }
-static inline float v16f_sum(v16f v) { return sum8(_mm256_add_ps(v.hi, v.lo)); }
+static inline __m256 v16f_fold(v16f v) { return _mm256_add_ps(v.hi, v.lo); }
 static inline float v16f_max_lane(v16f v) {
     __m256 eight = _mm256_max_ps(v.lo, v.hi);
     __m128 four = _mm_max_ps(_mm256_extractf128_ps(eight, 1), _mm256_castps256_ps128(eight));
@@ -278,6 +278,23 @@ static inline __m256i add_pairs(__m256i acc, __m256i pairs) {
 #endif
 
 #endif
+
+static inline float v16f_sum(v16f v) { return sum8(v16f_fold(v)); }
+
+/* v16f_sum of 8 vectors at once, lane j of the result that of v[j]: the same additions of the same pairs, with the
+ * vectors' halves, quarters and pairs of lanes brought together across vectors by shuffles instead of one by one. */
+static inline __m256 v16f_sum8(const v16f v[8]) {
+    __m256 four[4], two[2];
+    for (int p = 0; p < 4; p++) {  /* four[p]: sum8's four for v[2p] (low 128 bits), v[2p + 1] (high) */
+        __m256 a = v16f_fold(v[2 * p]), b = v16f_fold(v[2 * p + 1]);
+        four[p] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x31), _mm256_permute2f128_ps(a, b, 0x20));
+    }
+    for (int p = 0; p < 2; p++)  /* two[p]: sum8's two (lanes 0, 1) for v[4p], v[4p + 2] (low); v[4p + 1], v[4p + 3] */
+        two[p] = _mm256_add_ps(_mm256_shuffle_ps(four[2 * p], four[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                               _mm256_shuffle_ps(four[2 * p], four[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    __m256 sums = _mm256_hadd_ps(two[0], two[1]);  /* v[0], v[2], v[4], v[6] | v[1], v[3], v[5], v[7] */
+    return _mm256_permutevar8x32_ps(sums, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
 
 static inline v16i codes8(const uint8_t *codes) { return v16i_load(codes); }
 
