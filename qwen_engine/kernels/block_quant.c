@@ -123,6 +123,10 @@ static inline __attribute__((always_inline)) void row_pair_dots(
         }
     }
     for (int r = 0; r < 2; r++) {
+        if (M < 8) {  /* a decoding step's few rows: one sum each */
+            for (int m = 0; m < M; m++) out[r][m] = v16f_sum(acc[r][m]);
+            continue;
+        }
         for (int m = M; m % 8; m++) acc[r][m] = v16f_zero();
         for (int m = 0; m < M; m += 8) _mm256_storeu_ps(out[r] + m, v16f_sum8(acc[r] + m));
     }
@@ -183,7 +187,7 @@ static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint
              * lines the pairs after it will write, so that they are in cache by then (measured: the stores
              * otherwise stall on the misses of a whole column at once). */
             int64_t line_pairs = 32 / (sums ? 4 : 2), ahead = n0 + 2 * line_pairs;
-            for (int m = (int)(n0 / 2 % line_pairs); ahead < N && m < chunk; m += line_pairs)
+            for (int m = (int)(n0 / 2 % line_pairs); M > 1 && ahead < N && m < chunk; m += line_pairs)
                 _mm_prefetch(sums ? (const char *)(sums + (m0 + m) * N + ahead) : (const char *)(out + (m0 + m) * N + ahead), _MM_HINT_T0);
             for (int64_t r = 0; r < count; r++)
                 for (int m = 0; m < chunk; m++) {
