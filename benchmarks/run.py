@@ -138,9 +138,14 @@ def perplexity_llama(args: argparse.Namespace) -> dict:
     return {"perplexity": result.perplexity, "tokens_scored": result.tokens_scored}
 
 
+def worker_pytorch(args: argparse.Namespace) -> dict:
+    """A process that only imports torch (main() did): the floor of this engine's start and memory."""
+    return {"start_to_first_token_s": time.perf_counter() - STARTED, "peak_rss_mb": peak_rss_mb()}
+
+
 WORKERS = {
     "qwen-engine": worker_qwen, "transformers-bf16": worker_transformers, "llama.cpp": worker_llama,
-    "ppl:qwen-engine": perplexity_qwen, "ppl:llama.cpp": perplexity_llama,
+    "ppl:qwen-engine": perplexity_qwen, "ppl:llama.cpp": perplexity_llama, "pytorch": worker_pytorch,
 }
 
 
@@ -158,10 +163,11 @@ def engine_env(checkout: Path | None, cache: Path) -> dict[str, str]:
     return env | ({"PYTHONPATH": str(checkout)} if checkout is not None else {})
 
 
+# (MKL, which PyTorch calls for some products, takes AMX on an AMX CPU unless told otherwise)
 TORCH_CAPS = {
     "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
-    "avx2_vnni": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx2_vnni": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
 
 
@@ -307,6 +313,8 @@ def by_class(args: argparse.Namespace) -> str:
     for cpu_class in args.classes:  # warm the converted-weights cache (one layout serves every variant)
         spawn(args, f"qwen-engine@{cpu_class}")
     runs, medians = alternating_rounds(args, engines)
+    floor = [spawn(args, "pytorch") for _ in range(args.rounds)]
+    runs["pytorch"] = floor
     lines = [
         "## By CPU class: qwen-engine's kernel variants against llama.cpp built for each", "",
         f"Produced by `python benchmarks/run.py --rounds {args.rounds} --classes {' '.join(args.classes)}` on "
@@ -337,6 +345,11 @@ def by_class(args: argparse.Namespace) -> str:
             at_least = metric in ("decode_tok_s", "prefill_tok_s")
             met = ratio >= target if at_least else ratio <= target
             lines.append(f"| {cpu_class} | {metric} | {ratio:.2f}× | {'≥' if at_least else '≤'} {target}× | {'yes' if met else 'no'} |")
+    llama = medians[f"llama.cpp@{next(iter(args.classes))}"]
+    start, rss = (statistics.median(run[m] for run in floor) for m in ("start_to_first_token_s", "peak_rss_mb"))
+    lines += ["", f"PyTorch's floor: a fresh process that only imports torch takes {start:.2f} s and {rss:.0f} MB (medians of "
+              f"{len(floor)}), {start / llama['start_to_first_token_s']:.2f}× and {rss / llama['peak_rss_mb']:.2f}× "
+              "llama.cpp's whole start → first token and peak RSS above."]
     if not args.skip_perplexity:
         lines += ["", f"Perplexity ({CORPUS.name}, {args.context}-token chunks, second halves scored; the decoding-step "
                   f"column scores the first {args.decode_chunks} chunks one decoding step a token, as generation does):", "",
