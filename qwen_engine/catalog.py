@@ -44,18 +44,14 @@ class CatalogEntry:
 
     @property
     def config(self) -> ModelConfig:
-        """The text decoder's config (for Qwen2-MoE: its attention and embedding shapes; the experts are extra)."""
+        """The text decoder's config (Qwen2-MoE's experts included)."""
         if self.local_config is not None:
             return self.local_config
-        raw = dict(self.raw_config, model_type="qwen2") if self.is_moe else self.raw_config
-        return ModelConfig.from_hf(raw)
+        return ModelConfig.from_hf(self.raw_config)
 
     def tensors(self) -> dict[str, tuple[int, ...]]:
         """Every tensor of the checkpoint in the engine's (qwen2) naming, encoders included."""
         shapes = self.config.checkpoint_shapes()
-        if self.is_moe:
-            shapes = {name: shape for name, shape in shapes.items() if ".mlp." not in name}
-            shapes.update(_moe_tensors(self.raw_config))
         if "visual" in self.raw_config:
             shapes.update(vision_shapes(VisionConfig.from_dict(self.raw_config["visual"])))
         if "audio" in self.raw_config:
@@ -72,22 +68,6 @@ class CatalogEntry:
 
     def encoder_parameters(self) -> int:
         return sum(math.prod(shape) for name, shape in self.tensors().items() if name.startswith(("visual.", "audio.")))
-
-
-def _moe_tensors(raw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Qwen2-MoE MLPs (qwen-family.md §3.1): a router, the experts and one gated shared expert per layer."""
-    h, experts = raw["hidden_size"], raw["num_experts"]
-    f, shared = raw["moe_intermediate_size"], raw["shared_expert_intermediate_size"]
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer in range(raw["num_hidden_layers"]):
-        mlp = f"model.layers.{layer}.mlp."
-        shapes[mlp + "gate.weight"] = (experts, h)
-        for e in range(experts):
-            shapes.update({f"{mlp}experts.{e}.gate_proj.weight": (f, h), f"{mlp}experts.{e}.up_proj.weight": (f, h),
-                           f"{mlp}experts.{e}.down_proj.weight": (h, f)})
-        shapes.update({mlp + "shared_expert.gate_proj.weight": (shared, h), mlp + "shared_expert.up_proj.weight": (shared, h),
-                       mlp + "shared_expert.down_proj.weight": (h, shared), mlp + "shared_expert_gate.weight": (1, h)})
-    return shapes
 
 
 def vision_shapes(visual: VisionConfig) -> dict[str, tuple[int, ...]]:

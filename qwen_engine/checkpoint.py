@@ -119,9 +119,11 @@ class GGUFSource(Checkpoint):
         self.gguf: GGUFCheckpoint = open_gguf(path)
         meta = self.gguf.metadata
         # GGUF files of tied models carry no output.weight (qwen-family.md §9.1).
-        self.config = dataclasses.replace(
-            ModelConfig.from_gguf(meta), tie_word_embeddings=not self.gguf.has_tensor("output.weight")
-        )
+        config = ModelConfig.from_gguf(meta)
+        if config.moe is not None:  # a layer with a dense MLP (mlp_only_layers) stores ffn_gate, not experts
+            dense = tuple(i for i in range(config.num_layers) if self.gguf.has_tensor(f"blk.{i}.ffn_gate.weight"))
+            config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, dense_layers=dense))
+        self.config = dataclasses.replace(config, tie_word_embeddings=not self.gguf.has_tensor("output.weight"))
         self.chat_template_source = meta.get("tokenizer.chat_template")
         self._entries = {hf_name(entry.name): entry for entry in self.gguf.entries}  # by HF name
 

@@ -407,6 +407,12 @@ def cmd_info(args: argparse.Namespace) -> None:
                               for name, source in defaults.sources.items()},
         "kernels": kernel_variant(),  # what this CPU runs (QWEN_ENGINE_CPU caps it)
     }
+    moe = config.moe
+    if moe is not None:
+        facts["experts"] = {"count": moe.num_experts, "per_token": moe.experts_per_token, "expert_size": moe.expert_size,
+                            "shared_expert_size": moe.shared_expert_size, "norm_topk_prob": moe.norm_topk_prob,
+                            "dense_layers": [i for i in range(config.num_layers) if not moe.is_sparse(i)],
+                            "active_parameters": config.active_parameter_count()}
     vision, audio = config.vision, config.audio
     if vision is not None or audio is not None:
         from dataclasses import asdict
@@ -431,6 +437,13 @@ def cmd_info(args: argparse.Namespace) -> None:
             f"{vision.layers} layers × {vision.width} ({vision.heads} heads, MLP {vision.mlp_width}); {vision.patch_size}-px "
             f"patches of a {vision.image_size}² image ({vision.grid ** 2}) → resampler of {vision.n_queries} queries → "
             f"{vision.output_dim}; {tower['parameters']:,} parameters")
+    if moe is not None:
+        experts = facts["experts"]
+        facts["experts"] = (
+            f"{moe.experts_per_token} of {moe.num_experts} a token (width {moe.expert_size}"
+            f"{', renormalized' if moe.norm_topk_prob else ''}) + a shared expert of {moe.shared_expert_size}; "
+            f"dense layers: {', '.join(map(str, experts['dense_layers'])) or 'none'}; "
+            f"{experts['active_parameters']:,} parameters active a token")
     facts["parameters"] = f"{config.parameter_count():,} ({config.parameter_count() / 1e9:.2f} B)"
     facts["tensor_types"] = ", ".join(f"{name} ×{count}" for name, count in sorted(info.tensor_types.items()))
     facts["chat_template"] = "yes" if info.has_chat_template else (

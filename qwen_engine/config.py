@@ -126,6 +126,57 @@ class AudioConfig(EncoderConfig):
 
 
 @dataclass(slots=True, frozen=True)
+class MoeConfig:
+    """Qwen2-MoE's sparse MLPs (Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B; qwen-family.md §3.1, and transformers'
+    `Qwen2MoeSparseMoeBlock` for the math): a router picks `experts_per_token` of `num_experts` SwiGLU experts per
+    token, and a shared expert, gated by a sigmoid, runs for every token."""
+
+    num_experts: int
+    experts_per_token: int  # num_experts_per_tok
+    expert_size: int  # moe_intermediate_size
+    shared_expert_size: int  # shared_expert_intermediate_size (0: none)
+    norm_topk_prob: bool = False  # the picked experts' probabilities renormalized to sum to 1
+    sparse_step: int = 1  # decoder_sparse_step: layers i with (i + 1) % step == 0 are sparse
+    dense_layers: tuple[int, ...] = ()  # mlp_only_layers: dense whatever the step
+
+    def __post_init__(self) -> None:
+        if not (0 < self.experts_per_token <= self.num_experts and self.expert_size > 0 and self.shared_expert_size >= 0
+                and self.sparse_step > 0):
+            raise QwenError(
+                f"invalid MoE config: num_experts={self.num_experts}, num_experts_per_tok={self.experts_per_token}, "
+                f"moe_intermediate_size={self.expert_size}, shared_expert_intermediate_size={self.shared_expert_size}, "
+                f"decoder_sparse_step={self.sparse_step}; the checkpoint's config is damaged"
+            )
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer not in self.dense_layers and (layer + 1) % self.sparse_step == 0
+
+    def mlp_shapes(self, hidden: int) -> dict[str, tuple[int, ...]]:
+        """A sparse layer's MLP tensors, under `mlp.` (the HF names of the official checkpoints)."""
+        f, shared = self.expert_size, self.shared_expert_size
+        shapes: dict[str, tuple[int, ...]] = {"gate.weight": (self.num_experts, hidden)}
+        for e in range(self.num_experts):
+            shapes |= {f"experts.{e}.gate_proj.weight": (f, hidden), f"experts.{e}.up_proj.weight": (f, hidden),
+                       f"experts.{e}.down_proj.weight": (hidden, f)}
+        if shared:
+            shapes |= {"shared_expert.gate_proj.weight": (shared, hidden), "shared_expert.up_proj.weight": (shared, hidden),
+                       "shared_expert.down_proj.weight": (hidden, shared), "shared_expert_gate.weight": (1, hidden)}
+        return shapes
+
+    @classmethod
+    def from_hf(cls, raw: dict[str, Any]) -> MoeConfig:
+        return cls(
+            num_experts=int(raw["num_experts"]),
+            experts_per_token=int(raw["num_experts_per_tok"]),
+            expert_size=int(raw["moe_intermediate_size"]),
+            shared_expert_size=int(raw.get("shared_expert_intermediate_size") or 0),
+            norm_topk_prob=bool(raw.get("norm_topk_prob", False)),
+            sparse_step=int(raw.get("decoder_sparse_step") or 1),
+            dense_layers=tuple(int(i) for i in raw.get("mlp_only_layers") or ()),
+        )
+
+
+@dataclass(slots=True, frozen=True)
 class ModelConfig:
     """Shapes and constants of a decoder-only Qwen model (notation of qwen-family.md: H, n_h, n_kv, d, L, F, V)."""
 
@@ -155,6 +206,7 @@ class ModelConfig:
     max_window_layers: int = 0
     vision: VisionConfig | None = None  # Qwen-VL's visual tower (config.json's `visual`, qwen-family.md §6.1)
     audio: AudioConfig | None = None  # Qwen-Audio's encoder (config.json's `audio`, qwen-family.md §7.1)
+    moe: MoeConfig | None = None  # Qwen2-MoE's experts (model_type qwen2_moe); None: every MLP dense
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -200,10 +252,11 @@ class ModelConfig:
                 "self_attn.k_proj.weight": (kv, h),
                 "self_attn.v_proj.weight": (kv, h),
                 "self_attn.o_proj.weight": (h, q),
-                "mlp.gate_proj.weight": (f, h),
-                "mlp.up_proj.weight": (f, h),
-                "mlp.down_proj.weight": (h, f),
             }
+            if self.moe is not None and self.moe.is_sparse(i):
+                layer |= {f"mlp.{name}": shape for name, shape in self.moe.mlp_shapes(h).items()}
+            else:
+                layer |= {"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
             if self.qkv_bias:
                 layer.update({"self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,)})
             shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
@@ -215,16 +268,25 @@ class ModelConfig:
         """Exact tensor-element count (qwen-family.md §4, 'Computation')."""
         return sum(math.prod(shape) for shape in self.checkpoint_shapes().values())
 
+    def active_parameter_count(self) -> int:
+        """Every tensor but the experts a token's router leaves out: the "A14B" of Qwen2-57B-A14B (the parameter
+        count itself for a dense model)."""
+        if self.moe is None:
+            return self.parameter_count()
+        sparse = sum(self.moe.is_sparse(layer) for layer in range(self.num_layers))
+        idle = (self.moe.num_experts - self.moe.experts_per_token) * 3 * self.hidden_size * self.moe.expert_size
+        return self.parameter_count() - sparse * idle
+
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from a transformers `config.json` dict; unknown keys are ignored (they vary across revisions)."""
         model_type = raw.get("model_type", "")
         if model_type == "qwen":
             return cls._from_hf_v1(raw)
-        if model_type != "qwen2":
+        if model_type not in ("qwen2", "qwen2_moe"):
             raise QwenError(
                 f"unsupported model_type {model_type!r} in config.json: qwen-engine runs Qwen (v1) and the qwen2 family "
-                "(Qwen1.5, Qwen2, Qwen2.5, QwQ)"
+                "(Qwen1.5, Qwen2, Qwen2.5, QwQ, Qwen2-MoE)"
             )
         with _reading_config():
             hidden, heads = int(raw["hidden_size"]), int(raw["num_attention_heads"])
@@ -257,6 +319,7 @@ class ModelConfig:
                 # qwen-family.md §3.2: the window exists only when use_sliding_window is true.
                 sliding_window=int(raw["sliding_window"]) if raw.get("use_sliding_window") and raw.get("sliding_window") else None,
                 max_window_layers=int(raw.get("max_window_layers") or 0),
+                moe=MoeConfig.from_hf(raw) if model_type == "qwen2_moe" else None,
             )
 
     @classmethod
@@ -297,8 +360,9 @@ class ModelConfig:
     def from_gguf(cls, metadata: dict[str, Any]) -> ModelConfig:
         """Build from GGUF key/value metadata (qwen-family.md §9.3)."""
         arch = metadata.get("general.architecture", "")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise QwenError(f"unsupported GGUF architecture {arch!r}: qwen-engine runs {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if arch not in (*SUPPORTED_ARCHITECTURES, "qwen2moe"):
+            raise QwenError(f"unsupported GGUF architecture {arch!r}: qwen-engine runs {', '.join(SUPPORTED_ARCHITECTURES)} "
+                            "and qwen2moe")
 
         def key(name: str, default: Any = None) -> Any:
             value = metadata.get(f"{arch}.{name}", default)
@@ -317,8 +381,17 @@ class ModelConfig:
                 original_max_position_embeddings=int(metadata.get(f"{arch}.rope.scaling.original_context_length")
                                                      or key("context_length")),
             )
+        moe = None
+        if arch == "qwen2moe":  # llama.cpp's Qwen2-MoE: the qwen2 decoder with experts (the loader finds dense layers)
+            moe = MoeConfig(
+                num_experts=int(key("expert_count")),
+                experts_per_token=int(key("expert_used_count")),
+                expert_size=int(key("expert_feed_forward_length")),
+                shared_expert_size=int(metadata.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+                norm_topk_prob=bool(metadata.get(f"{arch}.expert_weights_norm", False)),
+            )
         return cls(
-            architecture=arch,
+            architecture="qwen2" if moe is not None else arch,
             vocab_size=int(metadata.get(f"{arch}.vocab_size") or (len(tokens) if tokens else 0)),
             hidden_size=hidden,
             # qwen-family.md §9.1: for arch qwen (v1) the converter writes config's doubled intermediate_size.
@@ -334,6 +407,7 @@ class ModelConfig:
             bos_token_id=metadata.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=_as_id_tuple(eos),
             rope_scaling=scaling,
+            moe=moe,
         )
 
 

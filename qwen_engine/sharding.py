@@ -68,6 +68,9 @@ def check_split(config: ModelConfig, tp: int, block: int = 1, block_name: str = 
     groups of `block` along the inputs, on group boundaries)."""
     problems = split_problems(config.num_heads, config.num_kv_heads, config.intermediate_size, config.vocab_size,
                               config.hidden_size, config.head_dim, tp, block, block_name)
+    if config.moe is not None and tp > 1:
+        raise QwenError(f"this model cannot run with --tp {tp}: tensor parallelism does not split mixture-of-experts "
+                        "layers yet; run it with --tp 1")
     if problems:
         raise QwenError(f"this model cannot run with --tp {tp}: {'; '.join(problems)}; choose a tp that divides them"
                         + (f" or another --quant than {block_name}" if block > 1 else ""))

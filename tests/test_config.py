@@ -177,7 +177,8 @@ def test_from_gguf_errors():
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"model_type": "llama"}, r"unsupported model_type 'llama' in config\.json"),
-    ({"model_type": "qwen2_moe"}, r"unsupported model_type 'qwen2_moe' in config\.json"),
+    ({"model_type": "qwen2_vl"}, r"unsupported model_type 'qwen2_vl' in config\.json"),
+    ({"model_type": "qwen2_moe"}, r"config\.json lacks the required key 'num_experts'"),
     ({"num_attention_heads": 5, "num_key_value_heads": 2, "hidden_size": 640},
      r"num_attention_heads=5 is not a multiple of num_key_value_heads=2"),
     ({"hidden_size": 0}, r"invalid model config: hidden_size=0, head_dim=0 \(sizes must be positive integers\)"),

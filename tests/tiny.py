@@ -99,7 +99,9 @@ def write_gguf(
     """A GGUF from HF-named (qwen2 layout) float tensors, stored F32, plus optional raw (already quantized) tensors
     under GGUF names, which replace the float tensor of the same name.
 
-    arch "qwen" writes a v1 file (qwen-family.md §9.1): fused attn_qkv and the doubled feed_forward_length.
+    arch "qwen" writes a v1 file (qwen-family.md §9.1): fused attn_qkv and the doubled feed_forward_length. A config
+    with `num_experts` (Qwen2-MoE) writes llama.cpp's qwen2moe: each layer's experts stacked, the shared expert's
+    gate a vector (a dense layer keeps its ffn_gate/up/down, which llama.cpp has no place for).
     """
     from qwen_engine.weights.gguf import _QWEN2_NAMES
 
@@ -107,6 +109,20 @@ def write_gguf(
     for gguf_name, hf_name in _QWEN2_NAMES.items():
         for layer in range(config["num_hidden_layers"]):
             hf_to_gguf[hf_name.format(layer)] = gguf_name.format(layer)
+    moe = "num_experts" in config
+    if moe:
+        state = dict(state)
+        for layer in range(config["num_hidden_layers"]):
+            mlp = f"model.layers.{layer}.mlp."
+            for part in ("gate", "up", "down"):
+                names = [f"{mlp}experts.{e}.{part}_proj.weight" for e in range(config["num_experts"])]
+                if names[0] in state:
+                    stacked = f"{mlp}experts.{part}_proj.weight"
+                    state[stacked] = torch.stack([state.pop(name) for name in names])
+                    hf_to_gguf[stacked] = f"blk.{layer}.ffn_{part}_exps.weight"
+            if f"{mlp}shared_expert_gate.weight" in state:
+                state[f"{mlp}shared_expert_gate.weight"] = state[f"{mlp}shared_expert_gate.weight"].reshape(-1)
+        arch = "qwen2moe"
     if arch == "qwen":
         state = dict(state)
         for layer in range(config["num_hidden_layers"]):
@@ -122,6 +138,12 @@ def write_gguf(
     writer.add_head_count_kv(config["num_key_value_heads"])
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if moe:
+        writer.add_expert_count(config["num_experts"])
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+        writer.add_expert_shared_feed_forward_length(config["shared_expert_intermediate_size"])
+        writer.add_expert_weights_norm(config["norm_topk_prob"])
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokenizer["tokens"])

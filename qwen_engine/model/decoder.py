@@ -4,6 +4,7 @@ Checkpoints are validated against the HF qwen2 names (`model.layers.N.self_attn.
 (GGUF, Qwen v1) are mapped onto those names by the weight loaders. The decoder stores q/k/v and gate/up
 concatenated (`qkv_proj`, `gate_up_proj`): one larger matmul reads the activations once and costs one kernel
 launch instead of three. Every projection is a plain `nn.Linear`, so quantization can swap them for packed modules.
+Qwen2-MoE is the same decoder with a sparse MLP (SparseMoE) in the layers its config makes sparse.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, MoeConfig
 from ..errors import QwenError
 from ..kernels import CpuKernels, cpu_kernels
 from ..sharding import shard_config
@@ -178,11 +179,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(SiLU(gate(x)) · up(x)), no biases."""
 
-    def __init__(self, config: ModelConfig, parallel: TensorParallel | None = None) -> None:
+    def __init__(self, hidden: int, intermediate: int, parallel: TensorParallel | None = None) -> None:
         super().__init__()
         self.parallel = parallel  # sums the ranks' partial down_proj outputs
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self._swiglu(x)
@@ -204,6 +205,59 @@ class MLP(nn.Module):
         return self.down_proj(gate)
 
 
+class PlainLinear(nn.Module):
+    """x · Wᵀ in the compute dtype, no bias. Not an nn.Linear, so the weight formats leave it as it is: MoE's
+    routing weights, where a requantized router would pick other experts."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(outputs, inputs), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class Router(PlainLinear):
+    """A sparse layer's expert choice: softmax over the experts in float32, the top k, their weights renormalized
+    where the config says so, in the compute dtype (transformers' Qwen2MoeTopKRouter)."""
+
+    def __init__(self, hidden: int, moe: MoeConfig) -> None:
+        super().__init__(hidden, moe.num_experts)
+        self.top_k, self.normalize = moe.experts_per_token, moe.norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] → (weights [N, k] in x's dtype, experts [N, k])."""
+        probabilities = torch.softmax(super().forward(x), dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probabilities, self.top_k, dim=-1)
+        if self.normalize:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), experts
+
+
+class SparseMoE(nn.Module):
+    """Qwen2-MoE's MLP: each token through the experts its router picks, their outputs weighted and summed, plus the
+    shared expert's output scaled by sigmoid(shared_expert_gate(x)) (transformers' Qwen2MoeSparseMoeBlock). Each
+    expert runs once per forward, on the rows routed to it, so decoding reads only the experts its tokens picked."""
+
+    def __init__(self, hidden: int, moe: MoeConfig) -> None:
+        super().__init__()
+        self.gate = Router(hidden, moe)
+        self.experts = nn.ModuleList(MLP(hidden, moe.expert_size) for _ in range(moe.num_experts))
+        self.shared_expert = MLP(hidden, moe.shared_expert_size) if moe.shared_expert_size else None
+        self.shared_expert_gate = PlainLinear(hidden, 1) if moe.shared_expert_size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        weights, experts = self.gate(rows)
+        out = torch.zeros_like(rows)
+        for expert in torch.unique(experts).tolist():  # ascending, as transformers adds them up
+            token, slot = torch.where(experts == expert)
+            out.index_add_(0, token, self.experts[expert](rows[token]) * weights[token, slot, None])
+        if self.shared_expert is not None:
+            out += torch.sigmoid(self.shared_expert_gate(rows)) * self.shared_expert(rows)
+        return out.view_as(x)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); each residual add is taken by the norm after it."""
 
@@ -212,7 +266,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer, parallel)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, parallel)
+        moe = config.moe
+        self.mlp = (SparseMoE(config.hidden_size, moe) if moe is not None and moe.is_sparse(layer)
+                    else MLP(config.hidden_size, config.intermediate_size, parallel))
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None, rope: RotaryTables, batch: SequenceBatch | None,
@@ -339,13 +395,13 @@ class QwenDecoder(nn.Module):
         if problems:
             raise QwenError(f"{source} does not match the model config — " + "; ".join(problems))
         tensors = dict(tensors)
-        for layer in range(self.config.num_layers):
-            prefix = f"model.layers.{layer}."
+        for name in list(tensors):
+            module, _, kind = name.rpartition(".")
+            parent, _, last = module.rpartition(".")
             for packed, parts in PACKED.items():
-                for kind in ("weight", "bias"):
-                    names = [f"{prefix}{part}.{kind}" for part in parts]
-                    if names[0] in tensors:
-                        tensors[f"{prefix}{packed}.{kind}"] = torch.cat([tensors.pop(name) for name in names])
+                if last == parts[0]:
+                    names = [f"{parent}.{part}.{kind}" for part in parts]
+                    tensors[f"{parent}.{packed}.{kind}"] = torch.cat([tensors.pop(stored) for stored in names])
         for name, tensor in tensors.items():
             module_name, _, param_name = name.rpartition(".")
             setattr(self.get_submodule(module_name), param_name, nn.Parameter(tensor, requires_grad=False))

@@ -69,8 +69,8 @@ class FusedDecodeStep:
         config = decoder.shard
         if kernels is None or decoder.dtype != torch.bfloat16 or decoder.device.type != "cpu":
             return None
-        if config.head_dim % 32 or config.head_dim > 512:
-            return None
+        if config.head_dim % 32 or config.head_dim > 512 or config.moe is not None:
+            return None  # (a sparse layer's experts are picked per token: the PyTorch path takes those steps)
         projections = [p for layer in decoder.model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj)]
         if not all(isinstance(p, BlockLinear) and p.in_features % 64 == 0 for p in projections):

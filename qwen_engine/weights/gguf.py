@@ -5,8 +5,10 @@ Reading the header needs no torch (`qwen info`); torch and the dequantizers are 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,9 +45,27 @@ _QWEN2_NAMES = {
     "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+    # Qwen2-MoE (arch qwen2moe): the router, the shared expert and its gate; the experts come stacked (_EXPERTS).
+    "blk.{}.ffn_gate_inp.weight": "model.layers.{}.mlp.gate.weight",
+    "blk.{}.ffn_gate_shexp.weight": "model.layers.{}.mlp.shared_expert.gate_proj.weight",
+    "blk.{}.ffn_up_shexp.weight": "model.layers.{}.mlp.shared_expert.up_proj.weight",
+    "blk.{}.ffn_down_shexp.weight": "model.layers.{}.mlp.shared_expert.down_proj.weight",
+    "blk.{}.ffn_gate_inp_shexp.weight": "model.layers.{}.mlp.shared_expert_gate.weight",
 }
-# The HF name of a GGUF tensor.
-hf_name = LayerNameMap(_QWEN2_NAMES, "blk.")
+_layer_names = LayerNameMap(_QWEN2_NAMES, "blk.")
+# A layer's experts stacked in one tensor [experts, rows, columns] (llama.cpp's qwen2moe), and the name open_gguf
+# gives each expert's part of it.
+_STACKED = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
+_EXPERT = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.(\d+)\.weight")
+
+
+def hf_name(name: str) -> str:
+    """The HF name of a GGUF tensor; an expert's part of a stacked one is that expert's own tensor."""
+    expert = _EXPERT.fullmatch(name)
+    if expert:
+        layer, part, index = expert.groups()
+        return f"model.layers.{layer}.mlp.experts.{index}.{part}_proj.weight"
+    return _layer_names(name)
 
 
 # GGUF value types (qwen-family.md §9.4, file layout): id → struct format of one scalar.
@@ -270,5 +290,18 @@ def open_gguf(path: Path) -> GGUFCheckpoint:
         start = data_start + offset
         if start + nbytes > len(data):
             raise QwenError(f"{path} is truncated: tensor {name} ends past the end of the file — download it again")
-        entries.append(TensorEntry(name, qtype, tuple(int(d) for d in reversed(dims)), start, nbytes))
+        entries.extend(_as_loaded(TensorEntry(name, qtype, tuple(int(d) for d in reversed(dims)), start, nbytes)))
     return GGUFCheckpoint(path=path, metadata=metadata, entries=entries, data=data)
+
+
+def _as_loaded(entry: TensorEntry) -> list[TensorEntry]:
+    """The tensors an entry holds, as the HF layout has them: a stacked experts tensor is one contiguous block of
+    rows per expert (read, converted and kept bit for bit like any matrix); the shared expert's gate, stored as a
+    vector, is its one-row matrix."""
+    if _STACKED.fullmatch(entry.name) and len(entry.shape) == 3:
+        count, size = entry.shape[0], entry.nbytes // entry.shape[0]
+        return [TensorEntry(entry.name.replace("_exps.", f"_exps.{e}."), entry.qtype, entry.shape[1:], entry.offset + e * size, size)
+                for e in range(count)]
+    if entry.name.endswith("ffn_gate_inp_shexp.weight") and len(entry.shape) == 1:
+        return [dataclasses.replace(entry, shape=(1, entry.shape[0]))]
+    return [entry]

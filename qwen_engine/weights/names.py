@@ -23,26 +23,27 @@ class LayerNameMap:
 
 
 # Checkpoint projections the decoder stores concatenated, in order (model/decoder.py): one larger matmul reads the
-# activations once. Quantized formats treat each packed projection as one matrix.
+# activations once. By the last part of the name, so that an expert's or shared expert's MLP packs as a layer's does
+# (`mlp.experts.3.gate_proj` and `up_proj` → `mlp.experts.3.gate_up_proj`). Quantized formats treat each packed
+# projection as one matrix.
 PACKED = {
-    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
 }
 
 
 def stored_as(module: str) -> list[str]:
     """Checkpoint weight names behind a decoder module (`model.layers.0.mlp.gate_up_proj` → gate and up)."""
-    for packed, parts in PACKED.items():
-        if module.endswith("." + packed):
-            layer = module[: -len(packed)]
-            return [f"{layer}{part}.weight" for part in parts]
+    parent, _, last = module.rpartition(".")
+    if last in PACKED:
+        return [f"{parent}.{part}.weight" for part in PACKED[last]]
     return [f"{module}.weight"]
 
 
 def packed_with(tensor: str) -> list[str]:
     """The checkpoint weights stored in the same decoder module as `tensor` (itself alone when not packed)."""
+    parent, _, last = tensor.removesuffix(".weight").rpartition(".")
     for packed, parts in PACKED.items():
-        for part in parts:
-            if tensor.endswith(f".{part}.weight"):
-                return stored_as(tensor[: -len(f"{part}.weight")] + packed)
+        if last in parts:
+            return stored_as(f"{parent}.{packed}")
     return [tensor]
