@@ -507,19 +507,22 @@ def cmd_models(args: argparse.Namespace) -> None:
         exact = plan(entry, "bf16")
         rows.append({
             "name": entry.name, "parameters": params, "non_embedding": params - entry.embedding_parameters(),
-            "layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+            "active": config.active_parameter_count() + entry.encoder_parameters(), "layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
             "context": entry.context, "rule_of_thumb_gib": 2 * params / GiB, "exact_bf16_gib": exact.per_gpu / GiB,
         })
     if args.json:
         print(json.dumps(rows))
         return
-    header = ("model", "params", "non-emb", "layers", "heads/kv", "context", "FP16 rule (2 B/param)", "exact bf16 at full context")
-    lines = [(r["name"], f"{r['parameters'] / 1e9:.2f} B", f"{r['non_embedding'] / 1e9:.2f} B", str(r["layers"]),
+    header = ("model", "params", "non-emb", "active/token", "layers", "heads/kv", "context", "FP16 rule (2 B/param)",
+              "exact bf16 at full context")
+    lines = [(r["name"], f"{r['parameters'] / 1e9:.2f} B", f"{r['non_embedding'] / 1e9:.2f} B",
+              f"{r['active'] / 1e9:.2f} B" if r["active"] != r["parameters"] else "all", str(r["layers"]),
               f"{r['heads']}/{r['kv_heads']}", f"{r['context']:,}", f"{r['rule_of_thumb_gib']:.1f} GiB",
               f"{r['exact_bf16_gib']:.1f} GiB") for r in rows]
     widths = [max(len(row[i]) for row in (header, *lines)) for i in range(len(header))]
     for row in (header, *lines):
         print("  ".join(cell.ljust(width) if i == 0 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths))))
+    print("active/token = all but the experts a token's router leaves out (mixture-of-experts models)")
     print("exact = weights + KV cache for the full context + prefill activations + 0.75 GiB GPU overhead, batch 1")
 
 

@@ -127,6 +127,12 @@ def test_models_table_has_both_columns(capsys) -> None:
     assert len(rows) == len(entries())
     seven = next(r for r in rows if r["name"] == "Qwen/Qwen2.5-7B-Instruct")
     assert seven["parameters"] == 7_615_616_512 and seven["exact_bf16_gib"] > seven["rule_of_thumb_gib"]
+    assert seven["active"] == seven["parameters"]
+    moe = next(r for r in rows if r["name"] == "Qwen/Qwen2-57B-A14B")
+    assert round(moe["parameters"] / 1e9, 2) == 57.41 and round(moe["active"] / 1e9, 2) == 14.25  # the "A14B"
+    assert main(["models"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("Qwen/Qwen2-57B-A14B "))
+    assert "57.41 B" in line and "14.25 B" in line
 
 
 def test_memory_command_reports_fit_and_plot(tmp_path, capsys) -> None:
