@@ -22,6 +22,7 @@ from .errors import QwenError
 from .sharding import RankSlices
 from .tokenizer import AUDIO_TOKENS, VL_IMAGE_TOKENS, Tokenizer
 from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
+from .weights.gptq import PackedFormat, PackedLayers
 from .weights.safetensors import load_weights, read_json, shard_files, stored_dtypes
 from .weights.v1 import split_fused_qkv, v1_name
 
@@ -193,6 +194,11 @@ class HFSource(Checkpoint):
             config = dataclasses.replace(config, eos_token_ids=tuple(dict.fromkeys(config.eos_token_ids + extra)))
         self.config = config
         self.chat_template_source = self._chat_template_source()
+        # GPTQ/AWQ releases: config.json's quantization_config, or quantize_config.json beside it (older GPTQ files)
+        packing = self.raw_config.get("quantization_config") or self._optional_json("quantize_config.json")
+        self.packed = PackedFormat.from_config(packing) if packing else None
+        if self.packed is not None:
+            self.format = f"hf-{self.packed.name}"
 
     def _optional_json(self, name: str) -> dict[str, Any] | None:
         return read_json(self.path / name) if (self.path / name).exists() else None
@@ -231,9 +237,18 @@ class HFSource(Checkpoint):
 
     def tensors(self, dtype: torch.dtype, device: torch.device, progress: Progress = iter,
                 placeholders: frozenset[str] = frozenset(), shard: RankSlices | None = None) -> dict[str, torch.Tensor]:
-        """The decoder's tensors (a Qwen-VL tower's and a Qwen-Audio encoder's are `encoder_tensors`)."""
-        return load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES),
-                            each=_each(self._checkpoint_name, shard))
+        """The decoder's tensors (a Qwen-VL tower's and a Qwen-Audio encoder's are `encoder_tensors`); a GPTQ or AWQ
+        layer's packed parts become its float weight (weights/gptq.py)."""
+        each = _each(self._checkpoint_name, shard)
+        if self.packed is None:
+            return load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES),
+                                each=each)
+        packed = PackedLayers(self.packed)
+        loaded = load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES),
+                              each=lambda name, tensor: {} if packed.add(name, tensor) else each(name, tensor))
+        for name, weight in packed.weights().items():
+            loaded |= {part: tensor.to(device=device, dtype=dtype) for part, tensor in each(name, weight).items()}
+        return loaded
 
     def encoder_tensors(self, prefix: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
         """An encoder's tensors under its module names, `prefix` taken off: Qwen-VL's tower (VISION_PREFIX,
