@@ -230,7 +230,20 @@ class HFSource(Checkpoint):
         return v1_name(name) if self.config.architecture == "qwen" else name
 
     def stored_types(self) -> dict[str, str]:
-        return {self._checkpoint_name(name): dtype for name, dtype in stored_dtypes(self.path).items()}
+        types = {self._checkpoint_name(name): dtype for name, dtype in stored_dtypes(self.path).items()}
+        if self.packed is not None and self.packed.block_type and self.config.architecture != "qwen":
+            # A GPTQ/AWQ layer whose values are blocks of 32 as they stand: the CPU formats keep them (stored_blocks).
+            types |= {name.removesuffix(".qweight") + ".weight": self.packed.block_type for name in types if name.endswith(".qweight")}
+        return types
+
+    def stored_blocks(self, name: str, shard: RankSlices | None = None) -> BlockCodes | None:
+        if self.packed is None or shard is not None or self.config.architecture == "qwen":
+            return None  # (a rank's part, and v1's fused c_attn, are requantized from the float weight)
+        layer = name.removesuffix(".weight")
+        parts = load_weights(self.path, None, "cpu", keep=lambda stored: stored.rpartition(".")[0] == layer)
+        if "qweight" not in {stored.rpartition(".")[2] for stored in parts}:
+            return None
+        return self.packed.blocks({stored.rpartition(".")[2]: tensor for stored, tensor in parts.items()}, layer)
 
     def files(self) -> list[Path]:
         return [self.path / "config.json", *shard_files(self.path)]

@@ -187,3 +187,28 @@ def test_qwen_v1_int4_loads_with_the_dequantized_logits(v1_int4):
     with torch.no_grad():
         ref = reference(torch.tensor([ids])).logits[0]
     assert ((engine.logits(ids) - ref).abs().max() / ref.abs().max()).item() <= REL_TOL
+
+
+@pytest.mark.parametrize(("name", "bits"), [("gptq-int4-sym", 5), ("gptq-int8", 8), ("awq-int4", 5)])
+def test_groups_of_32_go_into_the_cpu_blocks_bit_for_bit(checkpoints, name, bits):
+    """Without act-order and in groups of 32 (or a multiple), the packed values are this engine's blocks as they stand:
+    4-bit codes less their zero point in the 5-bit blocks, symmetric 8-bit in the 8-bit ones, the scales unchanged."""
+    from qwen_engine.checkpoint import open_checkpoint
+    from qwen_engine.model.quantized import BlockLinear
+
+    directory, reference = checkpoints[name]
+    checkpoint = open_checkpoint(directory)
+    blocks = checkpoint.stored_blocks("model.layers.0.mlp.up_proj.weight")
+    assert blocks is not None and blocks.bits == bits
+    torch.testing.assert_close(blocks.dequantized(), reference.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0)
+    engine = qwen_engine.load(directory, device="cpu")  # the CPU default: 5-bit blocks where the values are
+    projection = engine.decoder.model.layers[0].mlp.gate_up_proj  # (K = 128: the block kernels take it)
+    assert isinstance(projection, BlockLinear) and (projection.high_bits is not None) == (bits == 5)
+
+
+def test_act_order_is_requantized(checkpoints):
+    from qwen_engine.checkpoint import open_checkpoint
+
+    checkpoint = open_checkpoint(checkpoints["gptq-int4-act-order-group-48"][0])
+    assert checkpoint.stored_blocks("model.layers.0.mlp.down_proj.weight") is None
+    assert "model.layers.0.mlp.down_proj.weight" not in checkpoint.stored_types()

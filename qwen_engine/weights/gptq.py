@@ -25,6 +25,8 @@ from ..errors import QwenError
 if TYPE_CHECKING:  # torch is imported where weights are unpacked: reading the config (`qwen info`) needs none
     import torch
 
+    from .quants import BlockCodes
+
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_COLUMN_OF_NIBBLE = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed word holds column AWQ_COLUMN_OF_NIBBLE[i] of its 8
 
@@ -37,6 +39,8 @@ class PackedFormat:
     bits: int
     group_size: int  # −1: one group for all inputs
     zero_stored_minus_one: bool  # GPTQ's packer before its v2 format stored each zero point less one
+    act_order: bool = False  # desc_act: GPTQ's inputs quantized in another order, g_idx says each one's group
+    sym: bool = False  # the zero point fixed at 2^(bits−1)
 
     @property
     def name(self) -> str:
@@ -54,10 +58,48 @@ class PackedFormat:
         if method == "awq" and str(raw.get("version", "gemm")).lower() != "gemm":
             raise QwenError(f"AWQ version {raw.get('version')!r} is not supported: qwen-engine reads AWQ's GEMM layout")
         v2 = str(raw.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
-        return cls(method, bits, group, method == "gptq" and not v2)
+        return cls(method, bits, group, method == "gptq" and not v2, bool(raw.get("desc_act", False)),
+                   bool(raw.get("sym", method == "gptq")) and method == "gptq")
+
+    @property
+    def block_type(self) -> str | None:
+        """The GGUF block type whose values these layers hold exactly, where the config promises it ("Q5_0": 4-bit
+        codes less their zero point, 16 added, lie in 0…31 with the group's scale, which a group that is a multiple
+        of 32 gives every block; "Q8_0": symmetric 8-bit), so the CPU formats take them without requantizing; None
+        otherwise (act-order gives the inputs of one block different groups)."""
+        if self.group_size != -1 and self.group_size % 32 or self.act_order:
+            return None
+        return "Q5_0" if self.bits == 4 else "Q8_0" if self.sym else None
+
+    def blocks(self, parts: dict[str, torch.Tensor], name: str) -> BlockCodes | None:
+        """The layer's weight as blocks of 32 (weights/quants.py), bit for bit, or None where the values do not fit."""
+        import torch
+
+        from .quants import BlockCodes
+
+        codes, zeros, groups = self._integers(parts, name)
+        inputs = codes.shape[0]
+        if self.block_type is None or inputs % 32 or parts["scales"].dtype != torch.float16:
+            return None
+        if not torch.equal(groups, torch.arange(inputs) // self._group(inputs)):
+            return None
+        offset = BlockCodes.OFFSETS[5 if self.bits == 4 else 8]
+        values = codes - zeros[groups] + offset
+        if values.min() < 0 or values.max() > 2 * offset - 1:
+            return None
+        scales = parts["scales"].to(torch.float16)[groups[::32]]  # [K/32, N]: each block's group
+        return BlockCodes(values.t().to(torch.uint8).contiguous(), scales.t().contiguous(), 5 if self.bits == 4 else 8)
 
     def weight(self, parts: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """The float32 weight [N, K] of packed layer `name` from its parts."""
+        codes, zeros, groups = self._integers(parts, name)
+        return (parts["scales"].float()[groups] * (codes - zeros[groups]).float()).t().contiguous()
+
+    def _group(self, inputs: int) -> int:
+        return inputs if self.group_size == -1 else self.group_size
+
+    def _integers(self, parts: dict[str, torch.Tensor], name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes [K, N], zero points [G, N], each input's group [K]) of packed layer `name`."""
         import torch
 
         missing = [part for part in PARTS[:3] if part not in parts]
@@ -70,16 +112,16 @@ class PackedFormat:
             zeros = _unpack_columns(parts["qzeros"], self.bits, reorder=awq)  # [G, N]
             inputs = codes.shape[0]
             groups = parts.get("g_idx")
-            if groups is None:
-                size = inputs if self.group_size == -1 else self.group_size
-                groups = torch.arange(inputs) // size
-            groups = groups.long()
-            zero = zeros[groups] + (1 if self.zero_stored_minus_one else 0)
-            weight = parts["scales"].float()[groups] * (codes - zero).float()
+            groups = torch.arange(inputs) // self._group(inputs) if groups is None else groups.long()
+            zeros = zeros + (1 if self.zero_stored_minus_one else 0)
+            if zeros.shape[1] != codes.shape[1] or parts["scales"].shape != zeros.shape or groups.shape != (inputs,):
+                raise IndexError(f"qweight {tuple(packed.shape)}, qzeros {tuple(parts['qzeros'].shape)}, scales "
+                                 f"{tuple(parts['scales'].shape)}")
+            zeros[groups]  # (every group index names a row)
         except (IndexError, RuntimeError) as err:
             raise QwenError(f"packed layer {name} has parts of shapes that do not fit {self.name} ({err}); the "
                             "checkpoint is damaged") from None
-        return weight.t().contiguous()
+        return codes, zeros, groups
 
 
 def _unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
