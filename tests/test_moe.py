@@ -203,3 +203,13 @@ def test_qwen2_57b_a14b_is_14b_active():
     config = resolve("Qwen/Qwen2-57B-A14B").config
     assert round(config.parameter_count() / 1e9, 2) == 57.41
     assert round(config.active_parameter_count() / 1e9, 2) == 14.25
+
+
+def test_qwen15_moe_a27b_is_14_3b_with_2_7b_active():
+    """The catalog's Qwen1.5-MoE-A2.7B: the model card's 14.3 B parameters and 2.7 B activated (its shared expert's
+    width, 5,632, is what makes both come out)."""
+    from qwen_engine.catalog import resolve
+
+    for name in ("Qwen/Qwen1.5-MoE-A2.7B", "Qwen/Qwen1.5-MoE-A2.7B-Chat"):
+        config = resolve(name).config
+        assert round(config.parameter_count() / 1e9, 1) == 14.3 and round(config.active_parameter_count() / 1e9, 1) == 2.7
