@@ -134,12 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     memory = commands.add_parser("memory", help="what a model needs (weights, KV cache, activations) and whether it fits")
     memory.add_argument("model", help="a catalog name (see `qwen models`), an HF checkpoint directory or a .gguf file")
     memory.add_argument("--dtype", default="bf16",
-                        help="bf16, fp16, fp32, int8, int4, gguf:<TYPE> or auto (this engine's CPU format; default bf16)")
+                        help="bf16, fp16, fp32, int8, int4, gptq-int4, gptq-int8, awq (the official GPTQ/AWQ files), "
+                             "gguf:<TYPE> or auto (this engine's CPU format; default bf16)")
     memory.add_argument("--context", type=int, help="tokens per sequence (default: the model's full context)")
     memory.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     memory.add_argument("--kv-dtype", help="KV-cache dtype: bf16, fp16, fp32, fp8 or int8 (default: the compute dtype)")
     memory.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (1, 2, 4 or 8)")
-    memory.add_argument("--group-size", type=_positive_int, default=128, help="int4 quantization group (default 128)")
+    memory.add_argument("--group-size", type=_positive_int, default=128, help="int4, GPTQ or AWQ quantization group (default 128, the official releases')")
     where = memory.add_mutually_exclusive_group()
     where.add_argument("--gpu", help="a GPU by name (H100, A100-40GB, RTX 4090, …): does it fit?")
     where.add_argument("--vram", type=float, help="GPU memory in GiB: does it fit?")

@@ -49,12 +49,14 @@ class WeightFormat:
     vector_bytes: int  # per element (norms, biases)
     block: int = 1  # the columns of a quantized matrix must be a multiple of this (group or GGUF block)
     quantizes_embedding: bool = False  # GGUF files quantize the token embedding too; int8/int4 keep it 16-bit
+    quantizes_head: bool = True  # the GPTQ/AWQ releases keep lm_head 16-bit
     activation_bytes: int = 2
 
 
 def weight_format(text: str, group_size: int = 128) -> WeightFormat:
     """bf16, fp16, fp32, int8 (per output channel, a 16-bit scale per row), int4 (groups of `group_size` with a 16-bit
-    scale and zero each) or gguf:<TYPE> (llama.cpp's block formats, e.g. gguf:Q4_K)."""
+    scale and zero each), gptq-int4, gptq-int8 and awq (the official GPTQ/AWQ files, in groups of `group_size`) or
+    gguf:<TYPE> (llama.cpp's block formats, e.g. gguf:Q4_K)."""
     name = text.lower()
     if name in ("bf16", "bfloat16", "fp16", "float16", "f16"):
         return WeightFormat(name, lambda r, c: 2 * r * c, 2)
@@ -64,6 +66,17 @@ def weight_format(text: str, group_size: int = 128) -> WeightFormat:
         return WeightFormat(name, lambda r, c: r * c + 2 * r, 2)
     if name == "int4":
         return WeightFormat(name, lambda r, c: r * c // 2 + r * math.ceil(c / group_size) * 4, 2, block=group_size)
+    if name in ("gptq-int4", "gptq-int8", "awq"):
+        # The official releases' tensors (weights/gptq.py): qweight, qzeros (bits per value), fp16 scales per group
+        # and output, and GPTQ's int32 g_idx per input.
+        bits = 8 if name == "gptq-int8" else 4
+        index = 0 if name == "awq" else 4
+
+        def packed(r: int, c: int) -> int:
+            groups = math.ceil(c / group_size)
+            return c * r * bits // 8 + groups * r * bits // 8 + groups * r * 2 + c * index
+
+        return WeightFormat(name, packed, 2, block=group_size, quantizes_head=False)
     if name.startswith("gguf:"):
         qtype = name.split(":", 1)[1].upper()
         try:
@@ -72,7 +85,8 @@ def weight_format(text: str, group_size: int = 128) -> WeightFormat:
             known = ", ".join(t.name for t in GGMLQuantizationType if t.name.startswith(("Q", "F", "BF")))
             raise QwenError(f"unknown GGUF type {qtype!r}: use one of {known}") from None
         return WeightFormat(name, lambda r, c: r * math.ceil(c / block) * size, 4, block=block, quantizes_embedding=True)
-    raise QwenError(f"unknown precision {text!r}: use bf16, fp16, fp32, int8, int4 or gguf:<TYPE> (e.g. gguf:Q4_K)")
+    raise QwenError(f"unknown precision {text!r}: use bf16, fp16, fp32, int8, int4, gptq-int4, gptq-int8, awq or "
+                    "gguf:<TYPE> (e.g. gguf:Q4_K)")
 
 
 KV_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "fp32": 4, "float32": 4, "fp8": 1, "int8": 1}
@@ -169,7 +183,7 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
             weights += _engine_cpu_bytes(entry, name, local)
         elif len(local) == 1:
             weights += local[0] * fmt.vector_bytes
-        elif "embed_tokens" in name and not fmt.quantizes_embedding:
+        elif "embed_tokens" in name and not fmt.quantizes_embedding or name == "lm_head.weight" and not fmt.quantizes_head:
             weights += math.prod(local) * fmt.activation_bytes
         else:
             weights += fmt.matrix_bytes(local[0], math.prod(local[1:]))

@@ -216,3 +216,24 @@ def test_act_order_is_requantized(checkpoints):
     checkpoint = open_checkpoint(checkpoints["gptq-int4-act-order-group-48"][0])
     assert checkpoint.stored_blocks("model.layers.0.mlp.down_proj.weight") is None
     assert "model.layers.0.mlp.down_proj.weight" not in checkpoint.stored_types()
+
+
+@pytest.mark.parametrize(("name", "dtype", "group"), [("gptq-int4-sym", "gptq-int4", 32), ("gptq-int8", "gptq-int8", 32),
+                                                       ("awq-int4", "awq", 32)])
+def test_the_planner_counts_a_packed_files_bytes(checkpoints, name, dtype, group):
+    """`qwen memory --dtype gptq-int4|gptq-int8|awq`: its weights are the bytes of the packed tensors the file holds
+    (qweight, qzeros, fp16 scales, GPTQ's g_idx; embeddings, head and norms 16-bit), here in float32 for the rest."""
+    from safetensors import safe_open
+
+    from qwen_engine.planner import memory_entry, plan
+
+    directory, _ = checkpoints[name]
+    packed = others = 0
+    with safe_open(directory / "model.safetensors", framework="pt") as file:
+        for key in file.keys():
+            tensor = file.get_tensor(key)
+            if key.rpartition(".")[2] in ("qweight", "qzeros", "scales", "g_idx"):
+                packed += tensor.numel() * tensor.element_size()
+            else:
+                others += tensor.numel() * 2  # (16-bit in a release; this test file keeps them float32)
+    assert plan(memory_entry(str(directory)), dtype, group_size=group).weights == packed + others
