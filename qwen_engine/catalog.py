@@ -40,7 +40,7 @@ class CatalogEntry:
 
     @property
     def is_moe(self) -> bool:
-        return self.raw_config.get("model_type") == "qwen2_moe"
+        return self.config.moe is not None
 
     @property
     def config(self) -> ModelConfig:

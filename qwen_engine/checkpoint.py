@@ -7,6 +7,7 @@ heavy work.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -22,7 +23,7 @@ from .errors import QwenError
 from .sharding import RankSlices
 from .tokenizer import AUDIO_TOKENS, VL_IMAGE_TOKENS, Tokenizer
 from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
-from .weights.gptq import PackedFormat, PackedLayers
+from .weights.gptq import PARTS, PackedFormat, PackedLayers
 from .weights.safetensors import load_weights, read_json, shard_files, stored_dtypes
 from .weights.v1 import split_fused_qkv, v1_name
 
@@ -239,11 +240,17 @@ class HFSource(Checkpoint):
     def stored_blocks(self, name: str, shard: RankSlices | None = None) -> BlockCodes | None:
         if self.packed is None or shard is not None or self.config.architecture == "qwen":
             return None  # (a rank's part, and v1's fused c_attn, are requantized from the float weight)
-        layer = name.removesuffix(".weight")
-        parts = load_weights(self.path, None, "cpu", keep=lambda stored: stored.rpartition(".")[0] == layer)
-        if "qweight" not in {stored.rpartition(".")[2] for stored in parts}:
-            return None
-        return self.packed.blocks({stored.rpartition(".")[2]: tensor for stored, tensor in parts.items()}, layer)
+        parts = self._packed_parts.get(name.removesuffix(".weight"))
+        return None if parts is None or "qweight" not in parts else self.packed.blocks(parts, name.removesuffix(".weight"))
+
+    @functools.cached_property
+    def _packed_parts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every packed layer's parts (memory-mapped), read once for all of stored_blocks' calls."""
+        layers: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in load_weights(self.path, None, "cpu", keep=lambda stored: stored.rpartition(".")[2] in PARTS).items():
+            layer, _, part = name.rpartition(".")
+            layers.setdefault(layer, {})[part] = tensor
+        return layers
 
     def files(self) -> list[Path]:
         return [self.path / "config.json", *shard_files(self.path)]
@@ -259,8 +266,10 @@ class HFSource(Checkpoint):
         packed = PackedLayers(self.packed)
         loaded = load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES),
                               each=lambda name, tensor: {} if packed.add(name, tensor) else each(name, tensor))
-        for name, weight in packed.weights().items():
-            loaded |= {part: tensor.to(device=device, dtype=dtype) for part, tensor in each(name, weight).items()}
+        # Layers a caller takes as blocks (stored_blocks, whole only) are never unpacked to float.
+        for name, weight in packed.weights(placeholders if shard is None else frozenset()).items():
+            loaded |= {part: tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)
+                       for part, tensor in each(name, weight).items()}
         return loaded
 
     def encoder_tensors(self, prefix: str, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--batch", type=int, default=1, help="sequences at once (default 1)")
     memory.add_argument("--kv-dtype", help="KV-cache dtype: bf16, fp16, fp32, fp8 or int8 (default: the compute dtype)")
     memory.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (1, 2, 4 or 8)")
-    memory.add_argument("--group-size", type=_positive_int, default=128, help="int4, GPTQ or AWQ quantization group (default 128, the official releases')")
+    memory.add_argument("--group-size", type=_positive_int, default=128,
+                        help="int4, GPTQ or AWQ quantization group (default 128, the official releases')")
     where = memory.add_mutually_exclusive_group()
     where.add_argument("--gpu", help="a GPU by name (H100, A100-40GB, RTX 4090, …): does it fit?")
     where.add_argument("--vram", type=float, help="GPU memory in GiB: does it fit?")
@@ -508,7 +509,8 @@ def cmd_models(args: argparse.Namespace) -> None:
         exact = plan(entry, "bf16")
         rows.append({
             "name": entry.name, "parameters": params, "non_embedding": params - entry.embedding_parameters(),
-            "active": config.active_parameter_count() + entry.encoder_parameters(), "layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+            "active": config.active_parameter_count() + entry.encoder_parameters(),
+            "layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
             "context": entry.context, "rule_of_thumb_gib": 2 * params / GiB, "exact_bf16_gib": exact.per_gpu / GiB,
         })
     if args.json:

@@ -155,7 +155,7 @@ def divisibility(entry: CatalogEntry, tp: int, fmt: WeightFormat) -> list[str]:
     """Why `tp` GPUs or the format's blocks cannot split this model evenly (empty when they can): sharding.py's
     rules, the loader's own."""
     config = entry.config
-    width = entry.raw_config.get("moe_intermediate_size", config.intermediate_size)
+    width = config.intermediate_size if config.moe is None else config.moe.expert_size
     return split_problems(config.num_heads, config.num_kv_heads, width, config.vocab_size, config.hidden_size,
                           config.head_dim, tp, fmt.block, fmt.name)
 
@@ -187,9 +187,8 @@ def plan(entry: CatalogEntry, precision: str = "bf16", context: int | None = Non
             weights += math.prod(local) * fmt.activation_bytes
         else:
             weights += fmt.matrix_bytes(local[0], math.prod(local[1:]))
-    raw = entry.raw_config
-    mlp = (2 * (raw["shared_expert_intermediate_size"] + raw["num_experts_per_tok"] * raw["moe_intermediate_size"])
-           if entry.is_moe else 2 * config.intermediate_size)
+    moe = config.moe
+    mlp = 2 * (config.intermediate_size if moe is None else moe.shared_expert_size + moe.experts_per_token * moe.expert_size)
     qkv = (config.num_heads // tp + 2 * kv_per_gpu) * config.head_dim  # per GPU
     kv_token = 2 * config.num_layers * kv_per_gpu * config.head_dim * kv_size
     # The widest prefill temporaries at once: gate/up, q/k/v and two hidden rows, plus RMSNorm's float32 copies.

@@ -77,23 +77,28 @@ class PackedFormat:
 
         from .quants import BlockCodes
 
-        codes, zeros, groups = self._integers(parts, name)
-        inputs = codes.shape[0]
-        if self.block_type is None or inputs % 32 or parts["scales"].dtype != torch.float16:
+        if self.block_type is None or parts["scales"].dtype != torch.float16 or self.weight_shape(parts)[1] % 32:
             return None
-        if not torch.equal(groups, torch.arange(inputs) // self._group(inputs)):
+        codes, zeros, groups = self._integers(parts, name)
+        if not torch.equal(groups, torch.arange(codes.shape[0]) // self._group(codes.shape[0])):
             return None
         offset = BlockCodes.OFFSETS[5 if self.bits == 4 else 8]
         values = codes - zeros[groups] + offset
         if values.min() < 0 or values.max() > 2 * offset - 1:
             return None
-        scales = parts["scales"].to(torch.float16)[groups[::32]]  # [K/32, N]: each block's group
+        scales = parts["scales"][groups[::32]]  # [K/32, N]: each block's group
         return BlockCodes(values.t().to(torch.uint8).contiguous(), scales.t().contiguous(), 5 if self.bits == 4 else 8)
 
     def weight(self, parts: dict[str, torch.Tensor], name: str) -> torch.Tensor:
         """The float32 weight [N, K] of packed layer `name` from its parts."""
         codes, zeros, groups = self._integers(parts, name)
         return (parts["scales"].float()[groups] * (codes - zeros[groups]).float()).t().contiguous()
+
+    def weight_shape(self, parts: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """[N, K] of the layer, from its qweight's shape alone (no unpacking)."""
+        rows, columns = parts["qweight"].shape
+        per_word = 32 // self.bits
+        return (columns * per_word, rows) if self.method == "awq" else (columns, rows * per_word)
 
     def _group(self, inputs: int) -> int:
         return inputs if self.group_size == -1 else self.group_size
@@ -163,6 +168,10 @@ class PackedLayers:
         self._parts.setdefault(layer, {})[part] = tensor
         return True
 
-    def weights(self) -> dict[str, torch.Tensor]:
-        """Checkpoint name `X.weight` → float32 [N, K], for every packed layer read."""
-        return {f"{layer}.weight": self.format.weight(parts, layer) for layer, parts in self._parts.items()}
+    def weights(self, placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+        """Checkpoint name `X.weight` → float32 [N, K], for every packed layer read; those named in `placeholders`
+        (a caller takes their blocks instead: `PackedFormat.blocks`) as meta tensors of that shape, never unpacked."""
+        import torch
+
+        return {f"{layer}.weight": torch.empty(self.format.weight_shape(parts), device="meta")
+                if f"{layer}.weight" in placeholders else self.format.weight(parts, layer) for layer, parts in self._parts.items()}
