@@ -16,6 +16,8 @@
 #include "block_quant.h"
 
 #define PREFETCH_BYTES 4096  /* how far ahead of the rows being read to ask for memory (measured: 2–8 KiB best) */
+#define CHUNK_ROWS 64        /* activation rows a decoded pair of weight rows meets (measured: 1–6% faster than 32) */
+#define TILE_ROWS 32         /* weight rows whose products are written together: a cache line of bfloat16 a row */
 
 /* One row of activations quantized for the dot products, in the codes' order (block_quant.h): int8 values, and for
  * each superblock lane its block's scale and −offset · (sum of the lane's values), which starts the lane's dot
@@ -63,7 +65,7 @@ static void quantize_row(const uint16_t *x, int64_t K, int offset, Activations a
  * each code vector loaded serves the J rows. J is a constant at each call, so the loops unroll. */
 static inline __attribute__((always_inline)) void rows_dots(const Activations *acts, int m, int J, int64_t k0, int S,
                                                             v16i c[2][8], const v16f w_scale[2], int five_bit,
-                                                            v16f acc[2][MAX_ROWS]) {
+                                                            v16f acc[2][CHUNK_ROWS]) {
     v16i dot[ROWS_TOGETHER][2];
     for (int j = 0; j < J; j++) dot[j][0] = dot[j][1] = v16i_load(acts[m + j].lane_start + k0 / 4);
     for (int s = 0; s < S; s += 4)
@@ -82,7 +84,7 @@ static inline __attribute__((always_inline)) void rows_dots(const Activations *a
  * sums run through all S steps; then one conversion and one scaled add per lane. */
 static inline __attribute__((always_inline)) void superblock_dots(
     const Activations *acts, int M, int64_t k0, int S, const uint8_t *codes[2], const uint8_t *high_bits[2],
-    const uint16_t *scales[2], int five_bit, v16f acc[2][MAX_ROWS]) {
+    const uint16_t *scales[2], int five_bit, v16f acc[2][CHUNK_ROWS]) {
     v16f w_scale[2];
     v16i c[2][8];
     for (int r = 0; r < 2; r++) {
@@ -104,15 +106,15 @@ static inline __attribute__((always_inline)) void superblock_dots(
     for (; m < M; m++) rows_dots(acts, m, 1, k0, S, c, w_scale, five_bit, acc);
 }
 
-/* Dot products of two weight rows with M ≤ MAX_ROWS activation rows, one accumulator per (weight row, activation
+/* Dot products of two weight rows with M ≤ CHUNK_ROWS activation rows, one accumulator per (weight row, activation
  * row): the weight codes are decoded once for all M. The accumulators are touched once per superblock, so those
  * that do not fit in registers cost little in L1. S is a constant in each call of superblock_dots, so its loops
  * unroll. */
 static inline __attribute__((always_inline)) void row_pair_dots(
     const Activations *acts, int M, int64_t K, const uint8_t *codes[2], const uint8_t *high_bits[2],
     const uint16_t *scales[2], int five_bit, float *out[2]) {
-    v16f acc[2][MAX_ROWS];
-    for (int m = 0; m < M; m++) acc[0][m] = acc[1][m] = v16f_zero();
+    v16f acc[2][CHUNK_ROWS];
+    memset(acc[0], 0, (size_t)M * sizeof(v16f)), memset(acc[1], 0, (size_t)M * sizeof(v16f));
     for (int64_t k0 = 0, S; k0 < K; k0 += 64 * S) {
         S = superblock_steps(K - k0);
         switch (S) {
@@ -132,9 +134,86 @@ static inline __attribute__((always_inline)) void row_pair_dots(
     }
 }
 
+/* 16 floats (lo: the first 8) as 16 bfloat16 values, each rounded as f32_to_bf16 rounds it. */
+static inline __m256i bf16x16_exact(__m256 lo, __m256 hi) {
+    __m256i rounded[2];
+    for (int h = 0; h < 2; h++) {
+        __m256 v = h ? hi : lo;
+        __m256i bits = _mm256_castps_si256(v), high = _mm256_srli_epi32(bits, 16);
+        __m256i nearest = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)),
+                                                             _mm256_and_si256(high, _mm256_set1_epi32(1))), 16);
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        rounded[h] = _mm256_blendv_epi8(nearest, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+    }
+    return _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded[0], rounded[1]), _MM_SHUFFLE(3, 1, 2, 0));
+}
+
+static inline __m256 bf16x8_widened(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+
+/* v[j] lane i = v[i] lane j. */
+static inline void transpose8x8(__m256 v[8]) {
+    __m256 pairs[8], quads[8];
+    for (int i = 0; i < 8; i += 2) {
+        pairs[i] = _mm256_unpacklo_ps(v[i], v[i + 1]);      /* rows i, i+1 interleaved: lanes 0 1 | 4 5 */
+        pairs[i + 1] = _mm256_unpackhi_ps(v[i], v[i + 1]);  /* lanes 2 3 | 6 7 */
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; h++) {
+            quads[i + 2 * h] = _mm256_shuffle_ps(pairs[i + h], pairs[i + 2 + h], _MM_SHUFFLE(1, 0, 1, 0));
+            quads[i + 2 * h + 1] = _mm256_shuffle_ps(pairs[i + h], pairs[i + 2 + h], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+    for (int j = 0; j < 4; j++) {  /* quads[j] (rows 0–3) and quads[4 + j] (rows 4–7) hold columns j and 4 + j */
+        v[j] = _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x20);
+        v[4 + j] = _mm256_permute2f128_ps(quads[j], quads[4 + j], 0x31);
+    }
+}
+
+/* The products of a tile's `rows` weight rows (tile[r][m], as row_pair_dots leaves them) with its chunk of activation
+ * rows, stored in their output rows from column t0: blocks of 16 weight rows × 8 activation rows go through two
+ * transposes in registers, so that each output row takes 16 results a store, rounded as f32_to_bf16 rounds; what
+ * is left at the edges goes one by one. */
+static void write_tile(const BlockMatrix *w, float tile[TILE_ROWS][CHUNK_ROWS], int64_t rows, int chunk, int64_t t0,
+                       int64_t m0, uint16_t *out, float *sums) {
+    int64_t N = w->rows, whole_rows = rows / 16 * 16;
+    int whole_chunk = chunk / 8 * 8;
+    for (int m = 0; m < whole_chunk; m += 8)
+        for (int64_t r = 0; r < whole_rows; r += 16) {
+            __m256 lo[8], hi[8];
+            for (int i = 0; i < 8; i++) lo[i] = _mm256_loadu_ps(tile[r + i] + m), hi[i] = _mm256_loadu_ps(tile[r + 8 + i] + m);
+            transpose8x8(lo), transpose8x8(hi);  /* lo[j], hi[j]: weight rows r … r + 15 against activation row m + j */
+            for (int j = 0; j < 8; j++) {
+                int64_t at = (m0 + m + j) * N + t0 + r;
+                if (sums) {
+                    _mm256_storeu_ps(sums + at, lo[j]), _mm256_storeu_ps(sums + at + 8, hi[j]);
+                    continue;
+                }
+                __m256i product = bf16x16_exact(lo[j], hi[j]);
+                if (w->bias) {
+                    const uint16_t *bias = w->bias + t0 + r;
+                    __m256 first = _mm256_add_ps(bf16x8_widened(_mm256_castsi256_si128(product)),
+                                                 bf16x8_widened(_mm_loadu_si128((const __m128i *)bias)));
+                    __m256 last = _mm256_add_ps(bf16x8_widened(_mm256_extracti128_si256(product, 1)),
+                                                bf16x8_widened(_mm_loadu_si128((const __m128i *)(bias + 8))));
+                    product = bf16x16_exact(first, last);
+                }
+                _mm256_storeu_si256((__m256i *)(out + at), product);
+            }
+        }
+    for (int m = 0; m < chunk; m++)
+        for (int64_t r = m < whole_chunk ? whole_rows : 0; r < rows; r++) {
+            int64_t n = t0 + r, at = (m0 + m) * N + n;
+            if (sums) {
+                sums[at] = tile[r][m];
+                continue;
+            }
+            uint16_t product = f32_to_bf16(tile[r][m]);
+            out[at] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
+        }
+}
+
 /* out (bfloat16, bias added) or, where `sums` is given instead, the unrounded float32 products without the bias.
  * Any number of activation rows: all are quantized once; then each pair of weight rows, decoded from memory once, meets
- * them MAX_ROWS at a time (kept in cache between chunks), which is how prefill multiplies straight from the blocks on
+ * them CHUNK_ROWS at a time (kept in cache between chunks), which is how prefill multiplies straight from the blocks on
  * a CPU without AMX. Each output's arithmetic is the same whatever M is: a row's result does not depend on the batch
  * it came in (the serving engine relies on it). */
 static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint16_t *out, float *sums) {
@@ -158,47 +237,37 @@ static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint
     /* Rows of x go in groups whose quantized activations (K bytes + K/2 of lane data a row) stay in L2 while every
      * pair of weight rows passes them: with a long K (the MLP's down projection) they would otherwise come from
      * memory again for each pair (measured: 2.7x slower at K = 4864). Weight rows go in pairs, so each activation
-     * vector loaded serves two. */
-    int64_t group = (1 << 20) / (2 * K) / MAX_ROWS * MAX_ROWS;
-    group = group < MAX_ROWS ? MAX_ROWS : group;
-    const int64_t step = 2;
+     * vector loaded serves two, and the pairs in tiles of TILE_ROWS, whose products wait in `tile` until a chunk of
+     * rows is done: each output row then gets a whole cache line at once (measured: 22% faster at N = 9728 on AVX2
+     * than two values at a time down a column of lines). A decoding step's one row is contiguous either way, and
+     * keeps tiles of a pair so that many threads still share a small matrix. */
+    int64_t group = (1 << 20) / (2 * K) / CHUNK_ROWS * CHUNK_ROWS;
+    group = group < CHUNK_ROWS ? CHUNK_ROWS : group;
+    const int64_t tile_rows = M > 1 ? TILE_ROWS : 2;
     for (int64_t g0 = 0; g0 < M; g0 += group) {
     int64_t g1 = g0 + group < M ? g0 + group : M;
 #pragma omp parallel for schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += step) {
-        float dots[2][MAX_ROWS];
-        int64_t count = n0 + step <= N ? step : 1;
-        const uint8_t *codes[2], *high_bits[2] = {NULL, NULL};
-        const uint16_t *scales[2];
-        float *outs[2] = {dots[0], dots[1]};
-        for (int64_t r = 0; r < 2; r++) {  /* an odd last row pairs with itself; its twin result is dropped */
-            int64_t n = r < count ? n0 + r : n0;
-            codes[r] = w->codes + n * row_bytes;
-            scales[r] = w->scales + n * (K / 32);
-            if (five_bit) high_bits[r] = w->high_bits + n * (K / 8);
-        }
-        for (int64_t m0 = g0; m0 < g1; m0 += MAX_ROWS) {
-            int chunk = g1 - m0 < MAX_ROWS ? (int)(g1 - m0) : MAX_ROWS;
-            if (five_bit)  /* a constant per call, so each variant is compiled without the other's branch */
-                row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 1, outs);
-            else
-                row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 0, outs);
-            /* The outputs go down a column, a cache line a row: each pair of rows asks for its share of the
-             * lines the pairs after it will write, so that they are in cache by then (measured: the stores
-             * otherwise stall on the misses of a whole column at once). */
-            int64_t line_pairs = 32 / (sums ? 4 : 2), ahead = n0 + 2 * line_pairs;
-            for (int m = (int)(n0 / 2 % line_pairs); M > 1 && ahead < N && m < chunk; m += line_pairs)
-                _mm_prefetch(sums ? (const char *)(sums + (m0 + m) * N + ahead) : (const char *)(out + (m0 + m) * N + ahead), _MM_HINT_T0);
-            for (int64_t r = 0; r < count; r++)
-                for (int m = 0; m < chunk; m++) {
-                    int64_t n = n0 + r, at = (m0 + m) * N + n;
-                    if (sums) {
-                        sums[at] = dots[r][m];
-                        continue;
-                    }
-                    uint16_t product = f32_to_bf16(dots[r][m]);
-                    out[at] = w->bias ? f32_to_bf16(bf16_to_f32(product) + bf16_to_f32(w->bias[n])) : product;
+    for (int64_t t0 = 0; t0 < N; t0 += tile_rows) {
+        float tile[TILE_ROWS][CHUNK_ROWS];
+        int64_t rows = t0 + tile_rows <= N ? tile_rows : N - t0;
+        for (int64_t m0 = g0; m0 < g1; m0 += CHUNK_ROWS) {
+            int chunk = g1 - m0 < CHUNK_ROWS ? (int)(g1 - m0) : CHUNK_ROWS;
+            for (int64_t p = 0; p < rows; p += 2) {
+                const uint8_t *codes[2], *high_bits[2] = {NULL, NULL};
+                const uint16_t *scales[2];
+                float *outs[2] = {tile[p], tile[p + 1 < rows ? p + 1 : p]};
+                for (int64_t r = 0; r < 2; r++) {  /* an odd last row pairs with itself; its twin result is dropped */
+                    int64_t n = t0 + (p + r < rows ? p + r : p);
+                    codes[r] = w->codes + n * row_bytes;
+                    scales[r] = w->scales + n * (K / 32);
+                    if (five_bit) high_bits[r] = w->high_bits + n * (K / 8);
                 }
+                if (five_bit)  /* a constant per call, so each variant is compiled without the other's branch */
+                    row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 1, outs);
+                else
+                    row_pair_dots(acts + m0, chunk, K, codes, high_bits, scales, 0, outs);
+            }
+            write_tile(w, tile, rows, chunk, t0, m0, out, sums);
         }
     }
     }

@@ -271,6 +271,14 @@ static inline v16f lane_block_scales(const uint16_t *scales, int S) {
     return v16f_load(lanes);
 }
 
+/* v, with the compiler told nothing of how it was made: integer sums after it cannot be regrouped with those before.
+ * GCC otherwise turns a chain of additions into a tree over a whole unrolled superblock, whose partial sums no longer
+ * fit AVX2's 16 registers and go through the stack (measured: 8-bit products 15% faster, 5-bit 5%, with the chain). */
+static inline v16i in_order(v16i v) {
+    __asm__("" : "+x"(v.lo), "+x"(v.hi));
+    return v;
+}
+
 #ifndef QE_VNNI
 static inline __m256i add_pairs(__m256i acc, __m256i pairs) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
@@ -326,11 +334,14 @@ static inline v16i dot_codes(v16i acc, v16i codes, v16i q, int five_bit) {
     (void)five_bit;
     return (v16i){_mm256_dpbusd_avx_epi32(acc.lo, codes.lo, q.lo), _mm256_dpbusd_avx_epi32(acc.hi, codes.hi, q.hi)};
 #else
+    v16i sum;
     if (five_bit)
-        return (v16i){add_pairs(acc.lo, _mm256_maddubs_epi16(codes.lo, q.lo)),
-                      add_pairs(acc.hi, _mm256_maddubs_epi16(codes.hi, q.hi))};
-    return (v16i){add_pairs(acc.lo, _mm256_maddubs_epi16(_mm256_abs_epi8(codes.lo), _mm256_sign_epi8(q.lo, codes.lo))),
-                  add_pairs(acc.hi, _mm256_maddubs_epi16(_mm256_abs_epi8(codes.hi), _mm256_sign_epi8(q.hi, codes.hi)))};
+        sum = (v16i){add_pairs(acc.lo, _mm256_maddubs_epi16(codes.lo, q.lo)),
+                     add_pairs(acc.hi, _mm256_maddubs_epi16(codes.hi, q.hi))};
+    else
+        sum = (v16i){add_pairs(acc.lo, _mm256_maddubs_epi16(_mm256_abs_epi8(codes.lo), _mm256_sign_epi8(q.lo, codes.lo))),
+                     add_pairs(acc.hi, _mm256_maddubs_epi16(_mm256_abs_epi8(codes.hi), _mm256_sign_epi8(q.hi, codes.hi)))};
+    return in_order(sum);
 #endif
 }
 
@@ -340,13 +351,13 @@ static inline __attribute__((always_inline)) v16i dot_code_steps(v16i acc, const
                                                                 int five_bit) {
 #ifndef QE_VNNI
     if (five_bit) {
-        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-        for (int s = 0; s < n; s++) {
-            v16i x = v16i_load(q + 64 * s);
-            lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(codes[s].lo, x.lo));
-            hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(codes[s].hi, x.hi));
+        v16i x = v16i_load(q), pairs = {_mm256_maddubs_epi16(codes[0].lo, x.lo), _mm256_maddubs_epi16(codes[0].hi, x.hi)};
+        for (int s = 1; s < n; s++) {
+            x = v16i_load(q + 64 * s);
+            pairs = in_order((v16i){_mm256_add_epi16(pairs.lo, _mm256_maddubs_epi16(codes[s].lo, x.lo)),
+                                    _mm256_add_epi16(pairs.hi, _mm256_maddubs_epi16(codes[s].hi, x.hi))});
         }
-        return (v16i){add_pairs(acc.lo, lo), add_pairs(acc.hi, hi)};
+        return in_order((v16i){add_pairs(acc.lo, pairs.lo), add_pairs(acc.hi, pairs.hi)});
     }
 #endif
     for (int s = 0; s < n; s++) acc = dot_codes(acc, codes[s], v16i_load(q + 64 * s), five_bit);
