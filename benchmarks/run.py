@@ -163,9 +163,10 @@ def engine_env(checkout: Path | None, cache: Path) -> dict[str, str]:
     return env | ({"PYTHONPATH": str(checkout)} if checkout is not None else {})
 
 
-# (MKL, which PyTorch calls for some products, takes AMX on an AMX CPU unless told otherwise)
+# (MKL, which PyTorch calls for some products, takes AMX on an AMX CPU unless told otherwise: AVX512_E3 is AVX-512
+# with VNNI and BF16, the level below AMX's E4)
 TORCH_CAPS = {
-    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "MKL_ENABLE_INSTRUCTIONS": "AVX512_E3"},
     "avx2_vnni": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2_VNNI", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
     "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
 }
@@ -303,7 +304,11 @@ def main() -> None:
 
 
 # The targets of issue 17 per class: (decode, prefill) at least, (start, peak RSS) at most, as multiples of llama.cpp.
-CLASS_TARGETS = {"native": {"decode_tok_s": 1.2, "prefill_tok_s": 2.5, "start_to_first_token_s": 2.0, "peak_rss_mb": 1.0}}
+# `avx512` is what an AVX-512 CPU without AMX (AMD's Zen 4) runs natively, so native's speed targets hold for it.
+CLASS_TARGETS = {
+    "native": {"decode_tok_s": 1.2, "prefill_tok_s": 2.5, "start_to_first_token_s": 2.0, "peak_rss_mb": 1.0},
+    "avx512": {"decode_tok_s": 1.2, "prefill_tok_s": 2.5},
+}
 DEFAULT_TARGETS = {"decode_tok_s": 1.2, "prefill_tok_s": 2.0}
 
 
