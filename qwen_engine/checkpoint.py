@@ -25,7 +25,7 @@ from .tokenizer import AUDIO_TOKENS, VL_IMAGE_TOKENS, Tokenizer
 from .weights.gguf import GGUFCheckpoint, StoredRows, hf_name, open_gguf
 from .weights.gptq import PARTS, PackedFormat, PackedLayers
 from .weights.safetensors import load_weights, read_json, shard_files, stored_dtypes
-from .weights.v1 import split_fused_qkv, v1_name
+from .weights.v1 import fused_parts, split_fused_qkv, v1_name
 
 if TYPE_CHECKING:
     import torch
@@ -198,6 +198,7 @@ class HFSource(Checkpoint):
         # GPTQ/AWQ releases: config.json's quantization_config, or quantize_config.json beside it (older GPTQ files)
         packing = self.raw_config.get("quantization_config") or self._optional_json("quantize_config.json")
         self.packed = PackedFormat.from_config(packing) if packing else None
+        self._last_blocks: tuple[str | None, BlockCodes | None] = (None, None)  # stored_blocks' last layer
         if self.packed is not None:
             self.format = f"hf-{self.packed.name}"
 
@@ -231,26 +232,48 @@ class HFSource(Checkpoint):
         return v1_name(name) if self.config.architecture == "qwen" else name
 
     def stored_types(self) -> dict[str, str]:
-        types = {self._checkpoint_name(name): dtype for name, dtype in stored_dtypes(self.path).items()}
-        if self.packed is not None and self.packed.block_type and self.config.architecture != "qwen":
-            # A GPTQ/AWQ layer whose values are blocks of 32 as they stand: the CPU formats keep them (stored_blocks).
-            types |= {name.removesuffix(".qweight") + ".weight": self.packed.block_type for name in types if name.endswith(".qweight")}
+        stored = stored_dtypes(self.path)
+        types = {self._checkpoint_name(name): dtype for name, dtype in stored.items()}
+        if self.packed is not None and self.packed.block_type:
+            # A GPTQ/AWQ layer whose values are blocks of 32 as they stand: the CPU formats keep them (stored_blocks),
+            # v1's fused c_attn as the blocks of its q, k and v rows.
+            layers = [name.removesuffix(".qweight") for name in stored if name.endswith(".qweight")]
+            types |= {part: self.packed.block_type for layer in layers
+                      for part in fused_parts(self._checkpoint_name(layer + ".weight"))}
         return types
 
     def stored_blocks(self, name: str, shard: RankSlices | None = None) -> BlockCodes | None:
-        if self.packed is None or shard is not None or self.config.architecture == "qwen":
-            return None  # (a rank's part, and v1's fused c_attn, are requantized from the float weight)
-        parts = self._packed_parts.get(name.removesuffix(".weight"))
-        return None if parts is None or "qweight" not in parts else self.packed.blocks(parts, name.removesuffix(".weight"))
+        if self.packed is None or shard is not None:
+            return None  # (a rank's part is requantized from the float weight)
+        layer = self._packed_layer_of.get(name)
+        if layer is None:
+            return None
+        parts = fused_parts(self._checkpoint_name(layer + ".weight"))
+        if len(parts) == 1:
+            return self.packed.blocks(self._packed_parts[layer], layer)
+        if self._last_blocks[0] != layer:  # v1's q, k and v: asked for one after another, unpacked once
+            self._last_blocks = (layer, self.packed.blocks(self._packed_parts[layer], layer))
+        blocks = self._last_blocks[1]
+        if blocks is None:
+            return None
+        each, index = len(blocks.codes) // len(parts), parts.index(name)
+        rows = slice(index * each, (index + 1) * each)
+        return type(blocks)(blocks.codes[rows], blocks.scales[rows], blocks.bits)
 
     @functools.cached_property
     def _packed_parts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Every packed layer's parts (memory-mapped), read once for all of stored_blocks' calls."""
+        """Every packed layer's parts (memory-mapped) under its stored name, read once for all of stored_blocks' calls."""
         layers: dict[str, dict[str, torch.Tensor]] = {}
         for name, tensor in load_weights(self.path, None, "cpu", keep=lambda stored: stored.rpartition(".")[2] in PARTS).items():
             layer, _, part = name.rpartition(".")
             layers.setdefault(layer, {})[part] = tensor
         return layers
+
+    @functools.cached_property
+    def _packed_layer_of(self) -> dict[str, str]:
+        """HF weight name (v1's q, k and v each) → the stored packed layer that holds it."""
+        return {part: layer for layer, parts in self._packed_parts.items() if "qweight" in parts
+                for part in fused_parts(self._checkpoint_name(layer + ".weight"))}
 
     def files(self) -> list[Path]:
         return [self.path / "config.json", *shard_files(self.path)]
@@ -267,7 +290,10 @@ class HFSource(Checkpoint):
         loaded = load_weights(self.path, dtype, device, progress, keep=lambda name: not name.startswith(ENCODER_PREFIXES),
                               each=lambda name, tensor: {} if packed.add(name, tensor) else each(name, tensor))
         # Layers a caller takes as blocks (stored_blocks, whole only) are never unpacked to float.
-        for name, weight in packed.weights(placeholders if shard is None else frozenset()).items():
+        def as_blocks(name: str) -> bool:
+            return shard is None and all(part in placeholders for part in fused_parts(self._checkpoint_name(name)))
+
+        for name, weight in packed.weights(as_blocks).items():
             loaded |= {part: tensor if tensor.is_meta else tensor.to(device=device, dtype=dtype)
                        for part, tensor in each(name, weight).items()}
         return loaded

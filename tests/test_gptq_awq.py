@@ -237,3 +237,25 @@ def test_the_planner_counts_a_packed_files_bytes(checkpoints, name, dtype, group
             else:
                 others += tensor.numel() * 2  # (16-bit in a release; this test file keeps them float32)
     assert plan(memory_entry(str(directory)), dtype, group_size=group).weights == packed + others
+
+
+def test_qwen_v1_int4_goes_into_the_cpu_blocks_bit_for_bit(v1_int4, monkeypatch):
+    """v1's GPTQ c_attn holds q, k and v: each third of its rows is blocks of 32 as it stands, as the other layers are."""
+    from qwen_engine.checkpoint import open_checkpoint
+    from qwen_engine.model.quantized import BlockLinear
+    from qwen_engine.weights.gptq import PackedFormat
+
+    directory, reference = v1_int4
+    checkpoint = open_checkpoint(directory)
+    attention = reference.model.layers[1].self_attn
+    for part in ("q_proj", "k_proj", "v_proj"):
+        name = f"model.layers.1.self_attn.{part}.weight"
+        blocks = checkpoint.stored_blocks(name)
+        assert checkpoint.stored_types()[name] == "Q5_0" and blocks is not None and blocks.bits == 5
+        torch.testing.assert_close(blocks.dequantized(), getattr(attention, part).weight, rtol=0, atol=0)
+    unpacked, unpack = [], PackedFormat.weight
+    monkeypatch.setattr(PackedFormat, "weight", lambda self, parts, name: unpacked.append(name) or unpack(self, parts, name))
+    engine = qwen_engine.load(directory, device="cpu")
+    assert not [name for name in unpacked if "c_attn" in name]  # (taken as blocks, never unpacked to float)
+    projection = engine.decoder.model.layers[1].self_attn.qkv_proj
+    assert isinstance(projection, BlockLinear) and projection.high_bits is not None

@@ -17,6 +17,7 @@ The weight is then wᵀ [N, K], nn.Linear's layout.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -168,10 +169,10 @@ class PackedLayers:
         self._parts.setdefault(layer, {})[part] = tensor
         return True
 
-    def weights(self, placeholders: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
-        """Checkpoint name `X.weight` → float32 [N, K], for every packed layer read; those named in `placeholders`
-        (a caller takes their blocks instead: `PackedFormat.blocks`) as meta tensors of that shape, never unpacked."""
+    def weights(self, as_blocks: Callable[[str], bool] = lambda name: False) -> dict[str, torch.Tensor]:
+        """Checkpoint name `X.weight` → float32 [N, K], for every packed layer read; those `as_blocks` names (a
+        caller takes their blocks instead: `PackedFormat.blocks`) as meta tensors of that shape, never unpacked."""
         import torch
 
         return {f"{layer}.weight": torch.empty(self.format.weight_shape(parts), device="meta")
-                if f"{layer}.weight" in placeholders else self.format.weight(parts, layer) for layer, parts in self._parts.items()}
+                if as_blocks(f"{layer}.weight") else self.format.weight(parts, layer) for layer, parts in self._parts.items()}

@@ -38,15 +38,20 @@ _FUSED = re.compile(r"^model\.layers\.(\d+)\.self_attn\.c_attn\.(weight|bias)$")
 v1_name = LayerNameMap(_V1_NAMES, "transformer.h.")
 
 
+def fused_parts(name: str) -> list[str]:
+    """The names a tensor is split into: a fused c_attn weight/bias's q, k and v, in the order of its rows; else
+    the name itself."""
+    fused = _FUSED.match(name)
+    if fused is None:
+        return [name]
+    layer, kind = fused.groups()
+    return [f"model.layers.{layer}.self_attn.{part}.{kind}" for part in ("q_proj", "k_proj", "v_proj")]
+
+
 def split_fused_qkv(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Replace every fused c_attn weight/bias by q/k/v thirds (v1 is multi-head: three equal parts)."""
     result = {}
     for name, tensor in tensors.items():
-        fused = _FUSED.match(name)
-        if fused is None:
-            result[name] = tensor
-            continue
-        layer, kind = fused.groups()
-        for part, piece in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
-            result[f"model.layers.{layer}.self_attn.{part}.{kind}"] = piece
+        parts = fused_parts(name)
+        result |= dict(zip(parts, tensor.chunk(len(parts), dim=0)))
     return result
