@@ -232,32 +232,28 @@ class HFSource(Checkpoint):
         return v1_name(name) if self.config.architecture == "qwen" else name
 
     def stored_types(self) -> dict[str, str]:
-        stored = stored_dtypes(self.path)
-        types = {self._checkpoint_name(name): dtype for name, dtype in stored.items()}
+        types = {self._checkpoint_name(name): dtype for name, dtype in stored_dtypes(self.path).items()}
         if self.packed is not None and self.packed.block_type:
             # A GPTQ/AWQ layer whose values are blocks of 32 as they stand: the CPU formats keep them (stored_blocks),
             # v1's fused c_attn as the blocks of its q, k and v rows.
-            layers = [name.removesuffix(".qweight") for name in stored if name.endswith(".qweight")]
-            types |= {part: self.packed.block_type for layer in layers
-                      for part in fused_parts(self._checkpoint_name(layer + ".weight"))}
+            types |= dict.fromkeys(self._packed_layer_of, self.packed.block_type)
         return types
 
     def stored_blocks(self, name: str, shard: RankSlices | None = None) -> BlockCodes | None:
         if self.packed is None or shard is not None:
             return None  # (a rank's part is requantized from the float weight)
-        layer = self._packed_layer_of.get(name)
-        if layer is None:
+        found = self._packed_layer_of.get(name)
+        if found is None:
             return None
-        parts = fused_parts(self._checkpoint_name(layer + ".weight"))
-        if len(parts) == 1:
+        layer, index, count = found
+        if count == 1:
             return self.packed.blocks(self._packed_parts[layer], layer)
         if self._last_blocks[0] != layer:  # v1's q, k and v: asked for one after another, unpacked once
             self._last_blocks = (layer, self.packed.blocks(self._packed_parts[layer], layer))
         blocks = self._last_blocks[1]
         if blocks is None:
             return None
-        each, index = len(blocks.codes) // len(parts), parts.index(name)
-        rows = slice(index * each, (index + 1) * each)
+        rows = slice(index * len(blocks.codes) // count, (index + 1) * len(blocks.codes) // count)
         return type(blocks)(blocks.codes[rows], blocks.scales[rows], blocks.bits)
 
     @functools.cached_property
@@ -270,10 +266,16 @@ class HFSource(Checkpoint):
         return layers
 
     @functools.cached_property
-    def _packed_layer_of(self) -> dict[str, str]:
-        """HF weight name (v1's q, k and v each) → the stored packed layer that holds it."""
-        return {part: layer for layer, parts in self._packed_parts.items() if "qweight" in parts
-                for part in fused_parts(self._checkpoint_name(layer + ".weight"))}
+    def _packed_layer_of(self) -> dict[str, tuple[str, int, int]]:
+        """HF weight name → (the stored packed layer that holds it, which of its parts, how many: v1's fused c_attn
+        holds q, k and v), from the files' headers."""
+        found = {}
+        for stored in stored_dtypes(self.path):
+            if stored.endswith(".qweight"):
+                layer = stored.removesuffix(".qweight")
+                parts = fused_parts(self._checkpoint_name(layer + ".weight"))
+                found |= {part: (layer, index, len(parts)) for index, part in enumerate(parts)}
+        return found
 
     def files(self) -> list[Path]:
         return [self.path / "config.json", *shard_files(self.path)]

@@ -139,16 +139,12 @@ static inline __m256i bf16x16_exact(__m256 lo, __m256 hi) {
     __m256i rounded[2];
     for (int h = 0; h < 2; h++) {
         __m256 v = h ? hi : lo;
-        __m256i bits = _mm256_castps_si256(v), high = _mm256_srli_epi32(bits, 16);
-        __m256i nearest = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)),
-                                                             _mm256_and_si256(high, _mm256_set1_epi32(1))), 16);
+        __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(0x40));
         __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-        rounded[h] = _mm256_blendv_epi8(nearest, _mm256_or_si256(high, _mm256_set1_epi32(0x40)), nan);
+        rounded[h] = _mm256_blendv_epi8(bf16_bits8(v), quiet, nan);
     }
     return _mm256_permute4x64_epi64(_mm256_packus_epi32(rounded[0], rounded[1]), _MM_SHUFFLE(3, 1, 2, 0));
 }
-
-static inline __m256 bf16x8_widened(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 
 /* v[j] lane i = v[i] lane j. */
 static inline void transpose8x8(__m256 v[8]) {
@@ -190,10 +186,10 @@ static void write_tile(const BlockMatrix *w, float tile[TILE_ROWS][CHUNK_ROWS], 
                 __m256i product = bf16x16_exact(lo[j], hi[j]);
                 if (w->bias) {
                     const uint16_t *bias = w->bias + t0 + r;
-                    __m256 first = _mm256_add_ps(bf16x8_widened(_mm256_castsi256_si128(product)),
-                                                 bf16x8_widened(_mm_loadu_si128((const __m128i *)bias)));
-                    __m256 last = _mm256_add_ps(bf16x8_widened(_mm256_extracti128_si256(product, 1)),
-                                                bf16x8_widened(_mm_loadu_si128((const __m128i *)(bias + 8))));
+                    __m256 first = _mm256_add_ps(widen_bf16x8(_mm256_castsi256_si128(product)),
+                                                 widen_bf16x8(_mm_loadu_si128((const __m128i *)bias)));
+                    __m256 last = _mm256_add_ps(widen_bf16x8(_mm256_extracti128_si256(product, 1)),
+                                                widen_bf16x8(_mm_loadu_si128((const __m128i *)(bias + 8))));
                     product = bf16x16_exact(first, last);
                 }
                 _mm256_storeu_si256((__m256i *)(out + at), product);

@@ -40,6 +40,15 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(two) + _mm_cvtss_f32(_mm_shuffle_ps(two, two, 1));
 }
 
+/* 8 bfloat16 values widened to floats (exactly); 8 floats to bfloat16 (nearest even, in the low half of each dword).
+ * Plain AVX2, so both builds have them. */
+static inline __m256 widen_bf16x8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
+static inline __m256i bf16_bits8(__m256 v) { /* nearest even, in the low half of each dword */
+    __m256i bits = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+}
+
 #ifdef QE_AVX512
 
 static inline v16f v16f_set1(float f) { return _mm512_set1_ps(f); }
@@ -205,16 +214,10 @@ static inline v16f v16f_keep_first(v16f v, int n) {
                   _mm256_and_ps(v.hi, _mm256_castsi256_ps(first_lanes(n, 8)))};
 }
 
-static inline __m256 widen_bf16x8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 static inline v16f widen_bf16x16(__m256i h) {
     return (v16f){widen_bf16x8(_mm256_castsi256_si128(h)), widen_bf16x8(_mm256_extracti128_si256(h, 1))};
 }
 
-static inline __m256i bf16_bits8(__m256 v) { /* nearest even, in the low half of each dword */
-    __m256i bits = _mm256_castps_si256(v);
-    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
-}
 static inline __m256i round_bf16x16(v16f v) {
     __m256i words = _mm256_packus_epi32(bf16_bits8(v.lo), bf16_bits8(v.hi)); /* lanes 0–3 8–11 4–7 12–15 */
     return _mm256_permute4x64_epi64(words, _MM_SHUFFLE(3, 1, 2, 0));
