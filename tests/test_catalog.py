@@ -42,6 +42,22 @@ def test_official_rounded_counts() -> None:
     assert moe.is_moe and abs(moe.parameters() / 1e9 - 57.41) < 0.01
 
 
+# The official quantized releases' shards as Hugging Face lists them, in decimal GB to 2 decimals: the "Files and
+# versions" pages huggingface.co/Qwen/Qwen2.5-7B-Instruct-{GPTQ-Int4,AWQ,GPTQ-Int8}/tree/main.
+PUBLISHED_SHARDS_GB = {"gptq-int4": (4.00, 1.58), "awq": (4.00, 1.57), "gptq-int8": (3.98, 3.79, 1.09)}
+
+
+@pytest.mark.parametrize("dtype", sorted(PUBLISHED_SHARDS_GB))
+def test_packed_weights_match_the_official_files(dtype: str) -> None:
+    """`qwen memory --dtype gptq-int4|awq|gptq-int8` on Qwen2.5-7B-Instruct (groups of 128, as the releases are) lands
+    within the listing's rounding of its shards' sum: each shard is listed to ±0.005 GB, and the files' JSON headers
+    (tens of kB) are the only bytes that are not weights."""
+    shards = PUBLISHED_SHARDS_GB[dtype]
+    weights = plan(resolve("Qwen/Qwen2.5-7B-Instruct"), dtype, group_size=128).weights / 1e9
+    slack = 0.005 * len(shards)
+    assert sum(shards) - slack <= weights <= sum(shards) + slack, (dtype, weights)
+
+
 def test_names_resolve_and_unknown_names_suggest() -> None:
     assert resolve("qwen2.5-7b-instruct") is resolve("Qwen/Qwen2.5-7B-Instruct")
     assert resolve("qwq-32b-preview").name == "Qwen/QwQ-32B-Preview"
