@@ -205,6 +205,20 @@ def spawn(args: argparse.Namespace, job: str, **extra: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def compile_bytecode(args: argparse.Namespace) -> None:
+    """Byte-compile the engines' packages once, as installing one does (pip writes the .pyc files); otherwise, where
+    PYTHONDONTWRITEBYTECODE is set, as it is here, each fresh process compiles qwen_engine's sources again (0.1 s of
+    its start)."""
+    import compileall
+    import importlib.util
+
+    packages = [Path(importlib.util.find_spec("qwen_engine").origin).parent]
+    if args.baseline:
+        packages.append(args.baseline / "qwen_engine")
+    for package in packages:
+        compileall.compile_dir(package, quiet=1)
+
+
 def versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -265,6 +279,7 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](args)))
         return
 
+    compile_bytecode(args)
     if args.classes:
         text = by_class(args)
         update_section("engines-by-cpu-class", text, args.output)

@@ -14,7 +14,7 @@ import json
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,6 +83,22 @@ def _byte_decoder() -> dict[str, int]:
     table = {chr(b): b for b in printable}
     table.update({chr(256 + n): b for n, b in enumerate(shifted)})
     return table
+
+
+@cache
+def _alphabet_to_latin1() -> dict[int, int]:
+    """str.translate table: each alphabet character to the Latin-1 character of its byte, and the Latin-1 characters
+    outside the alphabet to one that Latin-1 cannot encode, so that a token holding any of them fails to encode."""
+    table = {ord(c): b for c, b in _byte_decoder().items()}
+    return table | {i: 0xFFFF for i in range(256) if i not in table}
+
+
+def _token_to_bytes(token: str) -> bytes:
+    """A vocabulary token's raw bytes: one str.translate (a loop over the characters of 151K tokens took 0.6 s)."""
+    try:
+        return token.translate(_alphabet_to_latin1()).encode("latin-1")
+    except UnicodeEncodeError:  # (ByteLevel passes a token with a character outside the alphabet as UTF-8)
+        return token.encode("utf-8")
 
 
 def _read_tiktoken(path: Path) -> dict[str, int]:
@@ -338,23 +354,21 @@ class Tokenizer:
         """Id of a token spelled as in the vocabulary (byte alphabet, e.g. `Ġworld`) or of an added token."""
         return self._backend.token_to_id(token)
 
+    def bytes_of(self, token_id: int) -> bytes:
+        """Raw bytes of one id (none for an unused slot or an unknown id), for streaming: a token may end in the
+        middle of a UTF-8 character. One id at a time, so that a first reply does not wait for the whole table."""
+        unknown = token_id < 0 or token_id in self._unused_ids
+        token = None if unknown else self._backend.id_to_token(token_id)
+        return b"" if token is None else _token_to_bytes(token)
+
     @cached_property
     def token_bytes(self) -> list[bytes]:
-        """Raw bytes of every id, for streaming: a token may end in the middle of a UTF-8 character."""
-        # Each alphabet character to the Latin-1 character of its byte, in one str.translate per token (a loop over
-        # the characters of 151K tokens took 0.6 s of the first request); Latin-1 characters outside the alphabet to
-        # one that Latin-1 cannot encode, so that a token holding any character outside it fails the encode below.
-        to_byte = {ord(c): b for c, b in _byte_decoder().items()}
-        to_byte |= {i: 0xFFFF for i in range(256) if i not in to_byte}
+        """bytes_of every id, for what looks at the whole vocabulary (constrained decoding, the server's stops)."""
         vocab = self._backend.get_vocab(with_added_tokens=True)
         table = [b""] * (max(vocab.values()) + 1)
         for token, i in vocab.items():
-            if i in self._unused_ids:
-                continue
-            try:
-                table[i] = token.translate(to_byte).encode("latin-1")
-            except UnicodeEncodeError:  # (ByteLevel passes a token with a character outside the alphabet as UTF-8)
-                table[i] = token.encode("utf-8")
+            if i not in self._unused_ids:
+                table[i] = _token_to_bytes(token)
         return table
 
 
@@ -362,16 +376,16 @@ class IncrementalDecoder:
     """Streaming detokenizer: text grows one token at a time, never showing half a character."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = True) -> None:
-        self._token_bytes = tokenizer.token_bytes
+        self._bytes_of = tokenizer.bytes_of
         self._skipped = tokenizer.hidden_ids if skip_special else frozenset()
         # Holds back the bytes of a character split across tokens until its last byte arrives.
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
         """Text completed by `token_id` (may be empty). Unknown ids add nothing, as in `Tokenizer.decode`."""
-        if token_id in self._skipped or not 0 <= token_id < len(self._token_bytes):
+        if token_id in self._skipped:
             return ""
-        return self._utf8.decode(self._token_bytes[token_id])
+        return self._utf8.decode(self._bytes_of(token_id))
 
     def flush(self) -> str:
         """Whatever is still held back at the end; an incomplete character becomes U+FFFD."""

@@ -249,6 +249,15 @@ def test_incremental_decoder_holds_split_characters(tok: Tokenizer) -> None:
     assert "".join(pieces) + decoder.flush() == text
 
 
+def test_bytes_of_one_id_is_the_tables_entry(tok: Tokenizer) -> None:
+    """Streaming reads one id at a time (bytes_of); constrained decoding the whole table: every id alike, unused
+    slots and ids past the vocabulary as nothing."""
+    table = tok.token_bytes
+    assert [tok.bytes_of(i) for i in range(len(table))] == table
+    assert tok.bytes_of(len(table)) == tok.bytes_of(-1) == b""
+    assert tok.bytes_of(tok.token_to_id("Ġworld")) == b" world"
+
+
 def test_incremental_decoder_flushes_incomplete_character(tok: Tokenizer) -> None:
     lead_byte = tok.token_to_id("ä")  # byte 0xE4 in the byte alphabet: the first of three bytes of 你
     decoder = IncrementalDecoder(tok)
