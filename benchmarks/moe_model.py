@@ -1,12 +1,13 @@
 """A random-weight Qwen2-MoE GGUF at Qwen1.5-MoE-A2.7B's shape (llama.cpp's qwen2moe, Q5_0 blocks), for timing MoE
 decoding against llama.cpp on the same file:
 
-    python benchmarks/moe_model.py /tmp/moe.gguf --layers 8
-    python benchmarks/run.py --model /tmp/moe.gguf --classes native=DIR --skip-perplexity --output /tmp/moe.md
+    python benchmarks/moe_model.py /tmp/moe24.gguf
+    python benchmarks/run.py --model /tmp/moe24.gguf --classes native=DIR --skip-perplexity --output /tmp/moe.md
 
 The shape (hidden 2048, 16 heads, 60 experts of 1,408 of which 4 a token, a shared expert of 5,632: the
-Qwen1.5-MoE-A2.7B config) with fewer layers where the whole 24 (14.3 B parameters, ~10 GB) do not fit the machine.
-The tokenizer is the default model's, so both engines read the file as they would a real one.
+Qwen1.5-MoE-A2.7B config), all 24 layers by default (14.3 B parameters, 9.2 GiB; writing it peaks at 10.5 GB of
+memory), or `--layers` fewer on a smaller machine. The tokenizer is the default model's, so both engines read the file
+as they would a real one.
 """
 
 from __future__ import annotations

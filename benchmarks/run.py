@@ -267,6 +267,7 @@ def main() -> None:
                         help="per CPU class (native, avx512, avx2_vnni, avx2): the llama-cpp-python built for it")
     args = parser.parse_args()
     args.classes = dict(item.split("=", 1) for item in args.classes) if args.classes else None
+    args.workload_model = "the default GGUF" if args.model is None else f"`{Path(args.model).name}`"
     if args.model is None:
         from qwen_engine.default_model import default_model_path
 
@@ -337,11 +338,11 @@ def by_class(args: argparse.Namespace) -> str:
     runs["pytorch"] = floor
     lines = [
         "## By CPU class: qwen-engine's kernel variants against llama.cpp built for each", "",
-        f"Produced by `python benchmarks/run.py --rounds {args.rounds} --classes {' '.join(args.classes)}` on "
+        f"Produced by `python benchmarks/run.py {' '.join(sys.argv[1:])}` on "
         f"{time.strftime('%Y-%m-%d')}.", "",
         f"- Machine: {machine()}",
         f"- Software: {versions()}",
-        f"- Workload: the default GGUF; {args.threads} threads; prefill of a {args.prompt_tokens}-token random prompt; "
+        f"- Workload: {args.workload_model}; {args.threads} threads; prefill of a {args.prompt_tokens}-token random prompt; "
         f"greedy decoding of {args.gen_tokens} tokens; medians of {args.rounds} rounds, all engines alternating "
         "(in reverse order every other round), each run a fresh process, qwen-engine from a warm converted-weights cache.",
         "- Each class: qwen-engine with `QWEN_ENGINE_CPU` set to it (`native`: unset) against llama-cpp-python built "
