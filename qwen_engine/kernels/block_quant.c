@@ -18,6 +18,7 @@
 #define PREFETCH_BYTES 4096  /* how far ahead of the rows being read to ask for memory (measured: 2–8 KiB best) */
 #define CHUNK_ROWS 64        /* activation rows a decoded pair of weight rows meets (measured: 1–6% faster than 32) */
 #define TILE_ROWS 32         /* weight rows whose products are written together: a cache line of bfloat16 a row */
+_Static_assert(CHUNK_ROWS % 16 == 0, "row_pair_dots sums a chunk's accumulators 16 at a time, padding to 16");
 
 /* One row's activations in one superblock, quantized for the dot products in the codes' order (block_quant.h):
  * int8 values, and for each of the superblock's 16 lanes its block's scale and −offset · (sum of the lane's values),
@@ -287,10 +288,10 @@ static int matrix_times(const BlockMatrix *w, const uint16_t *x, int64_t M, uint
     int64_t row_bytes = five_bit ? K / 2 : K;
     /* Rows of x go in groups whose quantized activations (a row: K bytes and 128 of lane data a superblock) stay in
      * L2 while every pair of weight rows passes them: with a long K (the MLP's down projection) they would otherwise
-     * come from memory again for each pair (measured: 2.7x slower at K = 4864). Weight rows go in pairs, so each activation
-     * vector loaded serves two, and the pairs in tiles of TILE_ROWS, whose products wait in `tile` until a chunk of
-     * rows is done: each output row then gets a whole cache line at once (measured: 22% faster at N = 9728 on AVX2
-     * than two values at a time down a column of lines). A decoding step's one row is contiguous either way, and
+     * come from memory again for each pair (measured: 2.7x slower at K = 4864). Weight rows go in pairs, so each
+     * activation vector loaded serves two, and the pairs in tiles of TILE_ROWS, whose products wait in `tile` until a
+     * chunk of rows is done: each output row then gets a whole cache line at once (measured: 22% faster at N = 9728 on
+     * AVX2 than two values at a time down a column of lines). A decoding step's one row is contiguous either way, and
      * keeps tiles of a pair so that many threads still share a small matrix. */
     int64_t group = (1 << 20) / (2 * K) / CHUNK_ROWS * CHUNK_ROWS;
     group = group < CHUNK_ROWS ? CHUNK_ROWS : group;
